@@ -1,0 +1,328 @@
+"""Safe image decoding for indexing and queries.
+
+A collection of a hundred thousand photos always holds a few broken ones:
+empty files, half-copied JPEGs, a text file named ``.jpg``, a 30 000-pixel
+panorama. The indexer must skip those with a one-line reason and carry on, so
+everything here either returns an RGB ``PIL.Image`` or raises ``ImageError``
+with a short ``kind`` the caller can count and report, never a raw
+PIL/OS exception. Nothing here changes Pillow's global settings
+(``MAX_IMAGE_PIXELS``, ``LOAD_TRUNCATED_IMAGES``), so other code is unaffected.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+from typing import BinaryIO
+
+from PIL import Image, ImageOps, UnidentifiedImageError, features
+
+from retrieval.errors import InputError
+
+try:  # HEIC/HEIF photos from phones need a plugin; optional.
+    import pillow_heif
+
+    pillow_heif.register_heif_opener()
+    HEIF_SUPPORTED = True
+except Exception:  # a broken plugin is the same as no plugin
+    HEIF_SUPPORTED = False
+
+try:  # Pillow >= 11.2 decodes AVIF itself when built with libavif.
+    AVIF_SUPPORTED = bool(features.check_module("avif"))
+except ValueError:
+    AVIF_SUPPORTED = False
+if not AVIF_SUPPORTED:
+    try:
+        import pillow_avif  # noqa: F401 - importing registers the plugin
+
+        AVIF_SUPPORTED = True
+    except Exception:
+        AVIF_SUPPORTED = False
+
+# 100 MP: above every common camera; a decode past it costs > 300 MB of RGB.
+# Pillow itself refuses more than 2 * Image.MAX_IMAGE_PIXELS (~179 MP by default)
+# while reading the header; that is reported as "too_large" too.
+DEFAULT_MAX_PIXELS = 100_000_000
+
+IMAGE_EXTENSIONS = frozenset(
+    {".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".webp", ".gif", ".bmp", ".dib",
+     ".tif", ".tiff", ".heic", ".heif", ".avif"}
+)
+
+KINDS = ("corrupt", "truncated", "empty", "not_image", "too_large", "unreadable",
+         "vanished", "unsupported")
+
+PathArg = str | os.PathLike[str] | bytes
+
+_HEIF_BRANDS = {b"heic", b"heix", b"hevc", b"hevx", b"heim", b"heis", b"mif1", b"msf1"}
+_AVIF_BRANDS = {b"avif", b"avis"}
+_BMP_DIB_SIZES = {12, 40, 52, 56, 64, 108, 124}
+_ORIENTATION = 0x0112
+_DATETIME = 306
+_EXIF_IFD = 0x8769
+_DATETIME_ORIGINAL = 36867
+_SUBSEC_ORIGINAL = 37521
+_OFFSET_ORIGINAL = 36881
+
+
+class ImageError(InputError):
+    """An image that cannot be used; ``kind`` is one of ``KINDS``."""
+
+    def __init__(self, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind
+
+
+@dataclass
+class ImageInfo:
+    """Header facts; width/height are as displayed (after EXIF orientation)."""
+
+    width: int
+    height: int
+    format: str | None
+    taken_at: datetime | None
+
+
+def sniff_format(path: PathArg) -> str | None:
+    """Format from the file's first bytes, in Pillow's names; None if no image.
+
+    Extensions lie (``.jpg`` that is a PNG, exports without a suffix), so the
+    content decides. Non-regular files (FIFOs, devices) are never opened.
+    """
+    try:
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            return None
+        with open(path, "rb") as fh:
+            head = fh.read(64)
+    except OSError:
+        return None
+    return _sniff_bytes(head)
+
+
+def _sniff_bytes(head: bytes) -> str | None:
+    if head.startswith(b"\xff\xd8\xff"):
+        return "JPEG"
+    if head.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "PNG"
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return "WEBP"
+    if head[:6] in (b"GIF87a", b"GIF89a"):
+        return "GIF"
+    if head[:4] in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+"):
+        return "TIFF"
+    if head[:2] == b"BM" and len(head) >= 18:
+        if int.from_bytes(head[14:18], "little") in _BMP_DIB_SIZES:
+            return "BMP"
+    if head[4:8] == b"ftyp" and len(head) >= 12:
+        box_end = min(len(head), int.from_bytes(head[:4], "big") or len(head))
+        brands = {head[8:12]} | {head[i:i + 4] for i in range(16, box_end - 3, 4)}
+        if brands & _AVIF_BRANDS:
+            return "AVIF"
+        if brands & _HEIF_BRANDS:
+            return "HEIF"
+    return None
+
+
+def is_candidate(path: PathArg) -> bool:
+    """Worth trying to index: an image extension, or no extension and image bytes.
+
+    Files with another extension are not sniffed (``photo.jpg_original`` backups
+    from exiftool are copies we do not want twice).
+    """
+    suffix = os.path.splitext(os.fsdecode(path))[1].lower()
+    if suffix in IMAGE_EXTENSIONS:
+        return True
+    return suffix == "" and sniff_format(path) is not None
+
+
+def open_image(
+    path: PathArg,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    draft_size: tuple[int, int] | None = None,
+) -> Image.Image:
+    """Decode the first frame, upright and RGB, or raise ImageError.
+
+    ``draft_size`` is the smallest (width, height) the caller needs after EXIF
+    orientation; JPEGs then decode at 1/2, 1/4 or 1/8 scale while keeping each
+    side >= that size, which is most of the cost of feeding a small model.
+    """
+    with _opened(path) as img:
+        _check_pixels(img, max_pixels, path)
+        orientation = _orientation(img)
+        try:
+            if draft_size is not None:
+                want = draft_size[::-1] if orientation in (5, 6, 7, 8) else draft_size
+                img.draft("RGB", (max(1, want[0]), max(1, want[1])))
+            img.load()
+        except Exception as exc:  # plugins raise anything
+            raise _decode_error(exc, path) from exc
+        try:
+            upright = ImageOps.exif_transpose(img) if orientation != 1 else img
+        except Exception:  # bad EXIF must not lose a good image
+            upright = img
+        try:
+            rgb = _to_rgb(upright)
+        except Exception as exc:
+            raise _decode_error(exc, path) from exc
+        # A result that is still `img` would hold our closed file; detach it.
+        return rgb.copy() if rgb is img else rgb
+
+
+def read_info(path: PathArg) -> ImageInfo:
+    """Size, format and capture time from the header alone (no pixel decode)."""
+    with _opened(path) as img:
+        width, height = img.size
+        if _orientation(img) in (5, 6, 7, 8):
+            width, height = height, width
+        return ImageInfo(width, height, img.format, _taken_at(img))
+
+
+def _name(path: PathArg) -> str:
+    return os.path.basename(os.fsdecode(path)) or os.fsdecode(path)
+
+
+@contextmanager
+def _opened(path: PathArg) -> Iterator[Image.Image]:
+    """A header-parsed PIL image on an open file, with every failure mapped."""
+    name = _name(path)
+    try:
+        st = os.stat(path)
+        if not stat.S_ISREG(st.st_mode):  # never open a FIFO or device: it may block
+            raise ImageError("not_image", f"{name}: not a regular file")
+        if st.st_size == 0:
+            raise ImageError("empty", f"{name}: empty file (0 bytes)")
+        fh = open(path, "rb")
+    except OSError as exc:
+        raise _os_error(exc, path) from exc
+    with fh:
+        yield _parse_header(fh, path)
+
+
+def _parse_header(fh: BinaryIO, path: PathArg) -> Image.Image:
+    name = _name(path)
+    try:
+        fmt = _sniff_bytes(fh.read(64))
+        fh.seek(0)
+    except OSError as exc:
+        raise _os_error(exc, path) from exc
+    if fmt == "HEIF" and not HEIF_SUPPORTED:
+        raise ImageError("unsupported", f"{name}: HEIC/HEIF needs `pip install pillow-heif`")
+    if fmt == "AVIF" and not AVIF_SUPPORTED:
+        raise ImageError("unsupported", f"{name}: AVIF needs `pip install pillow-avif-plugin`")
+    try:
+        return Image.open(fh)
+    except UnidentifiedImageError as exc:
+        if fmt is not None:
+            raise ImageError("corrupt", f"{name}: {fmt} header unreadable") from exc
+        if os.path.splitext(os.fsdecode(path))[1].lower() in IMAGE_EXTENSIONS:
+            raise ImageError("corrupt", f"{name}: not a valid image despite its name") from exc
+        raise ImageError("not_image", f"{name}: not an image file") from exc
+    except Exception as exc:  # plugins raise anything: struct.error, ValueError, ...
+        raise _decode_error(exc, path) from exc
+
+
+def _os_error(exc: OSError, path: PathArg) -> ImageError:
+    name = _name(path)
+    if isinstance(exc, FileNotFoundError):
+        return ImageError("vanished", f"{name}: file no longer exists")
+    if isinstance(exc, PermissionError):
+        return ImageError("unreadable", f"{name}: permission denied")
+    return ImageError("unreadable", f"{name}: {exc.strerror or exc}")
+
+
+def _decode_error(exc: Exception, path: PathArg) -> ImageError:
+    name = _name(path)
+    if isinstance(exc, MemoryError):
+        return ImageError("too_large", f"{name}: out of memory while decoding")
+    if isinstance(exc, Image.DecompressionBombError):
+        return ImageError("too_large", f"{name}: {exc}")
+    text = str(exc)
+    if "truncated" in text or isinstance(exc, EOFError):
+        return ImageError("truncated", f"{name}: truncated file (incomplete copy or download?)")
+    if isinstance(exc, OSError) and exc.errno is not None:
+        return _os_error(exc, path)
+    first_line = text.splitlines()[0] if text else type(exc).__name__
+    return ImageError("corrupt", f"{name}: cannot decode ({first_line})")
+
+
+def _check_pixels(img: Image.Image, max_pixels: int, path: PathArg) -> None:
+    (width, height), name = img.size, _name(path)
+    if width <= 0 or height <= 0:
+        raise ImageError("corrupt", f"{name}: header says {width}x{height}")
+    if width * height > max_pixels:
+        raise ImageError("too_large", f"{name}: {width}x{height} is over {max_pixels:,} pixels")
+
+
+def _exif(img: Image.Image) -> Image.Exif | None:
+    """EXIF without decoding pixels (so a PNG's eXIf chunk after IDAT is not seen)."""
+    if img.format == "PNG" and "exif" not in img.info:
+        return None
+    try:
+        return img.getexif()
+    except Exception:  # malformed EXIF is common and must not cost the image
+        return None
+
+
+def _orientation(img: Image.Image) -> int:
+    value = (_exif(img) or {}).get(_ORIENTATION, 1)
+    return value if isinstance(value, int) and 1 <= value <= 8 else 1
+
+
+def _taken_at(img: Image.Image) -> datetime | None:
+    exif = _exif(img)
+    try:
+        sub = exif.get_ifd(_EXIF_IFD) if exif is not None else {}
+    except Exception:
+        sub = {}
+    when = _parse_exif_datetime(sub.get(_DATETIME_ORIGINAL))
+    if when is None:
+        return _parse_exif_datetime(exif.get(_DATETIME)) if exif is not None else None
+    subsec = str(sub.get(_SUBSEC_ORIGINAL) or "").strip("\x00 ")
+    if subsec.isdigit():
+        when = when.replace(microsecond=int(subsec[:6].ljust(6, "0")))
+    offset = str(sub.get(_OFFSET_ORIGINAL) or "").strip("\x00 ")
+    if len(offset) == 6 and offset[0] in "+-" and offset[1:3].isdigit() and offset[4:].isdigit():
+        delta = timedelta(hours=int(offset[1:3]), minutes=int(offset[4:6]))
+        if delta < timedelta(hours=24):
+            when = when.replace(tzinfo=timezone(-delta if offset[0] == "-" else delta))
+    return when
+
+
+def _parse_exif_datetime(value: object) -> datetime | None:
+    """EXIF "YYYY:MM:DD HH:MM:SS" (camera local time); blanks and zeros are None."""
+    if isinstance(value, bytes):
+        value = value.decode("ascii", "replace")
+    if not isinstance(value, str):
+        return None
+    text = value.strip("\x00 ")[:19].replace("-", ":").replace("T", " ")
+    try:
+        return datetime.strptime(text, "%Y:%m:%d %H:%M:%S")
+    except ValueError:
+        return None
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    """RGB for the encoder; transparency goes on white, 16-bit is scaled, not clipped."""
+    mode = img.mode
+    if mode == "RGB":
+        return img
+    if mode == "P" and "transparency" in img.info:
+        img, mode = img.convert("RGBA"), "RGBA"
+    if mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    if mode.startswith("I;16"):
+        return img.convert("I").point(lambda v: v * (1 / 256)).convert("L").convert("RGB")
+    if mode in ("I", "F"):
+        low, high = img.getextrema()
+        if high > 255:
+            scale = 1 / 256 if high <= 65535 and low >= 0 else 255 / max(high - low, 1)
+            shift = 0 if high <= 65535 and low >= 0 else -low * scale
+            img = img.point(lambda v: v * scale + shift)
+        return img.convert("L").convert("RGB")
+    return img.convert("RGB")
