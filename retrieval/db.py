@@ -1,0 +1,183 @@
+"""SQLAlchemy models: the library's source of truth.
+
+Every image row carries its own embedding, so the FAISS file can always be
+rebuilt from this database. Writes to `images.embedding` are mirrored into
+`vector_log` by triggers (see the initial migration), which is how the FAISS
+cache learns exactly which ids changed since it was last saved.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from datetime import datetime, timezone
+
+import numpy as np
+from sqlalchemy import (
+    JSON,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    LargeBinary,
+    String,
+    Text,
+    create_engine,
+    event,
+)
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+EMBEDDING_DTYPE = np.float32
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc).replace(tzinfo=None)
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Meta(Base):
+    """Key/value facts about the library: model spec, embedding size, preprocessing."""
+
+    __tablename__ = "meta"
+    key: Mapped[str] = mapped_column(String, primary_key=True)
+    value: Mapped[str] = mapped_column(Text)
+
+
+class Run(Base):
+    """One indexing, tagging or rebuild run, so status and verify can say what made what."""
+
+    __tablename__ = "runs"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    kind: Mapped[str] = mapped_column(String)
+    status: Mapped[str] = mapped_column(String, default="running")
+    started_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
+    precision: Mapped[str | None] = mapped_column(String, nullable=True)
+    device: Mapped[str | None] = mapped_column(String, nullable=True)
+    stats: Mapped[dict] = mapped_column(JSON, default=dict)
+
+
+class Image(Base):
+    """A file on disk and its embedding (float32 bytes, L2-normalised)."""
+
+    __tablename__ = "images"
+    __table_args__ = (
+        Index("ix_images_content_hash", "content_hash"),
+        Index("ix_images_taken_at", "taken_at"),
+        {"sqlite_autoincrement": True},
+    )
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    path: Mapped[str] = mapped_column(Text, unique=True)
+    path_bytes: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)
+    size: Mapped[int] = mapped_column(Integer)
+    mtime_ns: Mapped[int] = mapped_column(Integer)
+    content_hash: Mapped[str] = mapped_column(String)
+    width: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    height: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    format: Mapped[str | None] = mapped_column(String, nullable=True)
+    taken_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
+    embedding: Mapped[bytes] = mapped_column(LargeBinary)
+    run_id: Mapped[int | None] = mapped_column(ForeignKey("runs.id"), nullable=True)
+    added_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+
+
+class ErrorRow(Base):
+    """A file a run had to skip, and why; shown by `--verbose` and `status`."""
+
+    __tablename__ = "errors"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    run_id: Mapped[int | None] = mapped_column(ForeignKey("runs.id"), nullable=True)
+    path: Mapped[str] = mapped_column(Text)
+    kind: Mapped[str] = mapped_column(String)
+    message: Mapped[str] = mapped_column(Text)
+    at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+
+
+class VectorLog(Base):
+    """Filled by triggers only: which image ids gained, changed or lost a vector."""
+
+    __tablename__ = "vector_log"
+    __table_args__ = ({"sqlite_autoincrement": True},)
+    seq: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    image_id: Mapped[int] = mapped_column(Integer)
+    op: Mapped[str] = mapped_column(String)
+
+
+class TagRun(Base):
+    """A named tagging run; re-running the same name replaces its tags atomically."""
+
+    __tablename__ = "tag_runs"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String, unique=True)
+    strategy: Mapped[str] = mapped_column(String)
+    labels: Mapped[list] = mapped_column(JSON)
+    params: Mapped[dict] = mapped_column(JSON, default=dict)
+    created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+
+
+class Tag(Base):
+    __tablename__ = "tags"
+    __table_args__ = (
+        Index("ix_tags_label", "label"),
+        Index("ix_tags_image_id", "image_id"),
+        Index("ix_tags_tag_run_id", "tag_run_id"),
+    )
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    tag_run_id: Mapped[int] = mapped_column(ForeignKey("tag_runs.id", ondelete="CASCADE"))
+    image_id: Mapped[int] = mapped_column(ForeignKey("images.id", ondelete="CASCADE"))
+    label: Mapped[str] = mapped_column(String)
+    score: Mapped[float] = mapped_column(Float)
+    rank: Mapped[int] = mapped_column(Integer)
+
+
+def vector_to_blob(vector: np.ndarray) -> bytes:
+    return np.ascontiguousarray(vector, dtype=EMBEDDING_DTYPE).tobytes()
+
+
+def blobs_to_matrix(blobs: list[bytes], dim: int) -> np.ndarray:
+    """Stack stored embeddings into one (n, dim) float32 matrix without per-row copies."""
+    if not blobs:
+        return np.zeros((0, dim), dtype=EMBEDDING_DTYPE)
+    return np.frombuffer(b"".join(blobs), dtype=EMBEDDING_DTYPE).reshape(len(blobs), dim)
+
+
+def path_to_db(path: str) -> tuple[str, bytes | None]:
+    """Store a filesystem path: valid UTF-8 as text, anything else also as raw bytes.
+
+    SQLite text must be valid UTF-8, but Linux file names are bytes. The text
+    column keeps a readable, unique form; `path_bytes` keeps the real name.
+    """
+    raw = os.fsencode(path)
+    try:
+        return raw.decode("utf-8"), None
+    except UnicodeDecodeError:
+        return raw.decode("utf-8", "backslashreplace"), raw
+
+
+def path_from_db(path: str, path_bytes: bytes | None) -> str:
+    """The string to hand to `open()` for a stored path."""
+    return os.fsdecode(path_bytes) if path_bytes is not None else path
+
+
+def make_engine(db_path: str) -> Engine:
+    """A SQLite engine in WAL mode with foreign keys on and a patient busy timeout."""
+    engine = create_engine(
+        f"sqlite:///{db_path}",
+        connect_args={"timeout": 30},
+        json_serializer=lambda obj: json.dumps(obj, default=str),
+    )
+
+    @event.listens_for(engine, "connect")
+    def _sqlite_pragmas(dbapi_conn, _record) -> None:  # pragma: no cover - trivial
+        cur = dbapi_conn.cursor()
+        cur.execute("PRAGMA journal_mode=WAL")
+        cur.execute("PRAGMA synchronous=FULL")
+        cur.execute("PRAGMA foreign_keys=ON")
+        cur.close()
+
+    return engine

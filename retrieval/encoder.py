@@ -1,0 +1,358 @@
+"""One door to a CLIP model: load it from any spec, pick device and precision, encode.
+
+A model spec is one of
+  * an open_clip name + pretrained tag (`ViT-B-32` + `laion2b_s34b_b79k`), fetched
+    into the usual cache when online;
+  * a local checkpoint file (any open_clip state dict) with the architecture name;
+  * a model directory in open_clip's local-dir layout (`open_clip_config.json` +
+    `open_clip_model.safetensors`), which is also what a Hugging Face cache holds;
+  * an architecture with random weights, only when asked for (plumbing tests).
+
+Outputs are always L2-normalised float32 numpy arrays, whatever ran inside.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import socket
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from retrieval.errors import ModelError
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16", "int8")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Where a model comes from. Exactly one source: pretrained tag, checkpoint, model_dir or random."""
+
+    model: str | None = None
+    pretrained: str | None = None
+    checkpoint: str | None = None
+    model_dir: str | None = None
+    random_weights: bool = False
+
+    def __post_init__(self) -> None:
+        sources = [bool(self.pretrained), bool(self.checkpoint), bool(self.model_dir), self.random_weights]
+        if sum(sources) != 1:
+            raise ModelError(
+                "give exactly one model source: --pretrained TAG, --checkpoint FILE, "
+                "--model-dir DIR or --random-weights"
+            )
+        if not self.model_dir and not self.model:
+            raise ModelError("--model NAME is needed with --pretrained, --checkpoint or --random-weights")
+
+    @property
+    def label(self) -> str:
+        """A short human name, used in every message about this model."""
+        if self.model_dir:
+            return f"model dir {self.model_dir}"
+        if self.checkpoint:
+            return f"{self.model} from checkpoint {self.checkpoint}"
+        if self.random_weights:
+            return f"{self.model} with RANDOM weights (plumbing only, no real retrieval)"
+        return f"{self.model} / {self.pretrained}"
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> ModelSpec:
+        return cls(**json.loads(text))
+
+
+def choose_device(requested: str = "auto") -> torch.device:
+    """cuda > mps > cpu, unless the user named one."""
+    if requested != "auto":
+        if requested.startswith("cuda") and not torch.cuda.is_available():
+            raise ModelError(f"--device {requested} asked for, but no CUDA GPU is available")
+        return torch.device(requested)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def cpu_has_native_bf16() -> bool:
+    """AVX512-BF16 or AMX: the CPU can do bf16 maths natively (it may still be slower)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_precision(requested: str, device: torch.device) -> str:
+    """Turn `auto` into a concrete mode and refuse modes the device cannot run.
+
+    `auto` is fp16 on a GPU and fp32 on a CPU here; `retrieval.precision` may
+    replace the CPU default with a measured winner.
+    """
+    if requested not in PRECISIONS:
+        raise ModelError(f"unknown precision {requested!r}; choose one of {', '.join(PRECISIONS)}")
+    if requested == "auto":
+        return "fp16" if device.type in ("cuda", "mps") else "fp32"
+    if requested == "int8" and device.type != "cpu":
+        raise ModelError("--precision int8 runs on the CPU only; use fp16 on a GPU")
+    if requested == "fp16" and device.type == "cpu":
+        raise ModelError("--precision fp16 needs a GPU; on a CPU use fp32, bf16 or int8")
+    if requested == "bf16" and device.type == "cpu" and not cpu_has_native_bf16():
+        raise ModelError("--precision bf16 needs a CPU with AVX512-BF16 or AMX; this one has neither")
+    return requested
+
+
+def weights_fingerprint(model: torch.nn.Module) -> str:
+    """A cheap, stable hash of a model's weights (names, shapes, strided sample of values).
+
+    Hashing every byte of a 600 MB model would add seconds to each query; a
+    strided sample of every tensor tells different weights apart just as well.
+    """
+    digest = hashlib.blake2b(digest_size=12)
+    for name, tensor in sorted(model.state_dict().items()):
+        flat = tensor.detach().reshape(-1).float().cpu()
+        step = max(1, flat.numel() // 4096)
+        digest.update(f"{name}:{tuple(tensor.shape)}".encode())
+        digest.update(flat[::step].numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _is_config_file(model: str | None) -> bool:
+    return bool(model) and model.endswith(".json")
+
+
+def _register_config(path: str) -> str:
+    """Make a bare open_clip model config JSON known to open_clip; its name is the file stem."""
+    import open_clip
+
+    file = Path(path)
+    try:
+        cfg = json.loads(file.read_text())
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"cannot read model config {path}: {exc}") from exc
+    if "model_cfg" in cfg:
+        raise ModelError(f"{path} is a model-folder config; pass its folder with --model-dir instead")
+    if not all(k in cfg for k in ("embed_dim", "vision_cfg", "text_cfg")):
+        raise ModelError(f"{path} is not an open_clip model config (needs embed_dim, vision_cfg, text_cfg)")
+    open_clip.add_model_config(file)
+    return file.stem
+
+
+def _open_clip_name(spec: ModelSpec) -> tuple[str, str | None]:
+    if spec.model_dir:
+        return f"local-dir:{spec.model_dir}", None
+    if _is_config_file(spec.model):
+        name = _register_config(spec.model)
+        return name, spec.checkpoint if spec.checkpoint else None
+    if spec.checkpoint:
+        return spec.model, spec.checkpoint
+    if spec.random_weights:
+        return spec.model, None
+    return spec.model, spec.pretrained
+
+
+def _check_source_exists(spec: ModelSpec) -> None:
+    import open_clip
+
+    if spec.model_dir:
+        folder = Path(spec.model_dir)
+        if not (folder / "open_clip_config.json").is_file():
+            raise ModelError(f"{spec.label}: no open_clip_config.json there")
+        if not any((folder / n).is_file() for n in ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")):
+            raise ModelError(f"{spec.label}: no open_clip_model.safetensors or open_clip_pytorch_model.bin there")
+        return
+    if _is_config_file(spec.model):
+        _register_config(spec.model)
+    elif spec.model not in open_clip.list_models():
+        raise ModelError(f"unknown model {spec.model!r}; `clipfind models` lists the architectures")
+    if spec.checkpoint and not Path(spec.checkpoint).is_file():
+        raise ModelError(f"checkpoint file not found: {spec.checkpoint}")
+    if spec.pretrained and not Path(spec.pretrained).is_file():
+        tags = open_clip.list_pretrained_tags_by_model(spec.model)
+        if spec.pretrained not in tags:
+            known = ", ".join(tags) or "none"
+            raise ModelError(f"{spec.model} has no pretrained tag {spec.pretrained!r} (known: {known})")
+
+
+def _load_failure(spec: ModelSpec, exc: Exception) -> ModelError:
+    text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    if spec.pretrained and ("download" in text.lower() or "offline" in text.lower() or "connect" in text.lower()):
+        why = "no network" if not hub_reachable() else "the download failed"
+        return ModelError(
+            f"could not get weights for {spec.label}: not in the local cache and {why}. Offline, give the weights "
+            "yourself: --model NAME --checkpoint FILE, or --model-dir DIR (open_clip_config.json + "
+            "weights), or put them in the Hugging Face cache (HF_HOME)"
+        )
+    if "size mismatch" in text or "Missing key" in text or "Unexpected key" in text or "Error(s) in loading" in text:
+        return ModelError(f"{spec.label}: the weights do not match the architecture ({text[:200]})")
+    return ModelError(f"could not load {spec.label}: {text[:300]}")
+
+
+def hub_reachable(host: str = "huggingface.co") -> bool:
+    """Whether the weights hub resolves at all; offline, we go straight to the local cache."""
+    try:
+        socket.getaddrinfo(host, 443)
+    except OSError:
+        return False
+    return True
+
+
+@contextlib.contextmanager
+def _quiet_offline_aware_loading(needs_download: bool) -> Iterator[None]:
+    """Silence open_clip/hub chatter and, with no network, skip the hub's minute of retries.
+
+    huggingface_hub reads its offline switch at call time, so flipping it here makes a
+    cached download succeed at once and a missing one fail at once.
+    """
+    from huggingface_hub import constants as hub_constants
+
+    previous_offline = hub_constants.HF_HUB_OFFLINE
+    if needs_download and not hub_reachable():
+        hub_constants.HF_HUB_OFFLINE = True
+    logging.disable(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logging.disable(logging.NOTSET)
+        hub_constants.HF_HUB_OFFLINE = previous_offline
+
+
+def load_model(spec: ModelSpec, device: torch.device):
+    """Build the open_clip model, its eval transform and tokenizer; every failure is a ModelError."""
+    import open_clip
+
+    _check_source_exists(spec)
+    name, pretrained = _open_clip_name(spec)
+    if spec.random_weights:
+        torch.manual_seed(0)  # the same "random" model every time, so libraries can reopen it
+    needs_download = bool(spec.pretrained) and not Path(spec.pretrained).is_file()
+    try:
+        with _quiet_offline_aware_loading(needs_download):
+            model, _, preprocess = open_clip.create_model_and_transforms(
+                name, pretrained=pretrained, device=device, load_weights=not spec.random_weights
+            )
+            tokenizer = open_clip.get_tokenizer(name)
+    except ModelError:
+        raise
+    except Exception as exc:  # open_clip raises RuntimeError/ValueError/OSError/pickle errors
+        raise _load_failure(spec, exc) from exc
+    model.eval()
+    return model, preprocess, tokenizer
+
+
+class Encoder:
+    """A loaded model that turns PIL images, pixel tensors and texts into unit vectors."""
+
+    def __init__(self, spec: ModelSpec, device: str = "auto", precision: str = "auto") -> None:
+        self.spec = spec
+        self.device = choose_device(device)
+        self.model, self.preprocess, self.tokenizer = load_model(spec, self.device)
+        self.fingerprint = weights_fingerprint(self.model)
+        self.precision = resolve_precision(precision, self.device)
+        self._image_model = self._prepare_for_precision(self.precision)
+        self.embed_dim = self._probe_dim()
+        self.image_size = _image_size(self.model)
+        self.context_length = int(getattr(self.model, "context_length", 77))
+
+    # -- precision -----------------------------------------------------------------
+    def _prepare_for_precision(self, precision: str) -> torch.nn.Module:
+        if precision == "int8":
+            from torch.ao.quantization import quantize_dynamic
+
+            return quantize_dynamic(self.model, {torch.nn.Linear}, dtype=torch.qint8)
+        return self.model
+
+    def set_precision(self, precision: str) -> None:
+        """Switch precision in place (int8 builds a quantised copy, the fp32 model stays)."""
+        self.precision = resolve_precision(precision, self.device)
+        self._image_model = self._prepare_for_precision(self.precision)
+
+    @contextlib.contextmanager
+    def _autocast(self) -> Iterator[None]:
+        with torch.inference_mode():
+            if self.precision == "fp16":
+                with torch.autocast(self.device.type, dtype=torch.float16):
+                    yield
+            elif self.precision == "bf16":
+                with torch.autocast(self.device.type, dtype=torch.bfloat16):
+                    yield
+            else:
+                yield
+
+    # -- encoding ------------------------------------------------------------------
+    def preprocess_images(self, images: Sequence) -> torch.Tensor:
+        return torch.stack([self.preprocess(img) for img in images])
+
+    def encode_pixels(self, pixels: torch.Tensor) -> np.ndarray:
+        """Encode an already-preprocessed batch (N, 3, H, W); the indexer's hot path."""
+        pixels = pixels.to(self.device, non_blocking=True)
+        with self._autocast():
+            feats = self._image_model.encode_image(pixels)
+        return _normalise(feats)
+
+    def encode_images(self, images: Sequence, batch_size: int = 64) -> np.ndarray:
+        out = [self.encode_pixels(self.preprocess_images(images[i : i + batch_size]))
+               for i in range(0, len(images), batch_size)]
+        return np.concatenate(out) if out else np.zeros((0, self.embed_dim), np.float32)
+
+    def tokenize(self, texts: Sequence[str]) -> torch.Tensor:
+        return self.tokenizer(list(texts))
+
+    def token_count(self, text: str) -> int:
+        """Tokens the text needs including start/end, to warn before silent truncation."""
+        from open_clip.tokenizer import SimpleTokenizer
+
+        if isinstance(self.tokenizer, SimpleTokenizer):
+            return len(self.tokenizer.encode(text)) + 2
+        return int((self.tokenizer([text])[0] != 0).sum())
+
+    def encode_texts(self, texts: Sequence[str], batch_size: int = 256) -> np.ndarray:
+        out = []
+        for i in range(0, len(texts), batch_size):
+            tokens = self.tokenize(texts[i : i + batch_size]).to(self.device)
+            with self._autocast():
+                feats = self.model.encode_text(tokens)
+            out.append(_normalise(feats))
+        return np.concatenate(out) if out else np.zeros((0, self.embed_dim), np.float32)
+
+    def _probe_dim(self) -> int:
+        return int(self.encode_texts(["a"]).shape[1])
+
+    def describe(self) -> dict:
+        """What a library records about its model, so a mismatch can be caught on open."""
+        return {
+            "spec": json.loads(self.spec.to_json()),
+            "label": self.spec.label,
+            "fingerprint": self.fingerprint,
+            "embed_dim": self.embed_dim,
+            "image_size": self.image_size,
+            "preprocess": repr(self.preprocess),
+        }
+
+
+def _image_size(model: torch.nn.Module) -> int:
+    size = getattr(getattr(model, "visual", None), "image_size", 224)
+    return int(size[0] if isinstance(size, (tuple, list)) else size)
+
+
+def _normalise(feats: torch.Tensor) -> np.ndarray:
+    feats = feats.float()
+    feats = feats / feats.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    return feats.cpu().numpy().astype(np.float32, copy=False)
+
+
+def default_threads() -> int:
+    """Torch intra-op threads: every core we may use (cgroup-aware via sched_getaffinity)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # pragma: no cover - non-Linux
+        return max(1, os.cpu_count() or 1)
