@@ -43,9 +43,9 @@ def cli() -> None:
 
 
 def _register() -> None:
-    from retrieval.commands import models
+    from retrieval.commands import library_cmds, models
 
-    for module in (models,):
+    for module in (models, library_cmds):
         for command in module.COMMANDS:
             cli.add_command(command)
 
