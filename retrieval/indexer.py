@@ -26,7 +26,7 @@ from retrieval.db import ErrorRow, Image, Run, path_to_db, utcnow, vector_to_blo
 from retrieval.encoder import Encoder, ModelSpec
 from retrieval.errors import InputError, LibraryError, ModelError
 from retrieval.images import DEFAULT_MAX_PIXELS
-from retrieval.library import Library
+from retrieval.library import LOCK_NAME, Library
 from retrieval.planner import Plan, Skipped, Work, check_roots, known_rows, plan_index, stored_ids
 from retrieval.vectors import EXACT_LIMIT, choose_factory
 
@@ -75,7 +75,8 @@ def index_paths(library: Library, roots: Iterable[str | os.PathLike], spec: Mode
     if spec is None and library.model_record is None:
         raise ModelError(NO_MODEL)
     if options.dry_run:
-        plan = plan_index(library, roots, options.follow_symlinks, options.retry_failed)
+        plan = plan_index(library, roots, options.follow_symlinks, options.retry_failed,
+                          options.max_pixels)
         return IndexResult(str(library.root), plan, plan.counts(), plan.skipped, dry_run=True)
     with library.write_lock(wait=options.wait):
         return _Run(library, roots, spec, device, precision, options).run()
@@ -96,11 +97,13 @@ class _Run:
     def run(self) -> IndexResult:
         started = time.perf_counter()
         mark_stale_runs(self.library)
+        if self.library.model_record is None:  # a new library: record the model before anything
+            self.library.encoder(self.spec, device=self.device, precision=self.precision)
         self.run_id = self.library.start_run("index")
         status, plan = "failed", Plan()
         try:
             plan = plan_index(self.library, self.roots, self.options.follow_symlinks,
-                              self.options.retry_failed)
+                              self.options.retry_failed, self.options.max_pixels)
             self.skipped.extend(plan.skipped)
             self._apply_plan(plan)
             self._encode(plan)
@@ -179,7 +182,8 @@ class _Run:
         loader = make_loader([w.entry.path for w in plan.encode], encoder.preprocess, encoder.image_size,
                              batch_size=opts.batch_size or default_batch_size(encoder.device),
                              workers=default_workers() if opts.workers is None else opts.workers,
-                             pin_memory=encoder.device.type == "cuda", max_pixels=opts.max_pixels)
+                             pin_memory=encoder.device.type == "cuda", max_pixels=opts.max_pixels,
+                             close_in_workers=[self.library.root / LOCK_NAME])
         bar = _progress(len(plan.encode), opts.progress)
         try:
             for batch in loader:

@@ -8,6 +8,7 @@ broken JPEG costs one error row, never a batch or the run.
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -94,10 +95,33 @@ def collate(items: list[Decoded | Failed]) -> Batch:
     return batch
 
 
-def _worker_init(_worker_id: int) -> None:
+def _worker_init(close: tuple[str, ...], _worker_id: int) -> None:
     # Decoding is single-threaded Pillow work; torch threads in workers would only
     # fight the encoder in the main process for the same cores.
     torch.set_num_threads(1)
+    _close_inherited(close)
+
+
+def _close_inherited(paths: tuple[str, ...]) -> None:
+    """Close the forked copies of these files' descriptors (the library's write lock).
+
+    A flock belongs to the open file, which fork shares: a worker orphaned by a
+    kill -9 of the main process would hold the lock until it notices (seconds),
+    and the user's immediate re-run would be refused as "busy".
+    """
+    if not paths:
+        return
+    targets = {os.path.realpath(p) for p in paths}
+    try:
+        fds = os.listdir("/proc/self/fd")
+    except OSError:  # pragma: no cover - no procfs
+        return
+    for name in fds:
+        try:
+            if os.readlink(f"/proc/self/fd/{name}") in targets:
+                os.close(int(name))
+        except OSError:
+            continue
 
 
 def default_workers() -> int:
@@ -118,10 +142,14 @@ def default_batch_size(device: torch.device) -> int:
 
 
 def make_loader(paths: Sequence[str], preprocess: Callable, image_size: int, *, batch_size: int,
-                workers: int, pin_memory: bool = False,
-                max_pixels: int = DEFAULT_MAX_PIXELS) -> DataLoader:
-    """Batches of `Batch`, in the order of `paths`; workers=0 decodes in this process."""
+                workers: int, pin_memory: bool = False, max_pixels: int = DEFAULT_MAX_PIXELS,
+                close_in_workers: Sequence[str] = ()) -> DataLoader:
+    """Batches of `Batch`, in the order of `paths`; workers=0 decodes in this process.
+
+    `close_in_workers`: files (lock files) whose inherited descriptors workers must close.
+    """
     dataset = ImageFiles(paths, preprocess, image_size, max_pixels)
-    extra = {"prefetch_factor": 4, "worker_init_fn": _worker_init} if workers > 0 else {}
+    init = functools.partial(_worker_init, tuple(str(p) for p in close_in_workers))
+    extra = {"prefetch_factor": 4, "worker_init_fn": init} if workers > 0 else {}
     return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
                       collate_fn=collate, pin_memory=pin_memory, **extra)

@@ -20,10 +20,11 @@ from sqlalchemy import select, text
 
 from retrieval.db import Image, path_from_db, path_to_db
 from retrieval.errors import InputError
+from retrieval.images import DEFAULT_MAX_PIXELS, ImageError, read_info
 from retrieval.library import Library
 from retrieval.scan import FileEntry, content_hash, diff, walk
 
-REMEMBERED_FAILURES = ("corrupt", "truncated", "empty", "not_image")
+REMEMBERED_FAILURES = ("corrupt", "truncated", "empty", "not_image", "too_large")
 _SCAN_KINDS = {"permission denied": "unreadable", "vanished": "vanished",
                "broken symlink": "vanished", "not an image file": "not_image"}
 
@@ -65,7 +66,7 @@ class Plan:
 
 
 def plan_index(library: Library | None, roots: Sequence[str], follow_symlinks: bool = False,
-               retry_failed: bool = False) -> Plan:
+               retry_failed: bool = False, max_pixels: int = DEFAULT_MAX_PIXELS) -> Plan:
     """Walk, diff and hash: decide what each file needs, touching nothing.
 
     `library` None plans against an empty library (a dry run before the first).
@@ -83,7 +84,7 @@ def plan_index(library: Library | None, roots: Sequence[str], follow_symlinks: b
                  unreachable=[s.path for s in scan_errors])
     plan.scanned, plan.unchanged, plan.skipped = len(entries), len(found.unchanged), scan_errors
     if library and not retry_failed:
-        found.new = _drop_known_failures(library, roots, found.new, plan)
+        found.new = _drop_known_failures(library, roots, found.new, plan, max_pixels)
 
     digests = _hash_all(found.new + found.changed, plan.skipped)
     gone_by_hash: dict[str, list[int]] = {}
@@ -137,7 +138,7 @@ def known_rows(library: Library, roots: Sequence[str]) -> dict[str, tuple[int, i
 
 
 def _drop_known_failures(library: Library, roots: Sequence[str], entries: list[FileEntry],
-                         plan: Plan) -> list[FileEntry]:
+                         plan: Plan, max_pixels: int) -> list[FileEntry]:
     """Files that failed to decode and have not been touched since: report, do not retry.
 
     Without this, every run over a folder with one broken JPEG would load the model
@@ -158,18 +159,30 @@ def _drop_known_failures(library: Library, roots: Sequence[str], entries: list[F
     keep = []
     for entry in entries:
         row = failed.get(path_to_db(entry.path)[0])
-        try:
-            st = os.stat(entry.path)
-            when = datetime.fromisoformat(str(row.at)).replace(tzinfo=timezone.utc).timestamp() if row else 0
-            unchanged = row is not None and max(st.st_mtime, st.st_ctime) < when
-        except (OSError, ValueError):
-            unchanged = False
-        if unchanged:
+        if row is not None and _still_failing(entry.path, row, max_pixels):
             plan.skipped.append(Skipped(entry.path, row.kind, row.message, known=True))
             plan.known_bad += 1
         else:
             keep.append(entry)
     return keep
+
+
+def _still_failing(path: str, row, max_pixels: int) -> bool:
+    """Untouched since it failed (and, if too large, still over today's pixel limit)."""
+    try:
+        st = os.stat(path)
+        failed_at = datetime.fromisoformat(str(row.at)).replace(tzinfo=timezone.utc).timestamp()
+    except (OSError, ValueError):
+        return False
+    if max(st.st_mtime, st.st_ctime) >= failed_at:
+        return False
+    if row.kind != "too_large":
+        return True
+    try:  # the limit may have been raised: a header read (no decode) tells
+        info = read_info(path)
+    except ImageError as exc:
+        return exc.kind == "too_large"
+    return info.width * info.height > max_pixels
 
 
 def _hash_all(entries: list[FileEntry], skipped: list[Skipped]) -> dict[str, str]:

@@ -6,9 +6,11 @@ Thin shells over `retrieval.indexer` and `retrieval.inspection`; heavy imports
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 from collections import Counter
+from collections.abc import Iterator
 
 import click
 
@@ -47,12 +49,21 @@ def _open(library_path: str | None, create: bool = False):
     return Library.open(library_path, create=create)
 
 
-def _sigterm_as_interrupt() -> None:
+@contextlib.contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
     """`kill PID` gets the same clean stop as Ctrl-C: batch rolled back, run marked, FAISS saved."""
     def handler(_signum, _frame):
         raise KeyboardInterrupt
 
-    signal.signal(signal.SIGTERM, handler)
+    try:
+        previous = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread (an embedding application): leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 @click.command("index", epilog=MODEL_HELP)
@@ -107,8 +118,7 @@ def index_command(paths, library_path, workers, batch_size, index_type, follow_s
         library = Library.open(root, model=spec)
         record = library.model_record
         note_random(spec or (ModelSpec(**record["spec"]) if record else None))
-        _sigterm_as_interrupt()
-        with library:
+        with library, _sigterm_as_interrupt():
             result = index_paths(library, paths, spec, device, precision, options)
     _report_index(result, as_json, verbose, quiet)
     if result.nothing_indexed:
