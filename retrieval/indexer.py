@@ -167,7 +167,7 @@ class _Run:
 
     def _record_errors(self, s, skipped: list[Skipped]) -> None:
         rows = [{"run_id": self.run_id, "path": path_to_db(k.path)[0], "kind": k.kind,
-                 "message": k.message} for k in skipped if not k.known]
+                 "message": path_to_db(k.message)[0]} for k in skipped if not k.known]
         if rows:
             s.execute(insert(ErrorRow), rows)
 

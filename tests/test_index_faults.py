@@ -70,7 +70,7 @@ def clean(tmp_path_factory, photos, tiny_model_dir) -> dict[str, np.ndarray]:
     """path -> vector of an uninterrupted run: what every resumed run must end up equal to."""
     lib_dir = tmp_path_factory.mktemp("clean-lib")
     with Library.open(lib_dir) as lib:
-        index_paths(lib, [str(photos)], ModelSpec(model_dir=str(tiny_model_dir)),
+        index_paths(lib, [str(photos)], ModelSpec(model_dir=str(tiny_model_dir)), precision="fp32",
                     options=IndexOptions(workers=0))
         return stored_vectors(lib)
 
@@ -107,13 +107,15 @@ def wait_for(condition, proc: subprocess.Popen, timeout: float = 60) -> None:
 
 
 def index_args(photos: Path, lib_dir: Path, model_dir: Path) -> list[str]:
+    # fp32 everywhere here: int8's per-batch activation scales would make vectors depend on
+    # where the batch boundaries fell, and resumed runs cut batches elsewhere.
     return ["index", str(photos), "-L", str(lib_dir), "--model-dir", str(model_dir),
-            "--batch-size", "4", "--workers", "1", "--quiet"]
+            "--batch-size", "4", "--workers", "1", "--quiet", "--precision", "fp32"]
 
 
 def assert_resumes_to_clean(lib_dir: Path, photos: Path, clean: dict) -> None:
     with Library.open(lib_dir) as lib:
-        stats = index_paths(lib, [str(photos)], options=IndexOptions(workers=0)).stats
+        stats = index_paths(lib, [str(photos)], precision="fp32", options=IndexOptions(workers=0)).stats
         assert stats["encoded"] + stats["unchanged"] == len(clean)  # no image encoded twice
         assert verify_library(lib).ok
         got = stored_vectors(lib)
@@ -147,7 +149,7 @@ def test_sigkill_inside_faiss_save_keeps_the_old_index(tmp_path, photos, clean, 
     first_half = sorted(photos.iterdir())[:6]
     with Library.open(lib_dir, model=ModelSpec(model_dir=str(tiny_model_dir))) as lib:
         index_paths(lib, [str(p) for p in first_half], ModelSpec(model_dir=str(tiny_model_dir)),
-                    options=IndexOptions(workers=0))
+                    precision="fp32", options=IndexOptions(workers=0))
         before = lib.image_count()
     saved = (lib_dir / "index.faiss").read_bytes()
     marker = tmp_path / "in-save"

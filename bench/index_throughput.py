@@ -1,0 +1,243 @@
+"""Indexing throughput: does the pipeline overlap decoding and encoding, or add them?
+
+    .venv/bin/python bench/index_throughput.py                 # 2,000 photos, ViT-B-32 random weights
+    .venv/bin/python bench/index_throughput.py --count 300 --json
+    .venv/bin/python bench/index_throughput.py --model-dir DIR --workers 2
+
+Measures, on the same model, workers and batch size:
+  (a) decode + preprocess alone, through the indexer's own DataLoader;
+  (b) the encoder's forward pass alone, on preprocessed tensors;
+  (c) a whole `clipfind index` run through the library API (scan, hash, DataLoader,
+      encoder, one SQLite transaction per batch, FAISS build and atomic save),
+      including the model load, and (c)/min(a, b): 1.0 is perfect overlap;
+  then a re-index of the unchanged collection (time and ratio to (c)).
+Each phase runs in its own process, so "peak RSS" is that phase's own high-water mark
+(main process + its largest child). Photos (1024x768 JPEG, quality 90, drawn:
+gradients, noise, shapes) are generated once into --cache-dir and reused.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from multiprocessing import Pool
+from pathlib import Path
+
+HERE = Path(__file__).resolve()
+DEFAULT_CACHE = Path(os.environ.get("CLIPFIND_CACHE", Path.home() / ".cache" / "clipfind")) / "bench" / "photos"
+
+
+# -- photos ---------------------------------------------------------------------------------
+def draw_photo(args: tuple[Path, int]) -> None:
+    """A 1024x768 picture with a photo's statistics: smooth light, texture, objects, grain."""
+    import numpy as np
+    from PIL import Image, ImageDraw, ImageFilter
+
+    path, seed = args
+    rng = np.random.default_rng(seed)
+    w, h = 1024, 768
+    y, x = np.mgrid[0:h, 0:w].astype(np.float32)
+    corners = rng.uniform(0, 255, size=(3, 3))
+    img = corners[0] + (corners[1] - corners[0]) * (x / w)[..., None] + (corners[2] - corners[0]) * (y / h)[..., None]
+    low = Image.fromarray(rng.uniform(-40, 40, size=(6, 8, 3)).astype(np.float32).mean(axis=2))
+    img += np.asarray(low.resize((w, h), Image.BICUBIC))[..., None]
+    picture = Image.fromarray(np.clip(img, 0, 255).astype(np.uint8))
+    overlay = Image.new("RGBA", (w, h))
+    draw = ImageDraw.Draw(overlay)
+    for _ in range(int(rng.integers(6, 16))):
+        colour = tuple(int(c) for c in rng.integers(0, 256, 3)) + (int(rng.integers(90, 255)),)
+        cx, cy, r = rng.uniform(0, w), rng.uniform(0, h), rng.uniform(20, 260)
+        kind = rng.integers(3)
+        if kind == 0:
+            draw.ellipse([cx - r, cy - r * rng.uniform(0.4, 1), cx + r, cy + r], fill=colour)
+        elif kind == 1:
+            draw.rectangle([cx - r, cy - r / 2, cx + r, cy + r / 2], fill=colour)
+        else:
+            pts = [(cx + r * np.cos(a), cy + r * np.sin(a)) for a in np.sort(rng.uniform(0, 6.28, 5))]
+            draw.polygon(pts, fill=colour)
+    picture = Image.alpha_composite(picture.convert("RGBA"), overlay).convert("RGB")
+    picture = picture.filter(ImageFilter.BoxBlur(float(rng.uniform(0.5, 2.0))))
+    grain = rng.integers(-10, 11, size=(h, w, 3), dtype=np.int16)
+    out = np.clip(np.asarray(picture, dtype=np.int16) + grain, 0, 255).astype(np.uint8)
+    tmp = path.with_suffix(".tmp")
+    Image.fromarray(out).save(tmp, "JPEG", quality=90)
+    os.replace(tmp, path)
+
+
+def ensure_photos(cache: Path, count: int) -> Path:
+    cache.mkdir(parents=True, exist_ok=True)
+    todo = [(cache / f"photo_{i:05d}.jpg", i) for i in range(count) if not (cache / f"photo_{i:05d}.jpg").exists()]
+    if todo:
+        print(f"drawing {len(todo)} photos into {cache} (once) ...", file=sys.stderr)
+        with Pool(os.cpu_count()) as pool:
+            pool.map(draw_photo, todo, chunksize=16)
+    return cache
+
+
+def collection(cache: Path, count: int) -> Path:
+    """A folder holding exactly `count` of the cached photos (symlinks), so the scan sees `count`."""
+    folder = cache.parent / f"set-{count}"
+    if not folder.is_dir() or len(os.listdir(folder)) != count:
+        folder.mkdir(exist_ok=True)
+        for name in os.listdir(folder):
+            os.remove(folder / name)
+        for i in range(count):
+            os.symlink(cache / f"photo_{i:05d}.jpg", folder / f"photo_{i:05d}.jpg")
+    return folder
+
+
+# -- phases (each in its own process) -------------------------------------------------------
+def _spec(args):
+    from retrieval.encoder import ModelSpec
+
+    if args.model_dir:
+        return ModelSpec(model_dir=args.model_dir)
+    if args.pretrained:
+        return ModelSpec(model=args.model, pretrained=args.pretrained)
+    return ModelSpec(model=args.model, random_weights=True)
+
+
+def _loader(args, encoder, paths):
+    from retrieval.pipeline import default_batch_size, make_loader
+
+    return make_loader(paths, encoder.preprocess, encoder.image_size,
+                       batch_size=args.batch_size or default_batch_size(encoder.device),
+                       workers=args.workers, pin_memory=encoder.device.type == "cuda")
+
+
+def phase_decode(args, folder: Path) -> dict:
+    from retrieval.encoder import Encoder
+
+    encoder = Encoder(_spec(args), device=args.device, precision=args.precision)
+    paths = sorted(str(p) for p in folder.iterdir())
+    start = time.perf_counter()
+    n = sum(len(batch.decoded) for batch in _loader(args, encoder, paths))
+    seconds = time.perf_counter() - start
+    return {"images": n, "seconds": seconds, "per_s": n / seconds}
+
+
+def phase_encode(args, folder: Path) -> dict:
+    import torch
+
+    from retrieval.encoder import Encoder
+
+    encoder = Encoder(_spec(args), device=args.device, precision=args.precision)
+    paths = sorted(str(p) for p in folder.iterdir())
+    batch = next(iter(_loader(args, encoder, paths[: args.batch_size or 32])))
+    pixels = batch.pixels
+    if encoder.device.type == "cuda":
+        pixels = pixels.pin_memory()
+    encoder.encode_pixels(pixels)  # warm-up
+    n = min(args.encode_images, len(paths))
+    start = time.perf_counter()
+    done = 0
+    while done < n:
+        encoder.encode_pixels(pixels)
+        done += len(pixels)
+    if encoder.device.type == "cuda":
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    return {"images": done, "seconds": seconds, "per_s": done / seconds, "precision": encoder.precision,
+            "device": str(encoder.device), "model": encoder.spec.label}
+
+
+def phase_index(args, folder: Path) -> dict:
+    from retrieval.indexer import IndexOptions, index_paths
+    from retrieval.library import Library
+
+    lib_dir = Path(args.library)
+    options = IndexOptions(workers=args.workers, batch_size=args.batch_size)
+    start = time.perf_counter()
+    with Library.open(lib_dir) as lib:
+        result = index_paths(lib, [str(folder)], _spec(args), args.device, args.precision, options)
+    seconds = time.perf_counter() - start
+    stats = result.stats
+    size = sum(f.stat().st_size for f in lib_dir.iterdir() if f.is_file())
+    return {"images": stats["indexed"] or stats["unchanged"], "encoded": stats.get("encoded", 0), "seconds": seconds,
+            "per_s": (stats["indexed"] or stats["unchanged"]) / seconds, "skipped": stats["skipped"], "library_bytes": size}
+
+
+def run_phase(name: str, argv: list[str]) -> dict:
+    out = subprocess.run([sys.executable, str(HERE), "--phase", name, *argv],
+                         capture_output=True, text=True)
+    if out.returncode:
+        sys.stderr.write(out.stderr)
+        raise SystemExit(f"phase {name} failed ({out.returncode})")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _peak_mb() -> dict:
+    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    child = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    return {"peak_rss_mb": round(own, 1), "peak_child_rss_mb": round(child, 1)}
+
+
+# -- driver ---------------------------------------------------------------------------------
+def parse(argv=None) -> argparse.Namespace:
+    from retrieval.pipeline import default_workers
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--count", type=int, default=2000, help="photos in the collection (default 2000)")
+    p.add_argument("--model", default="ViT-B-32")
+    p.add_argument("--pretrained", help="open_clip pretrained tag (default: random weights)")
+    p.add_argument("--model-dir", help="an open_clip model folder instead of --model")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--precision", default="auto")
+    p.add_argument("--workers", type=int, default=default_workers())
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--encode-images", type=int, default=320, help="images for (b) (default 320)")
+    p.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE)
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--phase", help=argparse.SUPPRESS)
+    p.add_argument("--library", help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse(argv)
+    if args.phase:
+        folder = collection(args.cache_dir, args.count)
+        phase = {"decode": phase_decode, "encode": phase_encode, "index": phase_index}[args.phase]
+        print(json.dumps({**phase(args, folder), **_peak_mb()}))
+        return 0
+    ensure_photos(args.cache_dir, args.count)
+    folder = collection(args.cache_dir, args.count)
+    passthrough = [a for a in (argv if argv is not None else sys.argv[1:]) if a != "--json"]
+    with tempfile.TemporaryDirectory(prefix="clipfind-bench-") as tmp:
+        lib = ["--library", str(Path(tmp) / "lib")]
+        results = {"a_decode": run_phase("decode", passthrough),
+                   "b_encode": run_phase("encode", passthrough),
+                   "c_index": run_phase("index", passthrough + lib),
+                   "reindex": run_phase("index", passthrough + lib)}
+    a, b, c, r = (results[k] for k in ("a_decode", "b_encode", "c_index", "reindex"))
+    summary = {"count": args.count, "model": b["model"], "device": b["device"], "precision": b["precision"],
+               "workers": args.workers, "batch_size": args.batch_size or "default", "cpus": os.cpu_count(),
+               "overlap_ratio": c["per_s"] / min(a["per_s"], b["per_s"]),
+               "reindex_ratio": r["seconds"] / c["seconds"], **results}
+    if args.json:
+        print(json.dumps(summary))
+        return 0
+    print(f"model: {summary['model']} | device {summary['device']} {summary['precision']} | "
+          f"{args.count} photos 1024x768 | workers {args.workers} | batch {summary['batch_size']} | "
+          f"{summary['cpus']} CPUs")
+    print(f"{'phase':<44} {'images':>7} {'seconds':>8} {'img/s':>8} {'peak RSS MB':>12}")
+    rows = [("(a) decode + preprocess (DataLoader)", a), ("(b) encoder forward only", b),
+            ("(c) clipfind index, whole run", c), ("re-index, unchanged collection", r)]
+    for label, row in rows:
+        rss = f"{row['peak_rss_mb']:.0f}+{row['peak_child_rss_mb']:.0f}"
+        print(f"{label:<44} {row['images']:>7} {row['seconds']:>8.2f} {row['per_s']:>8.1f} {rss:>12}")
+    print(f"(c) / min(a, b) = {summary['overlap_ratio']:.2f}   (target >= 0.8)")
+    print(f"re-index / first run = {100 * summary['reindex_ratio']:.2f} %   (target < 2 %)")
+    print("peak RSS: main process + largest child (decode worker)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(HERE.parent.parent))
+    raise SystemExit(main())
