@@ -1,0 +1,155 @@
+"""Library directories: create, reopen, model binding, migrations, bad paths, the FAISS cache."""
+
+from __future__ import annotations
+
+import sqlite3
+
+import numpy as np
+import pytest
+from sqlalchemy import create_engine, text
+
+from retrieval.db import Image, vector_to_blob
+from retrieval.encoder import Encoder, ModelSpec
+from retrieval.errors import LibraryError
+from retrieval.library import DB_NAME, Library, default_library_path, migrate
+
+
+@pytest.fixture(scope="module")
+def tiny_spec(tiny_model_dir) -> ModelSpec:
+    return ModelSpec(model_dir=str(tiny_model_dir))
+
+
+def _add_rows(library: Library, vectors: np.ndarray, prefix: str = "/photos") -> None:
+    with library.session() as s, s.begin():
+        for i, vec in enumerate(vectors):
+            s.add(Image(path=f"{prefix}/{i}.jpg", size=1, mtime_ns=1, content_hash=f"{prefix}{i}",
+                        embedding=vector_to_blob(vec)))
+
+
+def _unit(n: int, dim: int, seed: int = 0) -> np.ndarray:
+    v = np.random.default_rng(seed).normal(size=(n, dim)).astype(np.float32)
+    return v / np.linalg.norm(v, axis=1, keepdims=True)
+
+
+def test_default_path_follows_env(monkeypatch, tmp_path):
+    monkeypatch.setenv("CLIPFIND_HOME", str(tmp_path / "home"))
+    assert default_library_path() == tmp_path / "home"
+    monkeypatch.delenv("CLIPFIND_HOME")
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "xdg"))
+    assert default_library_path() == tmp_path / "xdg" / "clipfind"
+
+
+def test_create_records_model_and_reopen_checks_it(tmp_path, tiny_spec):
+    root = tmp_path / "lib"
+    with Library.open(root, model=tiny_spec) as lib:
+        encoder = lib.encoder(tiny_spec)
+        record = lib.model_record
+        assert record["fingerprint"] == encoder.fingerprint
+        assert record["embed_dim"] == encoder.embed_dim
+        assert record["spec"]["model_dir"] == tiny_spec.model_dir
+        assert "Resize" in record["preprocess"]
+    assert (root / DB_NAME).is_file()
+    with sqlite3.connect(root / DB_NAME) as conn:
+        assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    with Library.open(root) as lib:  # no spec: the recorded model is used
+        assert lib.encoder().fingerprint == record["fingerprint"]
+    other = ModelSpec(model="ViT-B-32", random_weights=True)
+    with pytest.raises(LibraryError, match="made with model dir"):
+        Library.open(root, model=other)
+
+
+def test_same_spec_other_weights_is_refused(tmp_path, tiny_spec):
+    with Library.open(tmp_path / "lib", model=tiny_spec) as lib:
+        lib.encoder(tiny_spec)
+        lib.set_meta("model", {**lib.model_record, "fingerprint": "something-else"})
+    with Library.open(tmp_path / "lib") as lib, pytest.raises(LibraryError, match="not the weights"):
+        lib.encoder()
+
+
+def test_library_without_model_says_index_first(tmp_path):
+    with Library.open(tmp_path / "lib") as lib, pytest.raises(LibraryError, match="index some images"):
+        lib.encoder()
+    with pytest.raises(LibraryError, match="no library"):
+        Library.open(tmp_path / "absent", create=False)
+
+
+def test_migrations_run_on_an_empty_file(tmp_path):
+    root = tmp_path / "lib"
+    root.mkdir()
+    (root / DB_NAME).write_bytes(b"")
+    with Library.open(root) as lib, lib.engine.connect() as conn:
+        tables = {r[0] for r in conn.execute(text("SELECT name FROM sqlite_master WHERE type='table'"))}
+        version = conn.execute(text("SELECT version_num FROM alembic_version")).scalar_one()
+    assert {"images", "runs", "errors", "vector_log", "tags", "tag_runs", "meta"} <= tables
+    assert version == "0001"
+
+
+def test_newer_schema_is_refused_and_left_alone(tmp_path):
+    root = tmp_path / "lib"
+    Library.open(root).close()
+    with sqlite3.connect(root / DB_NAME) as conn:
+        conn.execute("UPDATE alembic_version SET version_num = '9999_future'")
+    with pytest.raises(LibraryError, match="newer than this clipfind"):
+        Library.open(root)
+    assert (root / DB_NAME).is_file()  # nothing deleted
+
+
+def test_not_a_database_is_one_clear_error(tmp_path):
+    root = tmp_path / "lib"
+    root.mkdir()
+    (root / DB_NAME).write_bytes(b"garbage, not sqlite" * 100)
+    with pytest.raises(LibraryError, match="cannot use"):
+        Library.open(root)
+
+
+def test_unwritable_path_leaves_nothing_behind(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    with pytest.raises(LibraryError, match="cannot create a library"):
+        Library.open(blocker / "lib")
+    assert blocker.read_text() == "x"
+
+
+def test_migrate_is_idempotent(tmp_path):
+    engine = create_engine(f"sqlite:///{tmp_path / 'x.db'}")
+    migrate(engine)
+    migrate(engine)
+
+
+def test_vectors_catch_up_after_adds_and_deletes_without_a_save(tmp_path, tiny_spec):
+    with Library.open(tmp_path / "lib", model=tiny_spec) as lib:
+        dim = lib.encoder(tiny_spec).embed_dim
+        vecs = _unit(20, dim)
+        _add_rows(lib, vecs)
+        index = lib.vectors()
+        assert index.index.ntotal == 20
+        scores, ids = index.search(vecs[3], 1)
+        assert ids[0][0] == 4 and scores[0][0] == pytest.approx(1.0, abs=1e-5)
+        # a second process adds and deletes rows; the saved index is now stale
+        with lib.session() as s, s.begin():
+            s.delete(s.get(Image, 4))
+        _add_rows(lib, _unit(5, dim, seed=1), prefix="/more")
+    with Library.open(tmp_path / "lib") as lib:
+        index = lib.vectors()
+        assert index.index.ntotal == 24
+        assert 4 not in index.search(vecs[3], 24)[1][0]
+        assert index.state.watermark == 26  # 20 adds + 1 delete + 5 adds, all covered
+
+
+def test_lost_log_entries_force_a_rebuild(tmp_path, tiny_spec):
+    with Library.open(tmp_path / "lib", model=tiny_spec) as lib:
+        dim = lib.encoder(tiny_spec).embed_dim
+        _add_rows(lib, _unit(10, dim))
+        lib.vectors()
+        _add_rows(lib, _unit(3, dim, seed=2), prefix="/late")
+        with lib.engine.begin() as conn:  # somebody pruned entries the index never saw
+            conn.execute(text("DELETE FROM vector_log"))
+    with Library.open(tmp_path / "lib") as lib:
+        assert lib.vectors().index.ntotal == 13
+
+
+def test_write_lock_is_exclusive(tmp_path):
+    with Library.open(tmp_path / "lib") as lib, lib.write_lock():
+        with Library.open(tmp_path / "lib") as other, pytest.raises(LibraryError, match="busy"):
+            with other.write_lock():
+                pass
