@@ -9,7 +9,7 @@ import pytest
 from sqlalchemy import create_engine, text
 
 from retrieval.db import Image, vector_to_blob
-from retrieval.encoder import Encoder, ModelSpec
+from retrieval.encoder import ModelSpec
 from retrieval.errors import LibraryError
 from retrieval.library import DB_NAME, Library, default_library_path, migrate
 
