@@ -64,7 +64,6 @@ class IndexResult:
         return bool(self.skipped) and usable == 0
 
 
-
 # -- running -----------------------------------------------------------------------------
 def index_paths(library: Library, roots: Iterable[str | os.PathLike], spec: ModelSpec | None = None,
                 device: str = "auto", precision: str = "auto",
@@ -77,7 +76,8 @@ def index_paths(library: Library, roots: Iterable[str | os.PathLike], spec: Mode
     if options.dry_run:
         plan = plan_index(library, roots, options.follow_symlinks, options.retry_failed,
                           options.max_pixels)
-        return IndexResult(str(library.root), plan, plan.counts(), plan.skipped, dry_run=True)
+        return IndexResult(os.path.abspath(library.root), plan, plan.counts(), plan.skipped,
+                           dry_run=True)
     with library.write_lock(wait=options.wait):
         return _Run(library, roots, spec, device, precision, options).run()
 

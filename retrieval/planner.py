@@ -87,9 +87,9 @@ def plan_index(library: Library | None, roots: Sequence[str], follow_symlinks: b
         found.new = _drop_known_failures(library, roots, found.new, plan, max_pixels)
 
     digests = _hash_all(found.new + found.changed, plan.skipped)
-    gone_by_hash: dict[str, list[int]] = {}
+    gone_by_hash: dict[str, list[tuple[int, str]]] = {}
     for path in found.gone:
-        gone_by_hash.setdefault(rows[path][3], []).append(rows[path][0])
+        gone_by_hash.setdefault(rows[path][3], []).append((rows[path][0], os.path.basename(path)))
     gone_ids = {rows[p][0] for p in found.gone}
     stored = stored_ids(library, set(digests.values()), gone_ids) if library else {}
     encoding: set[str] = set()
@@ -104,12 +104,24 @@ def plan_index(library: Library | None, roots: Sequence[str], follow_symlinks: b
             encoding.add(work.digest)
             plan.encode.append(work)
 
-    for entry in found.new:
-        if entry.path not in digests:
-            continue
+    def move(entry: FileEntry, digest: str, candidates: list[tuple[int, str]], i: int) -> None:
+        row_id = candidates.pop(i)[0]
+        plan.moves.append(Work(entry, digest, row_id=row_id))
+        stored.setdefault(digest, row_id)  # another copy of the moved file copies its vector
+
+    new = [e for e in found.new if e.path in digests]
+    rest = []
+    for entry in new:  # a moved file usually keeps its name: match those first
+        candidates = gone_by_hash.get(digests[entry.path], [])
+        same_name = [i for i, (_, name) in enumerate(candidates) if name == os.path.basename(entry.path)]
+        if same_name:
+            move(entry, digests[entry.path], candidates, same_name[0])
+        else:
+            rest.append(entry)
+    for entry in rest:
         digest = digests[entry.path]
         if gone_by_hash.get(digest):
-            plan.moves.append(Work(entry, digest, row_id=gone_by_hash[digest].pop()))
+            move(entry, digest, gone_by_hash[digest], -1)
         else:
             place(Work(entry, digest))
     for entry in found.changed:

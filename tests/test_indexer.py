@@ -126,6 +126,21 @@ def test_changes_moves_duplicates_and_deletions(library, photos, spec):
     assert run(library, [photos])["encoded"] == 0
 
 
+def test_moved_file_with_a_second_copy_encodes_nothing(library, photos, spec):
+    run(library, [photos], spec)
+    before = rows(library)
+    source = sorted(before)[0]
+    shutil.copyfile(source, photos / "copy-of-moved.jpg")  # listed before the moved file
+    target = photos / "elsewhere" / os.path.basename(source)
+    target.parent.mkdir()
+    os.rename(source, target)
+    stats = run(library, [photos])
+    assert (stats["encoded"], stats["moved"], stats["duplicates"]) == (0, 1, 1)
+    after = rows(library)
+    assert after[str(target)][0] == before[source][0]  # the same name wins the move
+    assert np.array_equal(after[str(photos / "copy-of-moved.jpg")][1], before[source][1])
+
+
 def test_changed_file_that_breaks_loses_its_row(library, photos, spec):
     run(library, [photos], spec)
     victim = sorted(rows(library))[0]
