@@ -233,6 +233,13 @@ class Library:
         with self.engine.connect() as conn:
             return conn.execute(text("PRAGMA quick_check")).scalar_one() == "ok"
 
+    # -- searching -------------------------------------------------------------------
+    def search(self, text=(), **options):
+        """Text and/or image search; typed results. See `retrieval.search.search` for the options."""
+        from retrieval.search import search
+
+        return search(self, text, **options)
+
 
 def _make_dir(root: Path) -> bool:
     """Create the library directory; True if we made it (so a failure can undo it)."""
