@@ -155,12 +155,18 @@ def phase_index(args, folder: Path) -> dict:
     options = IndexOptions(workers=args.workers, batch_size=args.batch_size)
     start = time.perf_counter()
     with Library.open(lib_dir) as lib:
+        loaded = start
+        if lib.model_record is None:  # the first run loads the model: timed apart as well
+            lib.encoder(_spec(args), args.device, args.precision)
+            loaded = time.perf_counter()
         result = index_paths(lib, [str(folder)], _spec(args), args.device, args.precision, options)
     seconds = time.perf_counter() - start
     stats = result.stats
+    n = stats["indexed"] or stats["unchanged"]
     size = sum(f.stat().st_size for f in lib_dir.iterdir() if f.is_file())
-    return {"images": stats["indexed"] or stats["unchanged"], "encoded": stats.get("encoded", 0), "seconds": seconds,
-            "per_s": (stats["indexed"] or stats["unchanged"]) / seconds, "skipped": stats["skipped"], "library_bytes": size}
+    return {"images": n, "encoded": stats["encoded"], "seconds": seconds, "per_s": n / seconds,
+            "model_load_s": loaded - start, "per_s_after_load": n / (seconds - (loaded - start)),
+            "skipped": stats["skipped"], "library_bytes": size}
 
 
 def run_phase(name: str, argv: list[str]) -> dict:
@@ -219,6 +225,7 @@ def main(argv=None) -> int:
     summary = {"count": args.count, "model": b["model"], "device": b["device"], "precision": b["precision"],
                "workers": args.workers, "batch_size": args.batch_size or "default", "cpus": os.cpu_count(),
                "overlap_ratio": c["per_s"] / min(a["per_s"], b["per_s"]),
+               "overlap_ratio_after_load": c["per_s_after_load"] / min(a["per_s"], b["per_s"]),
                "reindex_ratio": r["seconds"] / c["seconds"], **results}
     if args.json:
         print(json.dumps(summary))
@@ -232,7 +239,8 @@ def main(argv=None) -> int:
     for label, row in rows:
         rss = f"{row['peak_rss_mb']:.0f}+{row['peak_child_rss_mb']:.0f}"
         print(f"{label:<44} {row['images']:>7} {row['seconds']:>8.2f} {row['per_s']:>8.1f} {rss:>12}")
-    print(f"(c) / min(a, b) = {summary['overlap_ratio']:.2f}   (target >= 0.8)")
+    print(f"(c) / min(a, b) = {summary['overlap_ratio']:.2f}   (target >= 0.8); without the "
+          f"{c['model_load_s']:.1f} s model load: {summary['overlap_ratio_after_load']:.2f}")
     print(f"re-index / first run = {100 * summary['reindex_ratio']:.2f} %   (target < 2 %)")
     print("peak RSS: main process + largest child (decode worker)")
     return 0

@@ -36,6 +36,7 @@ NO_MODEL = "no model given: pass --model-dir DIR, or --model NAME --pretrained T
 @dataclass
 class IndexOptions:
     workers: int | None = None  # None: pipeline.default_workers()
+    threads: int | None = None  # encoder torch threads; None: pipeline.encoder_threads()
     batch_size: int | None = None  # None: 32 on CPU, 256 on GPU
     follow_symlinks: bool = False
     max_pixels: int = DEFAULT_MAX_PIXELS
@@ -175,15 +176,23 @@ class _Run:
     def _encode(self, plan: Plan) -> None:
         if not plan.encode:
             return
-        from retrieval.pipeline import default_batch_size, default_workers, make_loader
+        import torch
+
+        from retrieval import pipeline
 
         encoder = self._load_encoder()
         opts = self.options
-        loader = make_loader([w.entry.path for w in plan.encode], encoder.preprocess, encoder.image_size,
-                             batch_size=opts.batch_size or default_batch_size(encoder.device),
-                             workers=default_workers() if opts.workers is None else opts.workers,
-                             pin_memory=encoder.device.type == "cuda", max_pixels=opts.max_pixels,
-                             close_in_workers=[self.library.root / LOCK_NAME])
+        threads = torch.get_num_threads()
+        if encoder.device.type == "cpu":
+            torch.set_num_threads(opts.threads or pipeline.encoder_threads())
+        self.stats.update(threads=torch.get_num_threads(),
+                          workers=pipeline.default_workers() if opts.workers is None else opts.workers,
+                          batch_size=opts.batch_size or pipeline.default_batch_size(encoder.device))
+        loader = pipeline.make_loader(
+            [w.entry.path for w in plan.encode], encoder.preprocess, encoder.image_size,
+            batch_size=self.stats["batch_size"], workers=self.stats["workers"],
+            pin_memory=encoder.device.type == "cuda", max_pixels=opts.max_pixels,
+            close_in_workers=[self.library.root / LOCK_NAME])
         bar = _progress(len(plan.encode), opts.progress)
         try:
             for batch in loader:
@@ -193,6 +202,7 @@ class _Run:
                 bar.update(len(batch))
         finally:
             bar.close()
+            torch.set_num_threads(threads)
 
     def _load_encoder(self) -> Encoder:
         library = self.library

@@ -71,6 +71,8 @@ def _sigterm_as_interrupt() -> Iterator[None]:
 @library_option
 @model_options
 @click.option("--workers", type=click.IntRange(0), help="Decode worker processes (default: cores - 1, at least 1).")
+@click.option("--threads", type=click.IntRange(1),
+              help="Encoder threads on a CPU (default: the cores other processes leave free).")
 @click.option("--batch-size", type=click.IntRange(1), help="Images per encoder batch (default: 32 on CPU, 256 on GPU).")
 @click.option("--index-type", metavar="FACTORY", help="FAISS index factory string, e.g. Flat, IVF1024,Flat, HNSW32 (default: by size).")
 @click.option("--follow-symlinks", is_flag=True, help="Enter symlinked folders too (loops are detected).")
@@ -83,7 +85,7 @@ def _sigterm_as_interrupt() -> Iterator[None]:
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @click.option("--verbose", "-v", is_flag=True, help="List every skipped file (and, with --dry-run, every change).")
 @json_option
-def index_command(paths, library_path, workers, batch_size, index_type, follow_symlinks, max_pixels,
+def index_command(paths, library_path, workers, threads, batch_size, index_type, follow_symlinks, max_pixels,
                   retry_failed, dry_run, wait, quiet, verbose, as_json, **model_kwargs) -> None:
     """Add the images under PATHS to the library, or bring it up to date with them.
 
@@ -105,7 +107,7 @@ def index_command(paths, library_path, workers, batch_size, index_type, follow_s
     from retrieval.planner import check_roots, plan_index
 
     spec, device, precision = pop_model_options(model_kwargs)
-    options = IndexOptions(workers=workers, batch_size=batch_size, follow_symlinks=follow_symlinks,
+    options = IndexOptions(workers=workers, threads=threads, batch_size=batch_size, follow_symlinks=follow_symlinks,
                            max_pixels=max_pixels, index_type=index_type, progress=not quiet,
                            wait=wait, dry_run=dry_run, retry_failed=retry_failed)
     root = os.path.expanduser(library_path) if library_path else str(default_library_path())
