@@ -240,6 +240,19 @@ class Library:
 
         return search(self, text, **options)
 
+    # -- indexing --------------------------------------------------------------------
+    def index(self, paths, model: ModelSpec | None = None, **options):
+        """Add the images under `paths` or bring them up to date; returns an `IndexResult`.
+
+        `options`: `device`, `precision` and the fields of `retrieval.indexer.IndexOptions`
+        (workers, batch_size, index_type, dry_run, ...). See `retrieval.indexer.index_paths`.
+        """
+        from retrieval.indexer import IndexOptions, index_paths
+
+        device, precision = options.pop("device", "auto"), options.pop("precision", "auto")
+        roots = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
+        return index_paths(self, roots, model, device, precision, IndexOptions(**options))
+
 
 def _make_dir(root: Path) -> bool:
     """Create the library directory; True if we made it (so a failure can undo it)."""

@@ -88,7 +88,7 @@ def test_unchanged_rerun_encodes_nothing_and_does_not_load_the_model(tmp_path, p
     with Library.open(tmp_path / "lib", model=spec) as lib:
         run(lib, [photos], spec)
     with Library.open(tmp_path / "lib") as lib:  # a fresh process would start like this
-        stats = run(lib, [photos])
+        stats = lib.index(photos, workers=0).stats
         assert stats["encoded"] == 0 and stats["unchanged"] == 12 and lib._encoder is None
         assert stats["faiss"] == "ok"
 
