@@ -81,15 +81,19 @@ class Query:
 
     positive: list[Term] = field(default_factory=list)
     negative: list[Term] = field(default_factory=list)
-    templates: str | None = DEFAULT_TEMPLATES  # a template set name or file; None encodes texts raw
+    templates: tuple[str, ...] | None = None  # prompt templates ("a photo of {}."); None: texts as typed
     negative_weight: float = NEGATIVE_WEIGHT
 
     @classmethod
     def build(cls, texts: str | Sequence[str] = (), images: str | Sequence[str] = (),
               not_texts: str | Sequence[str] = (), not_images: str | Sequence[str] = (),
-              image_weight: float = 1.0, templates: str | None = DEFAULT_TEMPLATES,
+              image_weight: float = 1.0, templates: str | Sequence[str] | None = DEFAULT_TEMPLATES,
               raw: bool = False, negative_weight: float = NEGATIVE_WEIGHT) -> Query:
-        """Terms from plain strings; `term^W` sets one term's weight (texts default 1, images `image_weight`)."""
+        """Terms from plain strings; `term^W` sets one term's weight (texts default 1, images `image_weight`).
+
+        `templates` is a template set name or file (read here, so a server in another
+        folder sees the same templates) or the templates themselves.
+        """
         def terms(kind: str, values, default: float) -> list[Term]:
             values = [values] if isinstance(values, (str, os.PathLike)) else list(values or ())
             out = []
@@ -103,7 +107,7 @@ class Query:
         return cls(
             positive=terms("text", texts, 1.0) + terms("image", images, image_weight),
             negative=terms("text", not_texts, 1.0) + terms("image", not_images, 1.0),
-            templates=None if raw else templates,
+            templates=None if raw or templates is None else _resolve_templates(templates),
             negative_weight=negative_weight,
         )
 
@@ -120,8 +124,14 @@ class Query:
     def from_dict(cls, data: dict) -> Query:
         return cls(positive=[Term(**t) for t in data.get("positive", [])],
                    negative=[Term(**t) for t in data.get("negative", [])],
-                   templates=data.get("templates", DEFAULT_TEMPLATES),
+                   templates=tuple(data["templates"]) if data.get("templates") else None,
                    negative_weight=float(data.get("negative_weight", NEGATIVE_WEIGHT)))
+
+
+def _resolve_templates(templates: str | Sequence[str]) -> tuple[str, ...]:
+    from retrieval.prompts import template_set
+
+    return template_set(templates) if isinstance(templates, str) else tuple(templates)
 
 
 @dataclass
@@ -258,17 +268,9 @@ class Searcher:
         return self.library.encoder(self.spec, self.device, self.precision)
 
     # -- query vectors -----------------------------------------------------------------
-    def _templates(self, name: str | None) -> tuple[str, ...] | None:
-        if name is None:
-            return None
-        from retrieval.prompts import template_set
-
-        return template_set(name)
-
-    def text_vectors(self, texts: Sequence[str], templates: str | None,
+    def text_vectors(self, texts: Sequence[str], template_list: tuple[str, ...] | None,
                      warnings: list[str]) -> np.ndarray:
         """One unit vector per text, from the cache where possible, else one batched encode."""
-        template_list = self._templates(templates)
         keys = [cache_key(self.record["fingerprint"], template_list, t) for t in texts]
         found: dict[int, CachedText] = {}
         for i, key in enumerate(keys):

@@ -98,7 +98,7 @@ class QueryServer(ThreadingHTTPServer):
 
     # -- request handling ----------------------------------------------------------------
     def handle_json(self, method: str, path: str, params: dict, body: dict) -> dict:
-        from retrieval.search import Filters, Query
+        from retrieval.search import DEFAULT_TEMPLATES, Filters, Query
 
         if path == "/health":
             return {"ok": True, "library": str(self.searcher.library.root), "model": self.searcher.model_label,
@@ -112,7 +112,7 @@ class QueryServer(ThreadingHTTPServer):
                 query = Query.build(body.get("text", params.get("q", ())), body.get("image", ()),
                                     body.get("not", ()), body.get("not_image", ()),
                                     raw=bool(body.get("raw", False)),
-                                    templates=body.get("template", "photo"))
+                                    templates=body.get("template", DEFAULT_TEMPLATES))
             with self.lock:
                 self.queries += 1
                 response = self.searcher.search(query, k, filters)
@@ -228,15 +228,13 @@ def call(info: dict, endpoint: str, payload: dict | None = None, timeout: float 
         raise ServerUnavailable(str(exc)) from None
 
 
-def remote_search(info: dict, query, filters, k: int) -> SearchResponse:
+def ask(info: dict, kind: str, subject, filters, k: int) -> SearchResponse:
+    """The server's answer to Searcher.search(query, ...) (kind "search") or .similar(path, ...)."""
     from retrieval.search import SearchResponse
 
-    return SearchResponse.from_dict(call(info, "/search", {"query": query.to_dict(),
-                                                           "filters": filters.to_dict(), "k": k}))
-
-
-def remote_similar(info: dict, path: str, filters, k: int) -> SearchResponse:
-    from retrieval.search import SearchResponse
-
-    return SearchResponse.from_dict(call(info, "/similar", {"path": os.path.abspath(path),
-                                                            "filters": filters.to_dict(), "k": k}))
+    payload = {"filters": filters.to_dict(), "k": k}
+    if kind == "search":
+        payload["query"] = subject.to_dict()
+    else:
+        payload["path"] = os.path.abspath(subject)
+    return SearchResponse.from_dict(call(info, f"/{kind}", payload))

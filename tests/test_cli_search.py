@@ -111,6 +111,8 @@ def test_combinations_and_negatives(setup):
     assert mixed.count("blue square") > found("red circle").count("blue square")
     assert found("red circle^3", "blue square").count("red circle") >= found("red circle", "blue square").count(
         "red circle")
+    assert found("red circle", "--raw").count("red circle") >= 3
+    assert found("red circle", "--template", "simple7").count("red circle") >= 3
     assert "normalise(sum_i w_i*p_i - L*sum_j n_j)" in " ".join(clipfind("search", "--help").output.split())
 
 
@@ -130,6 +132,16 @@ def test_filters(setup, monkeypatch):
     tagged = clipfind("search", "circle", "-L", lib, "--tag", "nothing-has-this-tag", "--no-server")
     assert tagged.exit_code == 0 and tagged.stdout == "no results\n"
     assert clipfind("search", "x", "-L", lib, "--after", "last tuesday").exit_code == EXIT_USAGE
+
+
+def test_template_file_is_read_where_the_command_runs(setup, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "mine.txt").write_text("# my templates\na drawing of a {}.\nthere is a {} in the image.\n")
+    result = clipfind("search", "green circle", "-L", setup["lib"], "--template", "mine.txt", "--json")
+    assert result.exit_code == 0 and len(lines(result)) == 10
+    (tmp_path / "bad.txt").write_text("no placeholder here\n")
+    result = clipfind("search", "green circle", "-L", setup["lib"], "--template", "bad.txt")
+    assert result.exit_code == EXIT_INPUT and "needs a {} placeholder" in result.output
 
 
 def test_bad_input_exit_codes(setup, tmp_path):

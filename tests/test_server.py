@@ -22,7 +22,7 @@ from retrieval.errors import InputError
 from retrieval.indexer import IndexOptions, index_paths
 from retrieval.library import Library
 from retrieval.search import Filters, Query, Searcher
-from retrieval.server import SERVE_FILE, QueryServer, ServerUnavailable, call, find_server, remote_search
+from retrieval.server import SERVE_FILE, QueryServer, ServerUnavailable, ask, call, find_server
 
 
 @pytest.fixture(scope="module")
@@ -98,7 +98,7 @@ def test_errors_keep_their_exit_codes_and_the_token_is_required(server):
 
 def test_remote_results_match_local_ones(server, lib_dir):
     query, filters = Query.build("yellow square", not_texts=["green"]), Filters(min_score=0.1)
-    remote = remote_search(find_server(lib_dir), query, filters, 6)
+    remote = ask(find_server(lib_dir), "search", query, filters, 6)
     with Library.open(lib_dir, create=False) as library:
         local = Searcher(library).search(query, 6, filters)
     assert [(r.image_id, r.path) for r in remote] == [(r.image_id, r.path) for r in local]

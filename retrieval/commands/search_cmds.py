@@ -84,24 +84,25 @@ def _library_root(library_path: str | None) -> str:
     return os.path.expanduser(library_path) if library_path else str(default_library_path())
 
 
-def _run(library_path, use_server: bool, model_kwargs: dict, local: Callable, remote: Callable):
-    """Ask the library's warm server if there is one (and no model flags), else search here."""
+def _answer(kind: str, subject, k: int, filters: Filters, library_path, use_server: bool,
+            model_kwargs: dict):
+    """Searcher.search/similar: by the library's warm server if one runs (and no model flags), else here."""
     spec, device, precision = pop_model_options(model_kwargs)
     root = _library_root(library_path)
     if use_server and spec is None:
-        from retrieval.server import ServerUnavailable, find_server
+        from retrieval.server import ServerUnavailable, ask, find_server
 
         info = find_server(root)
         if info is not None:
             try:
-                return remote(info)
+                return ask(info, kind, subject, filters, k)
             except ServerUnavailable as exc:
                 warn(f"the clipfind server for this library did not answer ({exc}); searching here")
     from retrieval.library import Library
     from retrieval.search import Searcher
 
     with Library.open(root, model=spec, create=False) as library:
-        return local(Searcher(library, spec, device, precision))
+        return getattr(Searcher(library, spec, device, precision), kind)(subject, k, filters)
 
 
 def _emit(response, fmt: str, html_file: str | None) -> None:
@@ -162,15 +163,7 @@ def search_command(texts, images, image_weight, not_texts, not_images, not_weigh
     query = Query.build(texts, images, not_texts, not_images, image_weight=image_weight,
                         templates=template, raw=raw, negative_weight=not_weight)
     filters = _filters(path_filter, after, before, tags, min_score)
-
-    def remote(info):
-        from retrieval.server import remote_search
-
-        return remote_search(info, query, filters, k)
-
-    response = _run(library_path, use_server, model_kwargs,
-                    lambda searcher: searcher.search(query, k, filters), remote)
-    _emit(response, fmt, html_file)
+    _emit(_answer("search", query, k, filters, library_path, use_server, model_kwargs), fmt, html_file)
 
 
 @click.command("similar", epilog=MODEL_HELP)
@@ -194,15 +187,7 @@ def similar_command(path, path_filter, after, before, tags, min_score, k, as_jso
     """
     fmt = _format(as_json, as_paths, as_paths0)
     filters = _filters(path_filter, after, before, tags, min_score)
-
-    def remote(info):
-        from retrieval.server import remote_similar
-
-        return remote_similar(info, path, filters, k)
-
-    response = _run(library_path, use_server, model_kwargs,
-                    lambda searcher: searcher.similar(path, k, filters), remote)
-    _emit(response, fmt, html_file)
+    _emit(_answer("similar", path, k, filters, library_path, use_server, model_kwargs), fmt, html_file)
 
 
 @click.command("serve", epilog=MODEL_HELP)
