@@ -233,6 +233,13 @@ class Library:
         with self.engine.connect() as conn:
             return conn.execute(text("PRAGMA quick_check")).scalar_one() == "ok"
 
+    # -- tagging ---------------------------------------------------------------------
+    def tag(self, labels, strategy: str = "template", **kwargs):
+        """Auto-tag every stored vector; see `retrieval.tagging.auto_tag` for the options."""
+        from retrieval.tagging import auto_tag
+
+        return auto_tag(self, labels, strategy, encoder=kwargs.pop("encoder", None) or self.encoder(), **kwargs)
+
     # -- searching -------------------------------------------------------------------
     def search(self, text=(), **options):
         """Text and/or image search; typed results. See `retrieval.search.search` for the options."""
