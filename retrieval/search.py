@@ -413,7 +413,7 @@ class Searcher:
         allowed = self.allowed_ids(filters) if filters.selects_rows else None
         timings["sql_filter"] = _ms(mark)
         mark = time.perf_counter()
-        ids, scores = self._nearest(vectors, vector, k + len(exclude), allowed)
+        ids, scores = self._nearest(vectors, vector, k + len(exclude), allowed, filters)
         timings["faiss"] = _ms(mark)
         keep = [(i, s) for i, s in zip(ids, scores) if i not in exclude
                 and (filters.min_score is None or s >= filters.min_score)][:k]
@@ -430,30 +430,26 @@ class Searcher:
             text_cache={"hits": self.cache.hits - cache_before[0], "misses": self.cache.misses - cache_before[1]},
         )
 
-    def _nearest(self, vectors, vector: np.ndarray, k: int,
-                 allowed: np.ndarray | None) -> tuple[list[int], list[float]]:
+    def _nearest(self, vectors, vector: np.ndarray, k: int, allowed: np.ndarray | None,
+                 filters: Filters) -> tuple[list[int], list[float]]:
         if allowed is not None and len(allowed) == 0:
             return [], []
         exact = vectors.state.factory == "Flat"
         if allowed is not None and not exact and len(allowed) <= EXACT_FILTER_LIMIT:
-            return self._exact_over(allowed, vector, k)
+            return self._exact_over(filters, vector, k)
         found_scores, found_ids = _single_thread_search(vectors, vector, k, allowed)
         pairs = [(int(i), float(s)) for i, s in zip(found_ids[0], found_scores[0]) if i >= 0]
         return [p[0] for p in pairs], [p[1] for p in pairs]
 
-    def _exact_over(self, ids: np.ndarray, vector: np.ndarray, k: int) -> tuple[list[int], list[float]]:
-        """Exact scores from the database's vectors: recall an approximate index cannot lose."""
-        dim = int(self.record["embed_dim"])
-        got_ids, blobs = [], []
+    def _exact_over(self, filters: Filters, vector: np.ndarray, k: int) -> tuple[list[int], list[float]]:
+        """Exact scores over the filtered rows' own vectors: recall an approximate index cannot lose."""
+        clauses, params = filter_sql(filters)
         with self.library.engine.connect() as conn:
-            for start in range(0, len(ids), 900):
-                part = [int(i) for i in ids[start:start + 900]]
-                rows = conn.execute(select(Image.id, Image.embedding).where(Image.id.in_(part))).all()
-                got_ids += [r[0] for r in rows]
-                blobs += [r[1] for r in rows]
-        scores = blobs_to_matrix(blobs, dim) @ vector
+            rows = conn.execute(text("SELECT id, embedding FROM images WHERE " + " AND ".join(clauses)),
+                                params).all()
+        scores = blobs_to_matrix([r[1] for r in rows], int(self.record["embed_dim"])) @ vector
         order = np.argsort(-scores, kind="stable")[:k]
-        return [int(got_ids[i]) for i in order], [float(scores[i]) for i in order]
+        return [int(rows[i][0]) for i in order], [float(scores[i]) for i in order]
 
     def allowed_ids(self, filters: Filters) -> np.ndarray:
         """Ids of the rows every SQL-side filter allows (path, dates, tags)."""
