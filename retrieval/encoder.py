@@ -95,8 +95,8 @@ def cpu_has_native_bf16() -> bool:
 def resolve_precision(requested: str, device: torch.device) -> str:
     """Turn `auto` into a concrete mode and refuse modes the device cannot run.
 
-    `auto` is fp16 on a GPU and fp32 on a CPU here; `retrieval.precision` may
-    replace the CPU default with a measured winner.
+    `auto` is fp16 on a GPU and fp32 on a CPU here; on a CPU the Encoder then
+    replaces it with the measured winner (`retrieval.precision.settle`).
     """
     if requested not in PRECISIONS:
         raise ModelError(f"unknown precision {requested!r}; choose one of {', '.join(PRECISIONS)}")
@@ -262,19 +262,41 @@ class Encoder:
         self.embed_dim = self._probe_dim()
         self.image_size = _image_size(self.model)
         self.context_length = int(getattr(self.model, "context_length", 77))
+        self.precision_report: dict | None = None
+        self._settle(precision)
 
     # -- precision -----------------------------------------------------------------
     def _prepare_for_precision(self, precision: str) -> torch.nn.Module:
-        if precision == "int8":
-            from torch.ao.quantization import quantize_dynamic
+        """The model whose `encode_image` runs at `precision`.
 
-            return quantize_dynamic(self.model, {torch.nn.Linear}, dtype=torch.qint8)
+        On a CPU, bf16 and int8 get their own copy of the image tower (bf16 weights, or
+        int8 dynamically quantised Linear layers) sharing the fp32 text tower: casting
+        weights on every call, as autocast does, costs more than bf16 saves on CPUs.
+        """
+        if self.device.type == "cpu" and precision in ("bf16", "int8"):
+            from retrieval.precision import image_model_at
+
+            return image_model_at(self.model, precision)
         return self.model
 
-    def set_precision(self, precision: str) -> None:
-        """Switch precision in place (int8 builds a quantised copy, the fp32 model stays)."""
+    def set_precision(self, precision: str, check: bool = True) -> None:
+        """Switch precision in place (bf16/int8 build a copy of the image tower, the fp32 model stays).
+
+        With `check`, `auto` on a CPU is settled by measurement and a forced bf16/int8 is
+        checked against fp32, as when the encoder was made.
+        """
         self.precision = resolve_precision(precision, self.device)
         self._image_model = self._prepare_for_precision(self.precision)
+        if check:
+            self._settle(precision)
+
+    def _settle(self, requested: str) -> None:
+        """On a CPU, `auto` becomes the fastest mode that agrees with fp32 (measured once per
+        model and machine, then cached), and a forced bf16/int8 is checked against fp32."""
+        if self.device.type == "cpu":
+            from retrieval.precision import settle
+
+            self.precision_report = settle(self, requested)
 
     @contextlib.contextmanager
     def _autocast(self) -> Iterator[None]:
@@ -282,7 +304,7 @@ class Encoder:
             if self.precision == "fp16":
                 with torch.autocast(self.device.type, dtype=torch.float16):
                     yield
-            elif self.precision == "bf16":
+            elif self.precision == "bf16" and self.device.type != "cpu":
                 with torch.autocast(self.device.type, dtype=torch.bfloat16):
                     yield
             else:
@@ -294,9 +316,14 @@ class Encoder:
 
     def encode_pixels(self, pixels: torch.Tensor) -> np.ndarray:
         """Encode an already-preprocessed batch (N, 3, H, W); the indexer's hot path."""
-        pixels = pixels.to(self.device, non_blocking=True)
+        return self.encode_pixels_with(self._image_model, pixels)
+
+    def encode_pixels_with(self, image_model: torch.nn.Module, pixels: torch.Tensor) -> np.ndarray:
+        """Encode with a given image model (one from `_prepare_for_precision`); precision timing uses it."""
+        dtype = getattr(image_model, "input_dtype", None)
+        pixels = pixels.to(self.device, dtype=dtype, non_blocking=True)
         with self._autocast():
-            feats = self._image_model.encode_image(pixels)
+            feats = image_model.encode_image(pixels)
         return _normalise(feats)
 
     def encode_images(self, images: Sequence, batch_size: int = 64) -> np.ndarray:
