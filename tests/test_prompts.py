@@ -21,7 +21,7 @@ from retrieval.labels import Label
 
 @pytest.fixture(scope="module")
 def encoder(tiny_model_dir) -> Encoder:
-    return Encoder(ModelSpec(model_dir=str(tiny_model_dir)))
+    return Encoder(ModelSpec(model_dir=str(tiny_model_dir)), precision="fp32")  # exact arithmetic
 
 
 def by_hand(encoder: Encoder, texts: list[str]) -> np.ndarray:
