@@ -255,6 +255,7 @@ class Searcher:
         self.device, self.precision = device, precision
         self.cache = cache if cache is not None else TextCache(library.root / CACHE_NAME)
         self.query_threads = query_threads
+        self._index_stamp: tuple[int, int] | None = None
 
     @property
     def model_label(self) -> str:
@@ -404,7 +405,7 @@ class Searcher:
                        exclude: set[int], warnings: list[str], timings: dict, started: float,
                        cache_before: tuple[int, int]) -> SearchResponse:
         mark = time.perf_counter()
-        vectors = self.library.vectors()  # catches up with rows added since the index was saved
+        vectors = self.fresh_vectors()
         timings["sync"] = _ms(mark)
         total = int(vectors.index.ntotal) if vectors.index is not None else 0
         if total == 0:
@@ -429,6 +430,20 @@ class Searcher:
             warnings=warnings, timings=timings, library_size=total,
             text_cache={"hits": self.cache.hits - cache_before[0], "misses": self.cache.misses - cache_before[1]},
         )
+
+    def fresh_vectors(self):
+        """The index, caught up with the database; re-read first if another process saved a newer one.
+
+        The indexer prunes the change log once it has saved the index, so a long-lived
+        searcher (the server) catching up from its own older copy would find a gap and
+        rebuild from every row; reading the saved file and catching up from there does not.
+        """
+        vectors = self.library.vectors(sync=False)
+        if self._index_stamp is not None and _stamp(vectors.state_path) != self._index_stamp:
+            vectors.load()
+        vectors.sync(self.library.engine)
+        self._index_stamp = _stamp(vectors.state_path)
+        return vectors
 
     def _nearest(self, vectors, vector: np.ndarray, k: int, allowed: np.ndarray | None,
                  filters: Filters) -> tuple[list[int], list[float]]:
@@ -535,6 +550,14 @@ def filter_sql(filters: Filters) -> tuple[list[str], dict[str, Any]]:
         clauses.append(f"id IN (SELECT image_id FROM tags WHERE label = :tag{i})")
         params[f"tag{i}"] = tag
     return clauses or ["1"], params
+
+
+def _stamp(path) -> tuple[int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_mtime_ns, st.st_ino
 
 
 def _ms(since: float) -> float:

@@ -92,7 +92,7 @@ class QueryServer(ThreadingHTTPServer):
         """Load what the first query would: the index, the model, one text through the tower."""
         from retrieval.search import Query
 
-        self.searcher.library.vectors()
+        self.searcher.fresh_vectors()
         self.searcher.encoder()
         self.searcher.search(Query.build("a photo"), k=1)
 

@@ -307,6 +307,25 @@ def test_stale_index_catches_up_before_searching(library):
     fresh.close()
 
 
+def test_long_lived_searcher_reads_an_index_saved_by_another_process(library, monkeypatch):
+    """After the indexer saves and prunes the change log, a warm searcher reloads, never rebuilds."""
+    from retrieval.indexer import refresh_vectors
+
+    searcher = Searcher(library)
+    vector, _ = searcher.query_vector(Query.build("orange star"), [])
+    searcher.search(Query.build("orange star"), k=1)  # warm: index in memory
+    with Library.open(library.root, create=False) as other, other.write_lock():
+        with other.engine.begin() as conn:
+            conn.execute(text("INSERT INTO images (path, size, mtime_ns, content_hash, embedding, added_at) "
+                              "VALUES ('/elsewhere/added.jpg', 1, 1, 'y', :e, '2026-01-01')"),
+                         {"e": vector_to_blob(vector)})
+        refresh_vectors(other)  # saves the index and prunes the log, as `clipfind index` does
+    monkeypatch.setattr(library.vectors(sync=False), "rebuild",
+                        lambda *a, **k: pytest.fail("a warm searcher must not rebuild the index"))
+    response = searcher.search(Query.build("orange star"), k=1)
+    assert response[0].path == "/elsewhere/added.jpg"
+
+
 def test_empty_library_is_a_clear_error(tmp_path, library):
     with Library.open(tmp_path / "nomodel") as empty:
         with pytest.raises(ClipfindError, match="is empty"):
