@@ -19,6 +19,7 @@ from sqlalchemy import select, text
 
 from retrieval.db import Image, blobs_to_matrix, path_from_db
 from retrieval.library import Library
+from retrieval.precision import auto_precision_here, mixed_precision_problem
 from retrieval.vectors import VectorIndex
 
 EXACT_TOLERANCE = 1e-5
@@ -55,6 +56,7 @@ def library_status(library: Library) -> dict:
         "model": record["label"] if record else None,
         "embed_dim": record["embed_dim"] if record else None,
         "vectors_by_precision": precisions,
+        "auto_precision_here": auto_precision_here(library),
         "index": {"type": state["factory"], "vectors": state["ntotal"],
                   "watermark": state["watermark"]} if state else None,
         "log_entries": pending,
@@ -115,6 +117,9 @@ def verify_library(library: Library, wait: bool = False, sample: int = 1000,
             report.notes.append("FAISS not checked: rows without a valid vector must be fixed first")
         else:
             _check_index(library, dim, ids, report, sample)
+        mixed = mixed_precision_problem(library)
+        if mixed:
+            report.problems.append(mixed)
     return report
 
 

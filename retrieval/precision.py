@@ -24,7 +24,7 @@ fp16 and are not measured.
 The library side lives here too, so that `status` and `verify` need no torch:
 which precisions made the stored vectors (`vectors_by_precision`,
 `mixed_precision_runs`), the cached choice for a library's model
-(`precision_status`), and `reembed`, which re-encodes every stored image at one
+(`auto_precision_here`), and `reembed`, which re-encodes every stored image at one
 precision through the indexer's pipeline.
 """
 
@@ -61,7 +61,7 @@ if TYPE_CHECKING:  # torch is imported inside the functions that encode, so stat
 log = logging.getLogger("clipfind.precision")
 
 CACHE_FILE = "precision.json"
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # bumped when the way of measuring changes: old choices are re-measured
 MAX_CACHE_ENTRIES = 200
 
 MIN_COSINE = 0.995  # mean cosine of a mode's image embeddings to fp32's
@@ -266,7 +266,23 @@ def measure(encoder: Encoder, modes: Sequence[str] | None = None, batch_size: in
 
     `extra_models` maps a mode name to a ready image model (tests inject a broken one).
     Returns a cache entry without its key: rates (img/s, fastest batch), agreement, errors.
+    Timed with the torch threads indexing would use now (`pipeline.encoder_threads`): on a
+    busy machine a 2-thread forward pass stalls at every barrier and times mostly noise.
     """
+    import torch
+
+    from retrieval.pipeline import encoder_threads
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(encoder_threads())
+    try:
+        return _measure(encoder, modes, batch_size, batches, extra_models)
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _measure(encoder: Encoder, modes: Sequence[str] | None, batch_size: int, batches: int,
+             extra_models: dict | None) -> dict:
     import numpy as np
     import torch
 
@@ -577,16 +593,26 @@ def mixed_precision_problem(library: Library) -> str | None:
             "embeddings (run `clipfind reindex --precision fp32`, or another single precision)")
 
 
-def precision_status(library: Library) -> dict:
-    """For `clipfind status`: the vectors' precisions and the cached auto choice for this model here."""
+def auto_precision_here(library: Library) -> dict | None:
+    """For `clipfind status`: the cached auto choice for the library's model on this machine, if any."""
     record = library.model_record
-    out: dict[str, Any] = {"vectors": vectors_by_precision(library), "auto_here": None}
-    if record:
-        key = machine_key(record["fingerprint"])
-        entry = cached_entry(key)
-        if entry:
-            out["auto_here"] = {k: entry.get(k) for k in ("chosen", "rates", "agreement", "measured_at", "key")}
-    return out
+    entry = cached_entry(machine_key(record["fingerprint"])) if record else None
+    if not entry:
+        return None
+    return {k: entry.get(k) for k in ("chosen", "why", "rates", "agreement", "measured_at", "key")}
+
+
+def status_line(auto: dict | None) -> str:
+    """One line about `auto_precision_here` for `clipfind status`."""
+    if not auto:
+        return "auto not measured on this machine yet (the first encoding measures it, a few seconds)"
+    key = auto.get("key") or {}
+    rates = ", ".join(f"{m} {r:g}" for m, r in (auto.get("rates") or {}).items())
+    agree = ", ".join(f"{m} cos {f['cosine_mean']:.4f}" + ("" if f.get("ok") else " DISAGREES")
+                      for m, f in (auto.get("agreement") or {}).items())
+    return (f"auto here = {auto['chosen']} ({rates} img/s; {agree}; measured "
+            f"{str(auto.get('measured_at', ''))[:10]} on {key.get('cpu')} x{key.get('cores')}, "
+            f"torch {key.get('torch')})")
 
 
 def reembed(library: Library, precision: str = "fp32", device: str = "auto",

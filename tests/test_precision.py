@@ -238,3 +238,75 @@ def test_encoder_auto_uses_the_cached_choice(tiny_spec, cache):
     assert again.precision == mode and again.precision_report["source"] == "cached"
     forced = Encoder(tiny_spec, device="cpu", precision="fp32")
     assert forced.precision == "fp32" and f"auto would choose {mode}" in precision.describe(forced.precision_report)
+
+
+# -- libraries -----------------------------------------------------------------------------
+
+
+def test_mixed_precision_library_is_reported_by_verify_and_made_uniform_by_reindex(tmp_path, tiny_spec, cache):
+    from click.testing import CliRunner
+
+    import cli
+    from retrieval.indexer import IndexOptions, index_paths
+    from retrieval.inspection import verify_library
+    from retrieval.library import Library
+
+    photos = tmp_path / "photos"
+    synthetic.write_collection(photos / "a", per_class=1, seed=3, labels=synthetic.LABELS[:4])
+    synthetic.write_collection(photos / "b", per_class=1, seed=4, labels=synthetic.LABELS[4:8])
+    lib_dir = tmp_path / "lib"
+    with Library.open(lib_dir, model=tiny_spec) as library:
+        index_paths(library, [str(photos / "a")], tiny_spec, "cpu", "fp32", IndexOptions(workers=0))
+        assert precision.mixed_precision_runs(library) == [] and verify_library(library).ok
+        before = _vectors(library)
+        library._encoder = None  # as a later process would: load the model again, forced to int8
+        result = index_paths(library, [str(photos / "b")], tiny_spec, "cpu", "int8", IndexOptions(workers=0))
+        assert any("precision" in w for w in result.warnings)  # the indexer's own warning
+        runs = precision.mixed_precision_runs(library)
+        assert sorted((r["precision"], r["images"]) for r in runs) == [("fp32", 4), ("int8", 4)]
+        report = verify_library(library)
+        assert not report.ok and any("different precisions (4 at fp32, 4 at int8)" in p for p in report.problems)
+
+    def clipfind(*args):
+        out = CliRunner().invoke(cli.cli, [str(a) for a in args])
+        assert "Traceback" not in out.output, out.output
+        return out
+
+    verify = clipfind("verify", "-L", lib_dir, "--no-files")
+    assert verify.exit_code == 6 and "different precisions" in verify.output
+    status = clipfind("status", "-L", lib_dir)
+    assert "vectors:   fp32 4, int8 4" in status.output and "precision: auto here = " in status.output
+
+    reindex = clipfind("reindex", "-L", lib_dir, "--precision", "fp32", "--device", "cpu", "-q", "--json")
+    assert reindex.exit_code == 0, reindex.output
+    redone = json.loads(reindex.output.strip().splitlines()[-1])["reembedded"]
+    assert (redone["reembedded"], redone["stale"], redone["vectors_by_precision"]) == (8, 0, {"fp32": 8})
+    assert clipfind("verify", "-L", lib_dir).exit_code == 0
+    with Library.open(lib_dir) as library:
+        after = _vectors(library)
+        assert precision.mixed_precision_runs(library) == []
+    for path, vector in before.items():  # fp32 again: the same vectors as the first fp32 run
+        np.testing.assert_allclose(after[path], vector, atol=1e-5)
+
+
+def test_reembed_keeps_changed_files_for_index_and_says_so(tmp_path, tiny_spec, cache):
+    from retrieval.indexer import IndexOptions, index_paths
+    from retrieval.library import Library
+
+    photos = tmp_path / "photos"
+    files = synthetic.write_collection(photos, per_class=1, seed=5, labels=synthetic.LABELS[:3])
+    with Library.open(tmp_path / "lib", model=tiny_spec) as library:
+        index_paths(library, [str(photos)], tiny_spec, "cpu", "int8", IndexOptions(workers=0))
+        files[0][0].unlink()
+        stats = precision.reembed(library, "fp32", "cpu")
+        assert (stats["reembedded"], stats["stale"]) == (2, 1)
+        assert precision.vectors_by_precision(library) == {"fp32": 2, "int8": 1}
+        assert precision.mixed_precision_problem(library) is not None
+
+
+def _vectors(library) -> dict[str, np.ndarray]:
+    from retrieval.db import Image, blobs_to_matrix
+
+    with library.session() as s:
+        rows = s.query(Image.path, Image.embedding).all()
+    return {path: blobs_to_matrix([blob], library.dim)[0] for path, blob in rows}

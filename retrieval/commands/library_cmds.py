@@ -16,6 +16,7 @@ import click
 
 from retrieval.cli_common import (
     MODEL_HELP,
+    PRECISIONS,
     emit_json,
     json_option,
     library_option,
@@ -122,6 +123,11 @@ def index_command(paths, library_path, workers, threads, batch_size, index_type,
         note_random(spec or (ModelSpec(**record["spec"]) if record else None))
         with library, _sigterm_as_interrupt():
             result = index_paths(library, paths, spec, device, precision, options)
+        encoder = library._encoder  # loaded only if something was encoded
+        if verbose and not as_json and encoder is not None and encoder.precision_report:
+            from retrieval.precision import describe
+
+            click.echo(describe(encoder.precision_report), err=True)
     _report_index(result, as_json, verbose, quiet)
     if result.nothing_indexed:
         raise ClipfindError(f"nothing could be indexed: {len(result.skipped)} files skipped "
@@ -205,6 +211,10 @@ def status_command(library_path, as_json) -> None:
     if info["vectors_by_precision"]:
         made = ", ".join(f"{k} {v}" for k, v in sorted(info["vectors_by_precision"].items()))
         click.echo(f"vectors:   {made}")
+    if info["model"]:
+        from retrieval.precision import status_line
+
+        click.echo(f"precision: {status_line(info['auto_precision_here'])}")
     click.echo("index:     " + (f"{index['type']}, {index['vectors']} vectors" if index else "not built yet")
                + (f" ({info['log_entries']} changes to catch up)" if info["log_entries"] and index else ""))
     click.echo(f"on disk:   database {_human(sizes['database'])}, index {_human(sizes['index'])}")
@@ -286,28 +296,49 @@ def remove_command(paths, library_path, dry_run, wait, verbose, as_json) -> None
 @click.command("reindex")
 @library_option
 @click.option("--index-type", metavar="FACTORY", help="FAISS factory string (default: keep the current type).")
+@click.option("--precision", type=click.Choice(PRECISIONS),
+              help="First re-encode every image at this precision (e.g. fp32), then rebuild.")
+@click.option("--device", default="auto", show_default=True, help="With --precision: auto, cpu, cuda, mps.")
 @click.option("--wait", is_flag=True, help="Wait for a running writer instead of refusing.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @json_option
-def reindex_command(library_path, index_type, wait, as_json) -> None:
-    """Rebuild the FAISS index from the vectors in the database (no re-encoding).
+def reindex_command(library_path, index_type, precision, device, wait, quiet, as_json) -> None:
+    """Rebuild the FAISS index from the stored vectors; with --precision, re-encode them first.
+
+    Without --precision nothing is re-encoded. With it, every image is encoded
+    again at that precision, so a library whose vectors were made at different
+    precisions (`clipfind verify` reports it) becomes uniform.
 
     \b
     Examples:
       clipfind reindex
       clipfind reindex --index-type IVF1024,Flat
       clipfind reindex --index-type HNSW32
+      clipfind reindex --precision fp32      # re-embed everything at fp32
     """
     from retrieval.indexer import rebuild_index
 
+    redone = None
     with _open(library_path) as library:
-        # Re-embedding every image at another --precision belongs here, before the
-        # rebuild: re-encode all rows (one transaction per batch), then rebuild_index.
+        if precision:
+            from retrieval.precision import reembed
+
+            redone = reembed(library, precision, device, wait=wait, progress=not quiet)
         stats = rebuild_index(library, index_type, wait=wait)
+    if redone is not None:
+        stats["reembedded"] = redone
     if as_json:
         emit_json(stats)
-    else:
-        click.echo(f"rebuilt a {stats['index_type']} index of {stats['vectors']} vectors "
-                   f"in {stats['seconds']:.1f} s")
+        return
+    if redone is not None:
+        made = ", ".join(f"{k} {v}" for k, v in sorted(redone["vectors_by_precision"].items()))
+        click.echo(f"re-embedded {redone['reembedded']} of {redone['images']} images at {redone['precision']} "
+                   f"in {redone['seconds']:.1f} s (vectors now: {made})")
+        if redone["stale"]:
+            warn(f"{redone['stale']} files are gone or changed on disk and kept their old vectors; "
+                 "run `clipfind index` on their folders, then reindex again")
+    click.echo(f"rebuilt a {stats['index_type']} index of {stats['vectors']} vectors "
+               f"in {stats['seconds']:.1f} s")
 
 
 COMMANDS = [index_command, status_command, verify_command, remove_command, reindex_command]
