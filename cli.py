@@ -43,9 +43,9 @@ def cli() -> None:
 
 
 def _register() -> None:
-    from retrieval.commands import library_cmds, models, search_cmds, tag_cmds
+    from retrieval.commands import demo, library_cmds, models, search_cmds, tag_cmds
 
-    for module in (models, library_cmds, search_cmds, tag_cmds):
+    for module in (demo, models, library_cmds, search_cmds, tag_cmds):
         for command in module.COMMANDS:
             cli.add_command(command)
 
