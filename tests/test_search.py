@@ -24,10 +24,10 @@ from retrieval.images import ImageError
 from retrieval.indexer import IndexOptions, index_paths
 from retrieval.library import Library
 from retrieval.prompts import PHOTO_TEMPLATES, encode_prompted, normalise
-from retrieval.search import Filters, Query, Searcher, split_weight
+from retrieval.search import DEFAULT_TEMPLATES, Filters, Query, Searcher, split_weight
 from retrieval.textcache import CACHE_NAME
 
-PER_CLASS = 10
+PER_CLASS = 30  # precision@10 with 30 relevant images per class, not recall of all 10
 HELDOUT_SEED = 424_242
 
 
@@ -89,14 +89,32 @@ def precision_at_10(library, labels, **options) -> dict[str, float]:
 # -- quality -------------------------------------------------------------------------------
 def test_text_search_retrieves_the_class(library, collection):
     _, labels = collection
-    prompted = precision_at_10(library, labels)
-    raw = precision_at_10(library, labels, raw=True)
-    print(f"\nprecision@10 over {len(synthetic.LABELS)} classes: prompted {np.mean(list(prompted.values())):.3f}, "
-          f"raw {np.mean(list(raw.values())):.3f}")
-    assert np.mean(list(prompted.values())) >= 0.9, prompted
-    assert min(prompted.values()) >= 0.6, prompted
-    # The default (prompt ensemble) is kept because it measures no worse than raw text.
-    assert np.mean(list(prompted.values())) >= np.mean(list(raw.values())) - 0.05
+    default = precision_at_10(library, labels)
+    print(f"\nprecision@10 over {len(synthetic.LABELS)} classes: default {np.mean(list(default.values())):.3f}")
+    assert np.mean(list(default.values())) >= 0.9, default
+    assert min(default.values()) >= 0.6, default
+
+
+def mean_average_precision(library, labels, **options) -> float:
+    aps = []
+    for lab in synthetic.LABELS:
+        relevant = np.array(labels_of(library.search(lab, k=len(labels), **options), labels)) == lab
+        aps.append(float(np.mean(np.cumsum(relevant)[relevant] / (np.nonzero(relevant)[0] + 1))))
+    return float(np.mean(aps))
+
+
+def test_the_default_prompting_measures_no_worse_than_the_alternatives(library, collection):
+    """DEFAULT_TEMPLATES is kept because no alternative measures better (README has the numbers).
+
+    Mean average precision over the full ranking, because precision@10 of 12
+    queries swings by several points from one drawn collection to the next.
+    """
+    _, labels = collection
+    options = {"default": {}, "raw": {"raw": True}, "single": {"templates": "single"},
+               "simple7": {"templates": "simple7"}}
+    measured = {name: mean_average_precision(library, labels, **opts) for name, opts in options.items()}
+    print(f"\nmAP, default = {DEFAULT_TEMPLATES}: " + ", ".join(f"{k} {v:.3f}" for k, v in measured.items()))
+    assert measured["default"] >= max(measured.values()) - 0.02
 
 
 def test_heldout_image_retrieves_its_class(library, collection, tmp_path):
