@@ -126,8 +126,11 @@ def phase_encode(args, folder: Path) -> dict:
     import torch
 
     from retrieval.encoder import Encoder
+    from retrieval.pipeline import encoder_threads
 
     encoder = Encoder(_spec(args), device=args.device, precision=args.precision)
+    if encoder.device.type == "cpu":  # the indexer's own choice, so (b) and (c) compare
+        torch.set_num_threads(args.threads or encoder_threads())
     paths = sorted(str(p) for p in folder.iterdir())
     batch = next(iter(_loader(args, encoder, paths[: args.batch_size or 32])))
     pixels = batch.pixels
@@ -144,6 +147,7 @@ def phase_encode(args, folder: Path) -> dict:
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
     return {"images": done, "seconds": seconds, "per_s": done / seconds, "precision": encoder.precision,
+            "threads": torch.get_num_threads(),
             "device": str(encoder.device), "model": encoder.spec.label}
 
 
@@ -152,7 +156,7 @@ def phase_index(args, folder: Path) -> dict:
     from retrieval.library import Library
 
     lib_dir = Path(args.library)
-    options = IndexOptions(workers=args.workers, batch_size=args.batch_size)
+    options = IndexOptions(workers=args.workers, batch_size=args.batch_size, threads=args.threads)
     start = time.perf_counter()
     with Library.open(lib_dir) as lib:
         loaded = start
@@ -166,7 +170,7 @@ def phase_index(args, folder: Path) -> dict:
     size = sum(f.stat().st_size for f in lib_dir.iterdir() if f.is_file())
     return {"images": n, "encoded": stats["encoded"], "seconds": seconds, "per_s": n / seconds,
             "model_load_s": loaded - start, "per_s_after_load": n / (seconds - (loaded - start)),
-            "skipped": stats["skipped"], "library_bytes": size}
+            "skipped": stats["skipped"], "library_bytes": size, "threads": stats.get("threads")}
 
 
 def run_phase(name: str, argv: list[str]) -> dict:
@@ -197,6 +201,7 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--precision", default="auto")
     p.add_argument("--workers", type=int, default=default_workers())
     p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--threads", type=int, default=None, help="encoder threads (default: as the indexer)")
     p.add_argument("--encode-images", type=int, default=320, help="images for (b) (default 320)")
     p.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE)
     p.add_argument("--json", action="store_true")
@@ -232,7 +237,7 @@ def main(argv=None) -> int:
         return 0
     print(f"model: {summary['model']} | device {summary['device']} {summary['precision']} | "
           f"{args.count} photos 1024x768 | workers {args.workers} | batch {summary['batch_size']} | "
-          f"{summary['cpus']} CPUs")
+          f"encoder threads {b['threads']} | {summary['cpus']} CPUs, load average {os.getloadavg()[0]:.1f}")
     print(f"{'phase':<44} {'images':>7} {'seconds':>8} {'img/s':>8} {'peak RSS MB':>12}")
     rows = [("(a) decode + preprocess (DataLoader)", a), ("(b) encoder forward only", b),
             ("(c) clipfind index, whole run", c), ("re-index, unchanged collection", r)]

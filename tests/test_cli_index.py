@@ -82,6 +82,7 @@ def test_user_mistakes_are_one_line_with_their_exit_code(photos, lib, tmp_path, 
     assert result.exit_code == EXIT_MODEL and "no model given" in result.output
     result = clipfind("index", tmp_path / "nope", "-L", lib, "--model-dir", tiny_model_dir)
     assert result.exit_code == EXIT_INPUT and "no such file or folder" in result.output
+    assert not os.path.exists(lib)  # neither mistake left a library behind
     result = clipfind("status", "-L", tmp_path / "never-made")
     assert result.exit_code == EXIT_LIBRARY and "no library" in result.output
     assert not (tmp_path / "never-made").exists()

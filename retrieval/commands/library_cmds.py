@@ -112,17 +112,19 @@ def index_command(paths, library_path, workers, threads, batch_size, index_type,
                            max_pixels=max_pixels, index_type=index_type, progress=not quiet,
                            wait=wait, dry_run=dry_run, retry_failed=retry_failed)
     root = os.path.expanduser(library_path) if library_path else str(default_library_path())
-    if dry_run and not os.path.exists(os.path.join(root, DB_NAME)):
-        if spec is None:
-            raise ModelError(NO_MODEL)
-        plan = plan_index(None, check_roots(paths), follow_symlinks)
+    roots = check_roots(paths)  # mistakes first, before a library directory is made
+    exists = os.path.exists(os.path.join(root, DB_NAME))
+    if spec is None and not exists:
+        raise ModelError(NO_MODEL)
+    if dry_run and not exists:
+        plan = plan_index(None, roots, follow_symlinks)
         result = IndexResult(os.path.abspath(root), plan, plan.counts(), plan.skipped, dry_run=True)
     else:
         library = Library.open(root, model=spec)
         record = library.model_record
         note_random(spec or (ModelSpec(**record["spec"]) if record else None))
         with library, _sigterm_as_interrupt():
-            result = index_paths(library, paths, spec, device, precision, options)
+            result = index_paths(library, roots, spec, device, precision, options)
         encoder = library._encoder  # loaded only if something was encoded
         if verbose and not as_json and encoder is not None and encoder.precision_report:
             from retrieval.precision import describe
