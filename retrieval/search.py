@@ -377,33 +377,25 @@ class Searcher:
         return (combined / norm).astype(np.float32), self_ids
 
     # -- searching ---------------------------------------------------------------------
-    def search(self, query: Query, k: int = 10, filters: Filters | None = None,
-               exclude_ids: Sequence[int] = ()) -> SearchResponse:
-        filters = filters or Filters()
+    def search(self, query: Query, k: int = 10, filters: Filters | None = None) -> SearchResponse:
+        return self._answer(query, query.describe(), k, filters or Filters(), leave_out_query_files=False)
+
+    def similar(self, path: str, k: int = 10, filters: Filters | None = None) -> SearchResponse:
+        """Images most like the file at `path`, never the file itself (near-duplicates first)."""
+        query = Query(positive=[Term("image", os.path.abspath(path))])
+        return self._answer(query, f"like {query.positive[0].value}", k, filters or Filters(),
+                            leave_out_query_files=True)
+
+    def _answer(self, query: Query, described: str, k: int, filters: Filters,
+                leave_out_query_files: bool) -> SearchResponse:
         if k < 1:
             raise InputError("k must be at least 1")
         started = time.perf_counter()
         warnings: list[str] = []
-        hits0, misses0 = self.cache.hits, self.cache.misses
-        vector, _ = self.query_vector(query, warnings)
+        cache_before = (self.cache.hits, self.cache.misses)
+        vector, query_files = self.query_vector(query, warnings)
+        exclude = query_files if leave_out_query_files else set()
         timings = {"encode": _ms(started)}
-        return self._search_vector(vector, query.describe(), k, filters, set(exclude_ids), warnings,
-                                   timings, started, (hits0, misses0))
-
-    def similar(self, path: str, k: int = 10, filters: Filters | None = None) -> SearchResponse:
-        """Images most like the file at `path`, never the file itself (near-duplicates first)."""
-        filters = filters or Filters()
-        started = time.perf_counter()
-        warnings: list[str] = []
-        query = Query(positive=[Term("image", os.path.abspath(path))])
-        vector, self_ids = self.query_vector(query, warnings)
-        timings = {"encode": _ms(started)}
-        return self._search_vector(vector, f"like {query.positive[0].value}", k, filters, self_ids,
-                                   warnings, timings, started, (self.cache.hits, self.cache.misses))
-
-    def _search_vector(self, vector: np.ndarray, described: str, k: int, filters: Filters,
-                       exclude: set[int], warnings: list[str], timings: dict, started: float,
-                       cache_before: tuple[int, int]) -> SearchResponse:
         mark = time.perf_counter()
         vectors = self.fresh_vectors()
         timings["sync"] = _ms(mark)
