@@ -144,6 +144,23 @@ def test_template_file_is_read_where_the_command_runs(setup, tmp_path, monkeypat
     assert result.exit_code == EXIT_INPUT and "needs a {} placeholder" in result.output
 
 
+def test_tag_filter_after_clipfind_tag(setup, tmp_path):
+    """--tag reads what `clipfind tag` wrote: only images given that tag come back."""
+    lib = tmp_path / "lib"
+    shutil.copytree(setup["lib"], lib)
+    labels_file = tmp_path / "labels.txt"
+    labels_file.write_text("\n".join(synthetic.LABELS) + "\n")
+    result = clipfind("tag", "-L", lib, "--labels", labels_file)
+    assert result.exit_code == 0, result.output
+    from retrieval.library import Library
+
+    with Library.open(lib, create=False) as library, library.engine.connect() as conn:
+        tagged = {row[0] for row in conn.exec_driver_sql(
+            "SELECT path FROM images JOIN tags ON tags.image_id = images.id WHERE tags.label = 'red circle'")}
+    found = lines(clipfind("search", "circle", "-L", lib, "--paths", "-k", "1000", "--tag", "red circle"))
+    assert tagged and sorted(found) == sorted(tagged)
+
+
 def test_bad_input_exit_codes(setup, tmp_path):
     lib = setup["lib"]
     cases = [
