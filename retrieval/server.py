@@ -168,7 +168,10 @@ class _Handler(BaseHTTPRequestHandler):
             self._send(500, {"error": f"internal error: {type(exc).__name__}: {exc}"})
 
     def _body(self) -> dict:
-        length = int(self.headers.get("Content-Length") or 0)
+        try:
+            length = int(self.headers.get("Content-Length") or 0)
+        except ValueError:
+            raise InputError("bad Content-Length") from None
         if length > MAX_BODY:
             raise InputError("request too large")
         try:
