@@ -89,9 +89,9 @@ class Scorer:
         return x @ self._weights
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
-        logits = self.logit_scale * self.cosines(x)
+        logits = self.cosines(x).mul_(self.logit_scale)  # in place: one (n, labels) buffer, not three
         if self.adapter is not None:
-            logits = logits + self.adapter.logits(x)
+            logits.add_(self.adapter.logits(x))
         return logits
 
     def multi_scores(self, x: torch.Tensor) -> torch.Tensor:
@@ -138,9 +138,10 @@ def select_tags(scorer: Scorer, x: np.ndarray, options: TagOptions,
     if not options.multi_label:
         k = min(options.top_k or 1, n_labels)
         logits = scorer.logits(xt)
-        lse = torch.logsumexp(logits, dim=1, keepdim=True)
         top, idx = torch.topk(logits, k, dim=1)
-        probs = torch.exp(top - lse).numpy()
+        # Softmax normaliser in place (exp of logits minus the row max, summed): no second buffer.
+        total = logits.sub_(top[:, :1]).exp_().sum(dim=1, keepdim=True)
+        probs = (torch.exp(top - top[:, :1]) / total).numpy()
         rows = np.repeat(np.arange(n), k)
         ranks = np.tile(np.arange(1, k + 1), n)
         labels, scores = idx.numpy().reshape(-1), probs.reshape(-1)
