@@ -34,9 +34,7 @@ def load_classification(spec: str | Path) -> Dataset:
     """An image folder (one sub-folder per class) or a CSV of path,label."""
     path = Path(spec).expanduser()
     if path.is_dir():
-        folders = sorted(p for p in path.iterdir() if p.is_dir() and not p.name.startswith("."))
-        pairs = [(str(f), folder.name.replace("_", " ")) for folder in folders
-                 for f in sorted(folder.iterdir()) if f.is_file() and is_candidate(os.fspath(f))]
+        pairs = _image_folder(path)
     elif path.is_file():
         pairs = _read_csv(path, "label")
     else:
@@ -46,6 +44,23 @@ def load_classification(spec: str | Path) -> Dataset:
     classes = sorted({label for _, label in pairs})
     index = {c: i for i, c in enumerate(classes)}
     return Dataset([p for p, _ in pairs], np.array([index[lab] for _, lab in pairs]), classes)
+
+
+def _image_folder(path: Path) -> list[tuple[str, str]]:
+    """(file, class) pairs; a folder without class sub-folders, or an empty class, is an error."""
+    folders = sorted(p for p in path.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not folders:
+        loose = sum(1 for f in path.iterdir() if f.is_file() and is_candidate(os.fspath(f)))
+        found = f"{loose} images but " if loose else ""
+        raise InputError(f"dataset {path} has {found}no class sub-folders (an image folder needs one "
+                         "sub-folder of images per class, or give a CSV of path,label)")
+    pairs = []
+    for folder in folders:
+        files = [str(f) for f in sorted(folder.iterdir()) if f.is_file() and is_candidate(os.fspath(f))]
+        if not files:
+            raise InputError(f"class folder {folder} has no images; add some or remove the folder")
+        pairs.extend((f, folder.name.replace("_", " ")) for f in files)
+    return pairs
 
 
 def load_captions(spec: str | Path) -> tuple[Dataset, list[str]]:

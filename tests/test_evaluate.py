@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -49,6 +50,20 @@ def test_image_folder_and_csv_datasets(tmp_path, heldout):
             evaluate.load_classification(csv_file)
     with pytest.raises(InputError, match="no dataset at"):
         evaluate.load_classification(tmp_path / "missing")
+
+
+def test_image_folder_needs_class_folders_with_images(tmp_path, heldout):
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    shutil.copy(heldout / "red_circle" / "0000.jpg", flat / "a.jpg")
+    with pytest.raises(InputError, match="has 1 images but no class sub-folders"):
+        evaluate.load_classification(flat)
+    (flat / "cat").mkdir()
+    shutil.copy(heldout / "red_circle" / "0000.jpg", flat / "cat" / "0.jpg")
+    (flat / "bird").mkdir()
+    (flat / "bird" / "notes.txt").write_text("not an image")
+    with pytest.raises(InputError, match="class folder .*bird has no images"):
+        evaluate.load_classification(flat)
 
 
 def test_topk_accuracy_by_hand():
