@@ -120,8 +120,9 @@ class _Run:
                      "skipped_by_kind": dict(Counter(s.kind for s in self.skipped))}
             try:
                 stats["faiss"] = refresh_vectors(self.library, self.options.index_type)
-            except BaseException:
-                self.library.finish_run(self.run_id, "failed", stats)
+            except BaseException as exc:
+                cut = isinstance(exc, KeyboardInterrupt)
+                self.library.finish_run(self.run_id, "interrupted" if cut else "failed", stats)
                 raise
             self.library.finish_run(self.run_id, status, stats)
         return IndexResult(os.path.abspath(self.library.root), plan, stats, self.skipped, self.run_id,
