@@ -145,8 +145,8 @@ def test_calibrated_per_label_thresholds(library, labels_file):
     want = []
     for j in range(len(LABELS)):
         positives = (pseudo == j).sum()
-        f1 = [2 * ((bins[:, j] >= b) & (pseudo == j)).sum() / max((bins[:, j] >= b).sum() + positives, 1)
-              for b in range(tagging.HIST_BINS)]
+        tagged = bins[:, j][:, None] >= np.arange(tagging.HIST_BINS)[None, :]  # image x candidate threshold
+        f1 = 2 * (tagged & (pseudo == j)[:, None]).sum(axis=0) / np.maximum(tagged.sum(axis=0) + positives, 1)
         want.append(np.argmax(f1) / (tagging.HIST_BINS / 2) - 1 if positives else np.inf)
     got = np.array([result.thresholds[label] if result.thresholds[label] is not None else np.inf
                     for label in LABELS])
