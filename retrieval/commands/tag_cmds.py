@@ -32,18 +32,31 @@ STRATEGY_HELP = (
 LABELS_HELP = "Label file (one per line, `label: synonym, synonym`) or a built-in set: imagenet1k, cifar10, cifar100."
 
 
-def _shots_options(func):
-    options = [
-        click.option("--shots", type=click.Path(file_okay=False),
-                     help="Tip-Adapter: a folder with one sub-folder of example images per label."),
-        click.option("--alpha", type=float, help="Tip-Adapter weight of the example cache (default 1)."),
-        click.option("--beta", type=float, help="Tip-Adapter sharpness (default 5.5)."),
-        click.option("--search-alpha-beta", is_flag=True,
-                     help="Pick alpha and beta by leave-one-out accuracy on the examples."),
-    ]
-    for option in reversed(options):
-        func = option(func)
-    return func
+def _options(*decorators):
+    """Several click decorators as one, applied in the order they are listed (top first)."""
+    def apply(func):
+        for decorator in reversed(decorators):
+            func = decorator(func)
+        return func
+    return apply
+
+
+_shots_options = _options(
+    click.option("--shots", type=click.Path(file_okay=False),
+                 help="Tip-Adapter: a folder with one sub-folder of example images per label."),
+    click.option("--alpha", type=float, help="Tip-Adapter weight of the example cache (default 1)."),
+    click.option("--beta", type=float, help="Tip-Adapter sharpness (default 5.5)."),
+    click.option("--search-alpha-beta", is_flag=True,
+                 help="Pick alpha and beta by leave-one-out accuracy on the examples."),
+)
+_eval_options = _options(
+    click.option("--batch-size", type=click.IntRange(1), default=64, show_default=True),
+    click.option("--workers", type=click.IntRange(0), help="Decode worker processes (default: by dataset size)."),
+    click.option("--quiet", "-q", is_flag=True, help="No progress bar."),
+    library_option,
+    model_options,
+    json_option,
+)
 
 
 @click.command("tag", epilog=MODEL_HELP)
@@ -178,12 +191,7 @@ def _workers(workers: int | None, n: int) -> int:
 @click.option("--labels", "labels_spec", help="Label file giving names/synonyms for the dataset's classes.")
 @click.option("--descriptions", type=click.Path(dir_okay=False), help="CuPL descriptions JSON.")
 @_shots_options
-@click.option("--batch-size", type=click.IntRange(1), default=64, show_default=True)
-@click.option("--workers", type=click.IntRange(0), help="Decode worker processes (default: by dataset size).")
-@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
-@library_option
-@model_options
-@json_option
+@_eval_options
 def eval_zeroshot(dataset, strategies, labels_spec, descriptions, shots, alpha, beta, search_alpha_beta,
                   batch_size, workers, quiet, library_path, as_json, **model_kwargs) -> None:
     """Top-1/top-5 zero-shot accuracy on DATASET for each --strategy, side by side.
@@ -224,12 +232,7 @@ def eval_zeroshot(dataset, strategies, labels_spec, descriptions, shots, alpha, 
 
 @eval_group.command("retrieval", epilog=MODEL_HELP)
 @click.argument("captions", type=click.Path(exists=True, dir_okay=False))
-@click.option("--batch-size", type=click.IntRange(1), default=64, show_default=True)
-@click.option("--workers", type=click.IntRange(0), help="Decode worker processes (default: by dataset size).")
-@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
-@library_option
-@model_options
-@json_option
+@_eval_options
 def eval_retrieval(captions, batch_size, workers, quiet, library_path, as_json, **model_kwargs) -> None:
     """Text→image recall@1/5/10 on CAPTIONS, a CSV of path,caption (several captions per image allowed)."""
     from retrieval import evaluate
