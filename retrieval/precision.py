@@ -88,16 +88,23 @@ def image_model_at(model: torch.nn.Module, precision: str) -> torch.nn.Module:
     """
     import torch
 
-    visual = copy.deepcopy(model.visual)
+    if precision not in ("fp32", "bf16", "int8"):
+        raise ValueError(f"no CPU image tower for precision {precision!r}")
+    # New modules, but no fp32 weight copied for nothing: int8 and fp32 clones share the
+    # original tensors (quantisation reads them, never writes), bf16 gets bf16 copies.
+    params = list(model.visual.parameters())
+    if precision == "bf16":
+        memo = {id(t): torch.nn.Parameter(t.detach().to(torch.bfloat16), requires_grad=False) for t in params}
+    else:
+        memo = {id(t): t for t in params}
+    visual = copy.deepcopy(model.visual, memo)
     input_dtype = None
     if precision == "bf16":
-        visual = visual.to(torch.bfloat16)
+        visual = visual.to(torch.bfloat16)  # buffers; the parameters are bf16 already
         input_dtype = torch.bfloat16
     elif precision == "int8":
         _split_self_attention(visual)
         _quantize_linear_layers(visual)
-    elif precision != "fp32":
-        raise ValueError(f"no CPU image tower for precision {precision!r}")
     visual.eval()
     clone = copy.copy(model)
     clone._modules = dict(model._modules)  # our own module table: the original keeps its tower
@@ -151,15 +158,14 @@ def _self_attention_class():
             super().__init__()
             dim = mha.embed_dim
             self.heads, self.batch_first = mha.num_heads, mha.batch_first
-            self.qkv = torch.nn.Linear(dim, 3 * dim, bias=mha.in_proj_bias is not None)
-            self.out = torch.nn.Linear(dim, dim, bias=mha.out_proj.bias is not None)
-            with torch.no_grad():
-                self.qkv.weight.copy_(mha.in_proj_weight)
-                self.out.weight.copy_(mha.out_proj.weight)
-                if mha.in_proj_bias is not None:
-                    self.qkv.bias.copy_(mha.in_proj_bias)
-                if mha.out_proj.bias is not None:
-                    self.out.bias.copy_(mha.out_proj.bias)
+            # The same Parameter objects, no copy: built on "meta", then pointed at them.
+            self.qkv = torch.nn.Linear(dim, 3 * dim, bias=mha.in_proj_bias is not None, device="meta")
+            self.out = torch.nn.Linear(dim, dim, bias=mha.out_proj.bias is not None, device="meta")
+            self.qkv.weight, self.out.weight = mha.in_proj_weight, mha.out_proj.weight
+            if mha.in_proj_bias is not None:
+                self.qkv.bias = mha.in_proj_bias
+            if mha.out_proj.bias is not None:
+                self.out.bias = mha.out_proj.bias
 
         def forward(self, query, key=None, value=None, need_weights=False, attn_mask=None, **_):
             if (key is not None and key is not query) or (value is not None and value is not query):

@@ -92,6 +92,11 @@ def test_int8_tower_quantises_attention_and_mlp_and_shares_the_text_tower(encode
     assert not any(type(m) is torch.nn.Linear for m in layers)  # attention projections included
     assert int8.transformer is encoder.model.transformer  # the text tower is not copied
     assert type(encoder.model.visual.transformer.resblocks[0].mlp.c_fc) is torch.nn.Linear
+    before = {k: v.clone() for k, v in encoder.model.state_dict().items()}
+    bf16 = precision.image_model_at(encoder.model, "bf16")
+    assert {p.dtype for p in bf16.visual.parameters()} == {torch.bfloat16} and bf16.input_dtype == torch.bfloat16
+    after = encoder.model.state_dict()  # building towers never touches the fp32 model
+    assert all(after[k].dtype == v.dtype and torch.equal(after[k], v) for k, v in before.items())
 
 
 # -- agreement ---------------------------------------------------------------------------
@@ -255,22 +260,26 @@ def test_mixed_precision_library_is_reported_by_verify_and_made_uniform_by_reind
     synthetic.write_collection(photos / "a", per_class=1, seed=3, labels=synthetic.LABELS[:4])
     synthetic.write_collection(photos / "b", per_class=1, seed=4, labels=synthetic.LABELS[4:8])
     lib_dir = tmp_path / "lib"
-    with Library.open(lib_dir, model=tiny_spec) as library:
-        index_paths(library, [str(photos / "a")], tiny_spec, "cpu", "fp32", IndexOptions(workers=0))
-        assert precision.mixed_precision_runs(library) == [] and verify_library(library).ok
-        before = _vectors(library)
-        library._encoder = None  # as a later process would: load the model again, forced to int8
-        result = index_paths(library, [str(photos / "b")], tiny_spec, "cpu", "int8", IndexOptions(workers=0))
-        assert any("precision" in w for w in result.warnings)  # the indexer's own warning
-        runs = precision.mixed_precision_runs(library)
-        assert sorted((r["precision"], r["images"]) for r in runs) == [("fp32", 4), ("int8", 4)]
-        report = verify_library(library)
-        assert not report.ok and any("different precisions (4 at fp32, 4 at int8)" in p for p in report.problems)
 
     def clipfind(*args):
         out = CliRunner().invoke(cli.cli, [str(a) for a in args])
         assert "Traceback" not in out.output, out.output
         return out
+
+    with Library.open(lib_dir, model=tiny_spec) as library:
+        index_paths(library, [str(photos / "a")], tiny_spec, "cpu", "fp32", IndexOptions(workers=0))
+        assert precision.mixed_precision_runs(library) == [] and verify_library(library).ok
+        before = _vectors(library)
+    result = clipfind("index", photos / "b", "-L", lib_dir, "--precision", "int8", "--device", "cpu",
+                      "--workers", "0", "-v")
+    assert result.exit_code == 0, result.output
+    assert "precision: int8 (forced; auto would choose " in result.output  # --verbose shows the report
+    assert "vectors were made at fp32 precision" in result.output  # the indexer's own warning
+    with Library.open(lib_dir) as library:
+        runs = precision.mixed_precision_runs(library)
+        assert sorted((r["precision"], r["images"]) for r in runs) == [("fp32", 4), ("int8", 4)]
+        report = verify_library(library)
+        assert not report.ok and any("different precisions (4 at fp32, 4 at int8)" in p for p in report.problems)
 
     verify = clipfind("verify", "-L", lib_dir, "--no-files")
     assert verify.exit_code == 6 and "different precisions" in verify.output
