@@ -7,8 +7,8 @@ from collections.abc import Callable
 
 import click
 
-from retrieval.encoder import PRECISIONS, ModelSpec
 from retrieval.errors import ModelError
+from retrieval.modelspec import PRECISIONS, ModelSpec
 
 MODEL_HELP = (
     "Model: --model NAME --pretrained TAG (open_clip weights, fetched when online), "

@@ -18,6 +18,7 @@ import shutil
 from collections.abc import Iterator
 from importlib import resources
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from alembic import command
 from alembic.config import Config
@@ -29,9 +30,12 @@ from sqlalchemy.exc import DatabaseError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from retrieval.db import Image, Meta, Run, make_engine, utcnow
-from retrieval.encoder import Encoder, ModelSpec
 from retrieval.errors import LibraryError
+from retrieval.modelspec import ModelSpec
 from retrieval.vectors import VectorIndex
+
+if TYPE_CHECKING:
+    from retrieval.encoder import Encoder
 
 DB_NAME = "clipfind.db"
 LOCK_NAME = "write.lock"
@@ -170,6 +174,8 @@ class Library:
             spec = ModelSpec(**record["spec"])
         else:
             self.check_model_spec(spec)
+        from retrieval.encoder import Encoder  # torch loads only when a model is needed
+
         self.bind_encoder(Encoder(spec, device=device, precision=precision))
         return self._encoder
 
