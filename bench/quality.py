@@ -184,6 +184,8 @@ def table(result: dict) -> str:
     lines += ["", f"image→image p@10: {result['image_to_image_p@10']:.3f} "
                   f"(each of {result['images']} photos querying the others)"]
     lines += [f"note: {n}" for n in result["notes"]]
+    if result.get("command"):
+        lines.append(f"command: {result['command']}")
     return "\n".join(lines)
 
 
@@ -238,6 +240,8 @@ def main(data_root, per_class, descriptions, shots_spec, seed, search_alpha_beta
     encoder = Encoder(spec, device=device, precision=precision)
     result = run(encoder, data_root, per_class, descriptions, shots, seed, search_alpha_beta, batch_size,
                  workers, progress=sys.stderr.isatty())
+    result["command"] = " ".join(["bench/quality.py", *sys.argv[1:]])
+    result["descriptions"] = descriptions
     text = table(result)
     if not no_save:
         result["saved_as"] = str(save(result, text, out_dir))
