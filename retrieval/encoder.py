@@ -217,13 +217,15 @@ class Encoder:
         self.device = choose_device(device)
         self.model, self.preprocess, self.tokenizer = load_model(spec, self.device)
         self.fingerprint = weights_fingerprint(self.model)
-        self.precision = resolve_precision(precision, self.device)
-        self._image_model = self._prepare_for_precision(self.precision)
+        self._precision = resolve_precision(precision, self.device)
+        self._image_model = self._prepare_for_precision(self._precision)
         self.embed_dim = self._probe_dim()
         self.image_size = _image_size(self.model)
         self.context_length = int(getattr(self.model, "context_length", 77))
-        self.precision_report: dict | None = None
-        self._settle(precision)
+        self._precision_report: dict | None = None
+        # Settled on first need (an image to encode, or `precision` read), so that commands
+        # that only encode text never pay for measuring the image tower.
+        self._unsettled: str | None = precision if self.device.type == "cpu" else None
 
     # -- precision -----------------------------------------------------------------
     def _prepare_for_precision(self, precision: str) -> torch.nn.Module:
@@ -239,32 +241,44 @@ class Encoder:
             return image_model_at(self.model, precision)
         return self.model
 
+    @property
+    def precision(self) -> str:
+        """The precision images are encoded at (on a CPU, reading it settles `auto`)."""
+        self._settle()
+        return self._precision
+
+    @property
+    def precision_report(self) -> dict | None:
+        """How the precision was chosen: rates and agreement with fp32 (None on a GPU)."""
+        self._settle()
+        return self._precision_report
+
     def set_precision(self, precision: str, check: bool = True) -> None:
         """Switch precision in place (bf16/int8 build a copy of the image tower, the fp32 model stays).
 
         With `check`, `auto` on a CPU is settled by measurement and a forced bf16/int8 is
-        checked against fp32, as when the encoder was made.
+        checked against fp32, as when the encoder was made (on first need).
         """
-        self.precision = resolve_precision(precision, self.device)
-        self._image_model = self._prepare_for_precision(self.precision)
-        if check:
-            self._settle(precision)
+        self._precision = resolve_precision(precision, self.device)
+        self._image_model = self._prepare_for_precision(self._precision)
+        self._unsettled = precision if check and self.device.type == "cpu" else None
 
-    def _settle(self, requested: str) -> None:
+    def _settle(self) -> None:
         """On a CPU, `auto` becomes the fastest mode that agrees with fp32 (measured once per
         model and machine, then cached), and a forced bf16/int8 is checked against fp32."""
-        if self.device.type == "cpu":
+        if self._unsettled is not None:
             from retrieval.precision import settle
 
-            self.precision_report = settle(self, requested)
+            requested, self._unsettled = self._unsettled, None
+            self._precision_report = settle(self, requested)
 
     @contextlib.contextmanager
     def _autocast(self) -> Iterator[None]:
         with torch.inference_mode():
-            if self.precision == "fp16":
+            if self._precision == "fp16":
                 with torch.autocast(self.device.type, dtype=torch.float16):
                     yield
-            elif self.precision == "bf16" and self.device.type != "cpu":
+            elif self._precision == "bf16" and self.device.type != "cpu":
                 with torch.autocast(self.device.type, dtype=torch.bfloat16):
                     yield
             else:
@@ -276,6 +290,7 @@ class Encoder:
 
     def encode_pixels(self, pixels: torch.Tensor) -> np.ndarray:
         """Encode an already-preprocessed batch (N, 3, H, W); the indexer's hot path."""
+        self._settle()
         return self.encode_pixels_with(self._image_model, pixels)
 
     def encode_pixels_with(self, image_model: torch.nn.Module, pixels: torch.Tensor) -> np.ndarray:

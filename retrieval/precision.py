@@ -3,7 +3,8 @@
 Which mode is fastest depends on the processor (bf16 wins on Intel with AMX, can
 lose on AMD without it; dynamic int8 usually wins where bf16 is not native), so
 `--precision auto` on a CPU measures instead of guessing. The first time a model
-is used on a machine, `choose` times each candidate on a few batches of drawn
+encodes an image on a machine (text-only work never waits for it), `choose`
+times each candidate on a few batches of drawn
 pictures at the model's input size, checks that each agrees with fp32 on the
 same inputs, and picks the fastest candidate that agrees (it must beat fp32 by
 `MIN_SPEEDUP`, or fp32 stays). The choice, the rates and the agreement are cached

@@ -156,7 +156,8 @@ def test_broken_int8_fails_its_check_and_auto_never_picks_it(broken_int8_dir, pi
     # Even if int8 had been by far the fastest, it would not have been chosen.
     assert precision.pick({**report["rates"], "int8": 1e6}, report["agreement"])[0] != "int8"
 
-    broken.set_precision("int8")  # forced: allowed, but it says what it measured
+    broken.set_precision("int8")  # forced: allowed, but it says what it measured (when first used)
+    assert not caplog.records
     assert broken.precision == "int8"
     warning = " ".join(r.getMessage() for r in caplog.records)
     assert "--precision int8 disagrees with fp32" in warning
@@ -228,8 +229,19 @@ def test_cache_hit_miss_on_other_torch_or_cpu_and_atomic_file(encoder, cache, mo
     assert json.loads(cache.read_text())["version"] == precision.CACHE_VERSION
 
 
+def test_auto_is_settled_only_when_an_image_needs_it(tiny_spec, cache, monkeypatch, pictures):
+    calls = []
+    real_measure = precision.measure
+    monkeypatch.setattr(precision, "measure", lambda *a, **k: calls.append(1) or real_measure(*a, **k))
+    enc = Encoder(tiny_spec, device="cpu")  # auto
+    enc.encode_texts(["a red circle"])  # text never waits for the image tower's measurement
+    assert calls == [] and not cache.exists()
+    enc.encode_images(pictures[:3])
+    assert calls == [1] and enc.precision_report["source"] == "measured"
+    assert enc.precision == enc.precision_report["chosen"]
+
+
 def test_encoder_auto_uses_the_cached_choice(tiny_spec, cache):
-    key = None
     enc = Encoder(tiny_spec, device="cpu")  # auto
     report = enc.precision_report
     key = report["key"]
