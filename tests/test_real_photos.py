@@ -279,20 +279,13 @@ def _snapshot(root: Path) -> dict[str, int]:
 
 
 @pytest.fixture(scope="module")
-def tiny_dir() -> Path:
-    from retrieval.testmodels import ensure_tiny_model
-
-    return ensure_tiny_model()
-
-
-@pytest.fixture(scope="module")
-def tiny_library(tiny_dir, tmp_path_factory) -> Path:
+def tiny_library(tiny_model_dir, tmp_path_factory) -> Path:
     """A small library (4 images) to tag, made with the tiny shapes model."""
     root = tmp_path_factory.mktemp("badlib")
     for i, name in enumerate(("cat", "dog")):
         for j in range(2):
             _jpeg(root / "photos" / name / f"{j}.jpg", (60 * i + 40 * j, 90, 150))
-    result = clipfind("index", root / "photos", "-L", root / "lib", "--model-dir", tiny_dir, "--workers", 0, "-q")
+    result = clipfind("index", root / "photos", "-L", root / "lib", "--model-dir", tiny_model_dir, "--workers", 0, "-q")
     assert result.exit_code == 0, result.output
     return root / "lib"
 
@@ -313,65 +306,63 @@ def _assert_refused(result, *words: str, hide: Path | None = None) -> str:
     return errors[0]
 
 
-def _eval(dataset: Path, tiny_dir: Path, *extra):
-    return clipfind("eval", "zeroshot", dataset, "--model-dir", tiny_dir, "--workers", 0, *extra)
+def _eval(dataset: Path, tiny_model_dir: Path, *extra):
+    return clipfind("eval", "zeroshot", dataset, "--model-dir", tiny_model_dir, "--workers", 0, *extra)
 
 
-@pytest.mark.xfail(strict=True, reason="waiting on retrieval.evaluate.load_classification: a folder of photos "
-                   "with no class sub-folders is reported as 'has no images'")
-def test_eval_refuses_a_folder_without_class_folders(tmp_path, tiny_dir):
+def test_eval_refuses_a_folder_without_class_folders(tmp_path, tiny_model_dir):
     flat = tmp_path / "flat"
     _jpeg(flat / "a.jpg")
     _jpeg(flat / "b.jpg")
     before = _snapshot(tmp_path)
     # "has no images" would be wrong: it has two; what it lacks is one sub-folder per class.
-    message = _assert_refused(_eval(flat, tiny_dir), hide=tmp_path).replace(str(tmp_path), "")
+    message = _assert_refused(_eval(flat, tiny_model_dir), hide=tmp_path).replace(str(tmp_path), "")
     assert any(w in message for w in ("sub-folder", "subfolder", "class folder")), message
     assert _snapshot(tmp_path) == before
 
 
 @pytest.mark.xfail(strict=True, reason="waiting on retrieval.evaluate.load_classification: an empty class "
                    "folder is dropped silently (the class vanishes from the label set)")
-def test_eval_refuses_an_empty_class_folder(tmp_path, tiny_dir):
+def test_eval_refuses_an_empty_class_folder(tmp_path, tiny_model_dir):
     data = tmp_path / "data"
     _jpeg(data / "cat" / "0.jpg")
     _jpeg(data / "dog" / "0.jpg")
     (data / "bird").mkdir()
     before = _snapshot(tmp_path)
-    _assert_refused(_eval(data, tiny_dir), "bird", hide=tmp_path)
+    _assert_refused(_eval(data, tiny_model_dir), "bird", hide=tmp_path)
     assert _snapshot(tmp_path) == before
 
 
-def test_eval_refuses_a_file_that_is_not_an_image(tmp_path, tiny_dir):
+def test_eval_refuses_a_file_that_is_not_an_image(tmp_path, tiny_model_dir):
     data = tmp_path / "data"
     _jpeg(data / "cat" / "0.jpg")
     _jpeg(data / "dog" / "0.jpg")
     (data / "dog" / "1.jpg").write_text("not a picture, just text with a .jpg name")
     before = _snapshot(tmp_path)
-    _assert_refused(_eval(data, tiny_dir), "1.jpg", hide=tmp_path)
+    _assert_refused(_eval(data, tiny_model_dir), "1.jpg", hide=tmp_path)
     assert _snapshot(tmp_path) == before
 
 
-def test_eval_ignores_other_files_beside_the_photos(tmp_path, tiny_dir):
+def test_eval_ignores_other_files_beside_the_photos(tmp_path, tiny_model_dir):
     """A README or a sidecar among the photos is not a photo: left out, not an error."""
     data = tmp_path / "data"
     _jpeg(data / "cat" / "0.jpg")
     _jpeg(data / "dog" / "0.jpg")
     (data / "dog" / "notes.txt").write_text("taken in the garden")
     (data / "README.md").write_text("two classes")
-    result = _eval(data, tiny_dir, "--json")
+    result = _eval(data, tiny_model_dir, "--json")
     assert result.exit_code == 0, result.output
     assert json_lines(result.output)[-1]["dataset"] == {"images": 2, "classes": 2}
 
 
-def test_eval_refuses_labels_that_do_not_match_the_folders(tmp_path, tiny_dir):
+def test_eval_refuses_labels_that_do_not_match_the_folders(tmp_path, tiny_model_dir):
     data = tmp_path / "data"
     _jpeg(data / "cat" / "0.jpg")
     _jpeg(data / "dog" / "0.jpg")
     labels = tmp_path / "labels.txt"
     labels.write_text("cat\nhorse\n")
     before = _snapshot(tmp_path)
-    _assert_refused(_eval(data, tiny_dir, "--labels", labels), "dog", hide=tmp_path)
+    _assert_refused(_eval(data, tiny_model_dir, "--labels", labels), "dog", hide=tmp_path)
     assert _snapshot(tmp_path) == before
 
 
