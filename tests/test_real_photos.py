@@ -321,8 +321,6 @@ def test_eval_refuses_a_folder_without_class_folders(tmp_path, tiny_model_dir):
     assert _snapshot(tmp_path) == before
 
 
-@pytest.mark.xfail(strict=True, reason="waiting on retrieval.evaluate.load_classification: an empty class "
-                   "folder is dropped silently (the class vanishes from the label set)")
 def test_eval_refuses_an_empty_class_folder(tmp_path, tiny_model_dir):
     data = tmp_path / "data"
     _jpeg(data / "cat" / "0.jpg")
