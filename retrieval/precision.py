@@ -69,6 +69,7 @@ MIN_COSINE = 0.995  # mean cosine of a mode's image embeddings to fp32's
 MIN_OVERLAP = 0.9  # mean top-k text->image overlap with fp32
 OVERLAP_K = 10
 MIN_SPEEDUP = 1.1  # a lower-precision mode must beat fp32 by this much to be worth it
+NEAR_TIE = 0.05  # agreeing modes this close to the fastest count as equally fast
 FAST_ENOUGH = 500.0  # img/s: above this fp32 outruns decoding (~220 img/s per core), so stay exact
 BATCH_SIZE = 16  # pictures per timed batch
 BATCHES = 3  # distinct batches per mode, judged for agreement; the fastest batch counts
@@ -357,6 +358,8 @@ def _measure(encoder: Encoder, modes: Sequence[str] | None, batch_size: int, bat
 def pick(rates: dict[str, float], agreement: dict[str, dict], min_speedup: float = MIN_SPEEDUP) -> tuple[str, str]:
     """(mode, why): the fastest mode that agrees with fp32, if it beats fp32 by `min_speedup`.
 
+    Modes within NEAR_TIE of the fastest are a tie; the one closer to fp32 (cosine) wins.
+
     A model that encodes faster in fp32 than files can be decoded (`FAST_ENOUGH`)
     stays fp32: a lower precision could not speed indexing up, only blur it.
     """
@@ -368,7 +371,10 @@ def pick(rates: dict[str, float], agreement: dict[str, dict], min_speedup: float
     note = f" ({', '.join(rejected)} disagreed with fp32)" if rejected else ""
     if not agreeing:
         return "fp32", "no other mode agrees with fp32" + note if rejected else "no other mode to try"
-    best = max(agreeing, key=agreeing.get)
+    fastest = max(agreeing.values())
+    # Rates within NEAR_TIE of the fastest are a tie on a timing this short: the closer to fp32 wins.
+    close = [m for m, r in agreeing.items() if r >= fastest * (1 - NEAR_TIE)]
+    best = max(close, key=lambda m: (agreement[m].get("cosine_mean", 0.0), agreeing[m]))
     speedup = agreeing[best] / base if base else float("inf")
     if speedup >= min_speedup:
         return best, f"{best} is {speedup:.2f}x fp32 and agrees with it" + note

@@ -180,6 +180,8 @@ def test_pick_rules():
     good, bad = {"ok": True}, {"ok": False}
     assert precision.pick({"fp32": 10, "bf16": 20, "int8": 30}, {"bf16": good, "int8": bad})[0] == "bf16"
     assert precision.pick({"fp32": 10, "bf16": 20, "int8": 30}, {"bf16": good, "int8": good})[0] == "int8"
+    close = {"bf16": {"ok": True, "cosine_mean": 0.99996}, "int8": {"ok": True, "cosine_mean": 0.9997}}
+    assert precision.pick({"fp32": 10, "bf16": 29, "int8": 30}, close)[0] == "bf16"  # a tie: the closer one
     assert precision.pick({"fp32": 10, "int8": 10.5}, {"int8": good})[0] == "fp32"  # not worth it
     assert precision.pick({"fp32": 10, "int8": 30}, {"int8": bad}) == (
         "fp32", "no other mode agrees with fp32 (int8 disagreed with fp32)")
