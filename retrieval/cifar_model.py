@@ -24,16 +24,14 @@ decode 50,000 JPEGs again.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
-import fcntl
 import hashlib
 import json
 import os
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -45,7 +43,15 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from retrieval import training
-from retrieval.testmodels import CONFIG_FILE, WEIGHTS_FILE, default_cache_root, load_model
+from retrieval.testmodels import (
+    CONFIG_FILE,
+    WEIGHTS_FILE,
+    default_cache_root,
+    is_complete,
+    load_model,
+    locked,
+    write_config,
+)
 
 MODEL_NAME = "cifar10"
 DEFAULT_TEMPLATE = "a photo of a {}."
@@ -240,28 +246,6 @@ def zero_shot_top1(model: Any, tokenizer: Any, images: np.ndarray, labels: np.nd
     return correct / max(1, len(images))
 
 
-def _is_complete(path: Path) -> bool:
-    return (path / CONFIG_FILE).is_file() and (path / WEIGHTS_FILE).is_file()
-
-
-@contextlib.contextmanager
-def _locked(lock_path: Path) -> Iterator[None]:
-    lock_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(lock_path, "a+") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
-
-
-def _write_config(path: Path, extra: dict[str, Any]) -> None:
-    doc = {"model_cfg": CIFAR_MODEL_CFG, "preprocess_cfg": PREPROCESS_CFG, "clipfind": extra}
-    tmp = path / (CONFIG_FILE + ".tmp")
-    tmp.write_text(json.dumps(doc, indent=2) + "\n")
-    os.replace(tmp, path / CONFIG_FILE)
-
-
 def train_into(out: Path, data_root: Path, cache_root: Path | None, key: str, log: Callable[[str], None] | None,
                steps: int | None = None) -> dict[str, Any]:
     """Train on the train split, save in local-dir layout into `out`, reload and score on the test split."""
@@ -292,7 +276,7 @@ def train_into(out: Path, data_root: Path, cache_root: Path | None, key: str, lo
         "torch": torch.__version__,
         "open_clip": open_clip.__version__,
     }
-    _write_config(out, meta)
+    write_config(out, CIFAR_MODEL_CFG, PREPROCESS_CFG, meta)
     # Score through the loading path the product uses, on photos training never saw.
     loaded, _, tok = load_model(out)
     test_images, test_labels, test_classes = load_split(data_root / "test", cache_root, log=log)
@@ -301,7 +285,7 @@ def train_into(out: Path, data_root: Path, cache_root: Path | None, key: str, lo
     with training.torch_threads(training.cpu_threads()):
         meta["test_zero_shot_top1"] = round(zero_shot_top1(loaded, tok, test_images, test_labels, classes), 4)
     meta["test_images"] = len(test_images)
-    _write_config(out, meta)
+    write_config(out, CIFAR_MODEL_CFG, PREPROCESS_CFG, meta)
     return meta
 
 
@@ -318,10 +302,10 @@ def ensure_cifar_model(cache_root: Path | None = None, log: Callable[[str], None
     key = model_key(data_root)
     models = root / "models"
     final = models / f"{MODEL_NAME}-{key}"
-    if _is_complete(final):
+    if is_complete(final):
         return final
-    with _locked(models / f".{MODEL_NAME}-{key}.lock"):
-        if _is_complete(final):
+    with locked(models / f".{MODEL_NAME}-{key}.lock"):
+        if is_complete(final):
             return final
         prefix = f".tmp-{MODEL_NAME}-{key}-"
         for stale in models.glob(prefix + "*"):

@@ -80,7 +80,8 @@ def model_key() -> str:
     return h.hexdigest()[:12]
 
 
-def _is_complete(path: Path) -> bool:
+def is_complete(path: Path) -> bool:
+    """A model folder is usable once both its config and its weights are in place."""
     return (path / CONFIG_FILE).is_file() and (path / WEIGHTS_FILE).is_file()
 
 
@@ -159,7 +160,8 @@ def zero_shot_accuracy(
 
 
 @contextlib.contextmanager
-def _locked(lock_path: Path) -> Iterator[None]:
+def locked(lock_path: Path) -> Iterator[None]:
+    """Hold an exclusive file lock, so two processes never train the same model at once."""
     lock_path.parent.mkdir(parents=True, exist_ok=True)
     with open(lock_path, "a+") as fh:
         fcntl.flock(fh, fcntl.LOCK_EX)
@@ -169,8 +171,10 @@ def _locked(lock_path: Path) -> Iterator[None]:
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
-def _write_config(path: Path, extra: dict[str, Any]) -> None:
-    doc = {"model_cfg": TINY_MODEL_CFG, "preprocess_cfg": PREPROCESS_CFG, "clipfind": extra}
+def write_config(path: Path, model_cfg: dict[str, Any], preprocess_cfg: dict[str, Any],
+                 extra: dict[str, Any]) -> None:
+    """Write `open_clip_config.json` (open_clip's local-dir layout) atomically."""
+    doc = {"model_cfg": model_cfg, "preprocess_cfg": preprocess_cfg, "clipfind": extra}
     tmp = path / (CONFIG_FILE + ".tmp")
     tmp.write_text(json.dumps(doc, indent=2) + "\n")
     os.replace(tmp, path / CONFIG_FILE)
@@ -200,7 +204,7 @@ def _train_into(out: Path, key: str, log: Callable[[str], None] | None) -> None:
         "torch": torch.__version__,
         "open_clip": open_clip.__version__,
     }
-    _write_config(out, meta)
+    write_config(out, TINY_MODEL_CFG, PREPROCESS_CFG, meta)
     # Measure through the same loading path as the product (proves the layout).
     loaded, preprocess, tok = load_model(out)
     with training.torch_threads(1):  # tiny batches: 1 thread is never slow, 2 can be
@@ -212,7 +216,7 @@ def _train_into(out: Path, key: str, log: Callable[[str], None] | None) -> None:
             imgs, labs = heldout_images(size, jpeg, hard)
             meta[field] = round(_accuracy(loaded, tok, preprocess, imgs, labs, synthetic.LABELS, DEFAULT_TEMPLATE), 4)
     meta["heldout_images_per_variant"] = HELDOUT_PER_CLASS * len(synthetic.LABELS)
-    _write_config(out, meta)
+    write_config(out, TINY_MODEL_CFG, PREPROCESS_CFG, meta)
 
 
 def ensure_tiny_model(cache_root: Path | None = None, log: Callable[[str], None] | None = None) -> Path:
@@ -226,10 +230,10 @@ def ensure_tiny_model(cache_root: Path | None = None, log: Callable[[str], None]
     key = model_key()
     models = root / "models"
     final = models / f"{MODEL_NAME}-{key}"
-    if _is_complete(final):
+    if is_complete(final):
         return final
-    with _locked(models / f".{MODEL_NAME}-{key}.lock"):
-        if _is_complete(final):  # another process finished while we waited
+    with locked(models / f".{MODEL_NAME}-{key}.lock"):
+        if is_complete(final):  # another process finished while we waited
             return final
         prefix = f".tmp-{MODEL_NAME}-{key}-"
         for stale in models.glob(prefix + "*"):  # left by a crashed trainer
