@@ -28,7 +28,6 @@ import copy
 import hashlib
 import json
 import os
-import shutil
 import tempfile
 import time
 from collections.abc import Callable
@@ -46,10 +45,9 @@ from retrieval import training
 from retrieval.testmodels import (
     CONFIG_FILE,
     WEIGHTS_FILE,
+    build_cached,
     default_cache_root,
-    is_complete,
     load_model,
-    locked,
     write_config,
 )
 
@@ -293,33 +291,13 @@ def ensure_cifar_model(cache_root: Path | None = None, log: Callable[[str], None
                        data_root: Path | None = None) -> Path:
     """Directory of the CIFAR-10 model, training it once if needed (a few minutes on 2 cores).
 
-    Concurrency-safe like `testmodels.ensure_tiny_model`: an exclusive flock
-    serialises trainers, training happens in a temp dir beside the target and
-    os.rename publishes it whole.  Raises FileNotFoundError when the data is absent.
+    Concurrency-safe through `testmodels.build_cached`.  Raises FileNotFoundError when the data is absent.
     """
     root = Path(cache_root).expanduser() if cache_root is not None else default_cache_root()
     data_root = Path(data_root) if data_root is not None else default_data_root()
     key = model_key(data_root)
-    models = root / "models"
-    final = models / f"{MODEL_NAME}-{key}"
-    if is_complete(final):
-        return final
-    with locked(models / f".{MODEL_NAME}-{key}.lock"):
-        if is_complete(final):
-            return final
-        prefix = f".tmp-{MODEL_NAME}-{key}-"
-        for stale in models.glob(prefix + "*"):
-            shutil.rmtree(stale, ignore_errors=True)
-        if final.exists():
-            shutil.rmtree(final)
-        tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=models))
-        try:
-            train_into(tmp, data_root, root, key, log)
-            os.rename(tmp, final)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-    return final
+    return build_cached(root / "models", MODEL_NAME, key,
+                        lambda tmp: train_into(tmp, data_root, root, key, log))
 
 
 def read_meta(model_dir: Path) -> dict[str, Any]:

@@ -219,23 +219,20 @@ def _train_into(out: Path, key: str, log: Callable[[str], None] | None) -> None:
     write_config(out, TINY_MODEL_CFG, PREPROCESS_CFG, meta)
 
 
-def ensure_tiny_model(cache_root: Path | None = None, log: Callable[[str], None] | None = None) -> Path:
-    """Return the directory of the tiny shapes model, training it once if needed.
+def build_cached(models: Path, name: str, key: str, train: Callable[[Path], None]) -> Path:
+    """Return `models/<name>-<key>`, calling `train(tmp_dir)` to make it once if it is missing.
 
     Safe under concurrency: an exclusive flock serialises trainers, training
     happens in a temp dir beside the target, and os.rename publishes it whole,
     so readers never see a half-written model.
     """
-    root = Path(cache_root).expanduser() if cache_root is not None else default_cache_root()
-    key = model_key()
-    models = root / "models"
-    final = models / f"{MODEL_NAME}-{key}"
+    final = models / f"{name}-{key}"
     if is_complete(final):
         return final
-    with locked(models / f".{MODEL_NAME}-{key}.lock"):
+    with locked(models / f".{name}-{key}.lock"):
         if is_complete(final):  # another process finished while we waited
             return final
-        prefix = f".tmp-{MODEL_NAME}-{key}-"
+        prefix = f".tmp-{name}-{key}-"
         for stale in models.glob(prefix + "*"):  # left by a crashed trainer
             shutil.rmtree(stale, ignore_errors=True)
         if final.exists():  # incomplete leftover of unknown origin
@@ -243,12 +240,19 @@ def ensure_tiny_model(cache_root: Path | None = None, log: Callable[[str], None]
         tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=models))
         tmp.chmod(0o755)  # mkdtemp makes it private; the cache may be shared
         try:
-            _train_into(tmp, key, log)
+            train(tmp)
             os.rename(tmp, final)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
     return final
+
+
+def ensure_tiny_model(cache_root: Path | None = None, log: Callable[[str], None] | None = None) -> Path:
+    """Return the directory of the tiny shapes model, training it once if needed (see build_cached)."""
+    root = Path(cache_root).expanduser() if cache_root is not None else default_cache_root()
+    key = model_key()
+    return build_cached(root / "models", MODEL_NAME, key, lambda tmp: _train_into(tmp, key, log))
 
 
 def read_meta(model_dir: Path) -> dict[str, Any]:
