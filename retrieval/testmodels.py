@@ -189,6 +189,9 @@ def _train_into(out: Path, key: str, log: Callable[[str], None] | None) -> None:
         model, tokenizer, shapes_sampler(TRAIN["seed"]),
         steps=TRAIN["steps"], batch_size=TRAIN["batch_size"], lr=TRAIN["lr"],
         warmup=TRAIN["warmup"], seed=TRAIN["seed"], soft_targets=True, log=log,
+        # One thread, always: thread count changes float summation order, and tests tuned on
+        # these weights must see the same weights on every machine (~45 s on 2 cores).
+        threads=1,
     )
     save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, str(out / WEIGHTS_FILE))
     meta: dict[str, Any] = {
