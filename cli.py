@@ -1,61 +1,6 @@
-"""clipfind command line: a thin click shell over `retrieval`.
+"""Thin launcher: `python cli.py ...` from a checkout runs clipfind (installed: the `clipfind` script)."""
 
-Each command family lives in `retrieval/commands/`; this file assembles them
-and turns user mistakes into one line on stderr with a documented exit code.
-"""
-
-from __future__ import annotations
-
-import sys
-
-import click
-
-from retrieval.errors import EXIT_CODES_HELP, ClipfindError
-
-
-class ClipfindGroup(click.Group):
-    """Runs subcommands so that a ClipfindError is one line, never a traceback."""
-
-    def invoke(self, ctx: click.Context):
-        try:
-            return super().invoke(ctx)
-        except ClipfindError as exc:
-            click.echo(f"error: {exc}", err=True)
-            ctx.exit(exc.exit_code)
-        except KeyboardInterrupt:
-            click.echo("interrupted: everything committed so far is kept; run again to resume", err=True)
-            ctx.exit(130)
-
-
-@click.group(cls=ClipfindGroup, epilog=EXIT_CODES_HELP,
-             context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
-@click.version_option(package_name="clipfind")
-def cli() -> None:
-    """Search and auto-tag image collections with CLIP.
-
-    \b
-    Quick start (no network needed):
-      clipfind demo                          # make a sample collection, index it, search it
-      clipfind index ~/Pictures              # build or update a library
-      clipfind search "a dog on a beach"     # text -> image
-      clipfind search --image query.jpg      # image -> image
-    """
-
-
-def _register() -> None:
-    from retrieval.commands import demo, library_cmds, models, search_cmds, tag_cmds
-
-    for module in (demo, models, library_cmds, search_cmds, tag_cmds):
-        for command in module.COMMANDS:
-            cli.add_command(command)
-
-
-_register()
-
-
-def main() -> None:
-    cli.main(prog_name="clipfind")
-
+from retrieval.cli import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

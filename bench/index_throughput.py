@@ -94,7 +94,7 @@ def collection(cache: Path, count: int) -> Path:
 
 # -- phases (each in its own process) -------------------------------------------------------
 def _spec(args):
-    from retrieval.encoder import ModelSpec
+    from retrieval.model.encoder import ModelSpec
 
     if args.model_dir:
         return ModelSpec(model_dir=args.model_dir)
@@ -104,7 +104,7 @@ def _spec(args):
 
 
 def _loader(args, encoder, paths):
-    from retrieval.pipeline import default_batch_size, make_loader
+    from retrieval.media.pipeline import default_batch_size, make_loader
 
     return make_loader(paths, encoder.preprocess, encoder.image_size,
                        batch_size=args.batch_size or default_batch_size(encoder.device),
@@ -112,7 +112,7 @@ def _loader(args, encoder, paths):
 
 
 def phase_decode(args, folder: Path) -> dict:
-    from retrieval.encoder import Encoder
+    from retrieval.model.encoder import Encoder
 
     encoder = Encoder(_spec(args), device=args.device, precision=args.precision)
     paths = sorted(str(p) for p in folder.iterdir())
@@ -125,8 +125,8 @@ def phase_decode(args, folder: Path) -> dict:
 def phase_encode(args, folder: Path) -> dict:
     import torch
 
-    from retrieval.encoder import Encoder
-    from retrieval.pipeline import encoder_threads
+    from retrieval.media.pipeline import encoder_threads
+    from retrieval.model.encoder import Encoder
 
     encoder = Encoder(_spec(args), device=args.device, precision=args.precision)
     if encoder.device.type == "cpu":  # the indexer's own choice, so (b) and (c) compare
@@ -152,8 +152,8 @@ def phase_encode(args, folder: Path) -> dict:
 
 
 def phase_index(args, folder: Path) -> dict:
-    from retrieval.indexer import IndexOptions, index_paths
-    from retrieval.library import Library
+    from retrieval.index.indexer import IndexOptions, index_paths
+    from retrieval.store.library import Library
 
     lib_dir = Path(args.library)
     options = IndexOptions(workers=args.workers, batch_size=args.batch_size, threads=args.threads)
@@ -190,7 +190,7 @@ def _peak_mb() -> dict:
 
 # -- driver ---------------------------------------------------------------------------------
 def parse(argv=None) -> argparse.Namespace:
-    from retrieval.pipeline import default_workers
+    from retrieval.media.pipeline import default_workers
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--count", type=int, default=2000, help="photos in the collection (default 2000)")

@@ -92,10 +92,10 @@ def phase_encode(args) -> dict:
     import numpy as np
     import torch
 
-    from retrieval import precision
-    from retrieval.encoder import Encoder, ModelSpec
-    from retrieval.images import open_image
-    from retrieval.pipeline import encoder_threads
+    from retrieval.media.images import open_image
+    from retrieval.media.pipeline import encoder_threads
+    from retrieval.model import precision
+    from retrieval.model.encoder import Encoder, ModelSpec
 
     encoder = Encoder(ModelSpec(model=args.model, random_weights=True), device="cpu", precision="fp32")
     torch.set_num_threads(args.threads or encoder_threads())  # what the indexer would use now
@@ -137,9 +137,9 @@ def phase_encode(args) -> dict:
 
 def phase_index(args) -> dict:
     """One whole index run into a new library, the model load timed apart."""
-    from retrieval.encoder import ModelSpec
-    from retrieval.indexer import IndexOptions, index_paths
-    from retrieval.library import Library
+    from retrieval.index.indexer import IndexOptions, index_paths
+    from retrieval.model.encoder import ModelSpec
+    from retrieval.store.library import Library
 
     spec = ModelSpec(model=args.model, random_weights=True)
     start = time.perf_counter()
@@ -165,7 +165,7 @@ def _fp32_rate_now(encoder, args, threads: int | None) -> float:
     """
     import torch
 
-    from retrieval.images import open_image
+    from retrieval.media.images import open_image
 
     if threads:
         torch.set_num_threads(threads)
@@ -182,9 +182,10 @@ def _fp32_rate_now(encoder, args, threads: int | None) -> float:
 
 def phase_agree(args) -> dict:
     """Top-10 overlap and cosine on aligned models: tiny (drawings), CIFAR-10 model (real photos)."""
-    from retrieval import precision, synthetic
-    from retrieval.encoder import Encoder, ModelSpec
-    from retrieval.testmodels import ensure_tiny_model, heldout_images
+    from retrieval.devmodels.tiny import ensure_tiny_model, heldout_images
+    from retrieval.media import synthetic
+    from retrieval.model import precision
+    from retrieval.model.encoder import Encoder, ModelSpec
 
     out = {}
     tiny = Encoder(ModelSpec(model_dir=str(ensure_tiny_model())), device="cpu", precision="fp32")
@@ -205,7 +206,7 @@ def phase_agree(args) -> dict:
             m: precision.agreement_with_fp32(cifar, m, photos, queries)
             for m in precision.candidates("cpu") if m != "fp32"}
     else:
-        out["CIFAR-10 model"] = "not trained on this machine yet (python -m retrieval.cifar_model)"
+        out["CIFAR-10 model"] = "not trained on this machine yet (python -m tests.models.cifar)"
     return out
 
 
@@ -259,7 +260,7 @@ def main(argv=None) -> int:
     ensure_photos(args.photos_dir, args.count)
     folder = str(collection(args.photos_dir, args.count))
     results: dict = {"count": args.count, "cpu": None, "models": {}}
-    from retrieval.precision import cpu_model_name
+    from retrieval.model.precision import cpu_model_name
 
     results["cpu"] = cpu_model_name()
     for model in args.models:

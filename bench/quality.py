@@ -21,8 +21,8 @@ and mAP over the same photos, with each class's vector as the query (one query
 per class, every photo of that class relevant). Below the table: image→image
 precision@10, every test photo querying all the others (itself left out).
 
-It calls the library directly (retrieval.evaluate, retrieval.prompts,
-retrieval.fewshot): the same decode, preprocessing, class vectors and
+It calls the library directly (retrieval.tagging.evaluate, retrieval.prompting.prompts,
+retrieval.tagging.fewshot): the same decode, preprocessing, class vectors and
 Tip-Adapter arithmetic as the CLI, without a library on disk. Each run's
 table is saved as JSON and text under bench/results/, named by the weights'
 fingerprint and the date.
@@ -45,7 +45,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from retrieval.cli_common import MODEL_HELP, model_options, pop_model_options  # noqa: E402
+from retrieval.cli.common import MODEL_HELP, model_options, pop_model_options  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
 DEFAULT_SHOTS = (1, 4, 16)
@@ -54,7 +54,7 @@ DEFAULT_SHOTS = (1, 4, 16)
 # -- data -----------------------------------------------------------------------------------
 def test_split(data_root: Path, per_class: int | None):
     """The test split as an evaluate.Dataset, optionally the first `per_class` photos per class."""
-    from retrieval import evaluate
+    from retrieval.tagging import evaluate
 
     dataset = evaluate.load_classification(data_root / "test")
     if per_class:
@@ -104,11 +104,11 @@ def image_to_image(features: np.ndarray, targets: np.ndarray, k: int = 10, chunk
 
 def run(encoder, data_root: Path, per_class: int | None, descriptions: str | None, shots: tuple[int, ...],
         seed: int, search_alpha_beta: bool, batch_size: int, workers: int, progress: bool) -> dict:
-    from retrieval import evaluate, fewshot
-    from retrieval.cupl import load_descriptions
-    from retrieval.labels import from_names
-    from retrieval.prompts import class_vectors
-    from retrieval.tagging import logit_scale
+    from retrieval.prompting.cupl import load_descriptions
+    from retrieval.prompting.prompts import class_vectors
+    from retrieval.tagging import evaluate, fewshot
+    from retrieval.tagging.autotag import logit_scale
+    from retrieval.tagging.labels import from_names
 
     dataset = test_split(data_root, per_class)
     labels = from_names(dataset.classes)
@@ -220,10 +220,10 @@ def main(data_root, per_class, descriptions, shots_spec, seed, search_alpha_beta
          no_save, as_json, **model_kwargs) -> None:
     """Zero-shot, few-shot and retrieval quality of a model on the CIFAR-10 test photos.
 
-    Default model: the CIFAR-10 test model (retrieval.cifar_model, trained and cached on first use).
+    Default model: the CIFAR-10 test model (tests.models.cifar, trained and cached on first use).
     """
-    from retrieval import cifar_model
-    from retrieval.encoder import Encoder, ModelSpec
+    from retrieval.model.encoder import Encoder, ModelSpec
+    from tests.models import cifar as cifar_model
 
     data_root = Path(data_root) if data_root else cifar_model.default_data_root()
     if not (data_root / "test").is_dir():

@@ -50,7 +50,7 @@ def build_library(root: Path, n: int, encoder) -> Path:
     """A library with n random unit vectors as rows (reused when it already holds n)."""
     import numpy as np
 
-    from retrieval.library import Library
+    from retrieval.store.library import Library
 
     marker = root / "bench.json"
     if marker.exists() and json.loads(marker.read_text()).get("n") == n:
@@ -82,10 +82,10 @@ def build_library(root: Path, n: int, encoder) -> Path:
 
 # -- warm -------------------------------------------------------------------------------------
 def warm_runs(library_root: Path, encoder, queries: int, image_file: Path) -> dict[str, dict]:
-    from retrieval.library import Library
-    from retrieval.render import table
-    from retrieval.search import Query, Searcher
-    from retrieval.textcache import TextCache
+    from retrieval.query.render import table
+    from retrieval.query.search import Query, Searcher
+    from retrieval.query.textcache import TextCache
+    from retrieval.store.library import Library
 
     rng = random.Random(1)
     out = {}
@@ -120,9 +120,9 @@ def vit_encode(image_file: Path, repeats: int) -> dict[str, dict]:
     """ViT-B-32 with random weights: only what encoding costs at real model size."""
     from PIL import Image
 
-    from retrieval.encoder import Encoder, ModelSpec
-    from retrieval.prompts import PHOTO_TEMPLATES, encode_prompted
-    from retrieval.search import _torch_threads
+    from retrieval.model.encoder import Encoder, ModelSpec
+    from retrieval.prompting.prompts import PHOTO_TEMPLATES, encode_prompted
+    from retrieval.query.search import _torch_threads
 
     encoder = Encoder(ModelSpec(model="ViT-B-32", random_weights=True))
     image = Image.open(image_file).convert("RGB")
@@ -146,7 +146,7 @@ def vit_encode(image_file: Path, repeats: int) -> dict[str, dict]:
 # -- cold -------------------------------------------------------------------------------------
 def clipfind_command() -> list[str]:
     script = Path(sys.executable).parent / "clipfind"
-    return [str(script)] if script.exists() else [sys.executable, "-m", "cli"]
+    return [str(script)] if script.exists() else [sys.executable, "-m", "retrieval.cli"]
 
 
 def first_result_seconds(args: list[str]) -> float:
@@ -220,13 +220,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
     args = parser.parse_args(argv)
 
-    from retrieval.encoder import Encoder, ModelSpec
-    from retrieval.synthetic import draw
+    from retrieval.media.synthetic import draw
+    from retrieval.model.encoder import Encoder, ModelSpec
 
     if args.model_dir:
         model_dir = Path(args.model_dir)
     else:
-        from retrieval.testmodels import ensure_tiny_model
+        from retrieval.devmodels.tiny import ensure_tiny_model
 
         model_dir = ensure_tiny_model()
     encoder = Encoder(ModelSpec(model_dir=str(model_dir)))

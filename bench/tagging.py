@@ -40,7 +40,7 @@ def build(root: Path, count: int, dim: int, batch: int = 50_000) -> float:
     """A library with `count` random unit vectors; returns the seconds it took."""
     import numpy as np
 
-    from retrieval.library import Library
+    from retrieval.store.library import Library
 
     started = time.perf_counter()
     with Library.open(root) as library:
@@ -66,7 +66,7 @@ def build(root: Path, count: int, dim: int, batch: int = 50_000) -> float:
 def _scorer(dim: int, n_labels: int):
     import numpy as np
 
-    from retrieval.tagging import Scorer
+    from retrieval.tagging.autotag import Scorer
 
     rng = np.random.default_rng(1)
     classes = rng.standard_normal((n_labels, dim), dtype=np.float32)
@@ -79,8 +79,8 @@ def run_phase(phase: str, root: Path, count: int, dim: int, n_labels: int, chunk
     import numpy as np
     import torch
 
-    from retrieval import tagging
-    from retrieval.library import Library
+    from retrieval.store.library import Library
+    from retrieval.tagging import autotag as tagging
 
     scorer = _scorer(dim, n_labels)
     options = tagging.TagOptions(top_k=top_k, chunk=chunk)
@@ -156,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--_phase", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.chunk is None:
-        from retrieval.tagging import CHUNK
+        from retrieval.tagging.autotag import CHUNK
 
         args.chunk = CHUNK
     root = args.db_dir or Path(tempfile.mkdtemp(prefix="clipfind-tagbench-"))

@@ -10,9 +10,9 @@ __all__ = ["ClipfindError", "Encoder", "Library", "ModelSpec"]
 
 _HOMES = {
     "ClipfindError": "retrieval.errors",
-    "Encoder": "retrieval.encoder",
-    "ModelSpec": "retrieval.encoder",
-    "Library": "retrieval.library",
+    "Encoder": "retrieval.model.encoder",
+    "ModelSpec": "retrieval.model.encoder",
+    "Library": "retrieval.store.library",
 }
 
 

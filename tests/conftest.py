@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from retrieval.testmodels import ensure_tiny_model
+from retrieval.devmodels.tiny import ensure_tiny_model
 
 
 @pytest.fixture(scope="session")

@@ -9,9 +9,9 @@ import shutil
 import pytest
 from click.testing import CliRunner
 
-import cli
-from retrieval import synthetic
+from retrieval import cli
 from retrieval.errors import EXIT_INPUT, EXIT_LIBRARY, EXIT_MODEL, EXIT_VERIFY
+from retrieval.media import synthetic
 
 
 @pytest.fixture

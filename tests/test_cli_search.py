@@ -9,9 +9,9 @@ import shutil
 import pytest
 from click.testing import CliRunner
 
-import cli
-from retrieval import synthetic
+from retrieval import cli
 from retrieval.errors import EXIT_FAILURE, EXIT_INPUT, EXIT_LIBRARY, EXIT_USAGE
+from retrieval.media import synthetic
 
 PER_CLASS = 6
 
@@ -152,7 +152,7 @@ def test_tag_filter_after_clipfind_tag(setup, tmp_path):
     labels_file.write_text("\n".join(synthetic.LABELS) + "\n")
     result = clipfind("tag", "-L", lib, "--labels", labels_file)
     assert result.exit_code == 0, result.output
-    from retrieval.library import Library
+    from retrieval.store.library import Library
 
     with Library.open(lib, create=False) as library, library.engine.connect() as conn:
         tagged = {row[0] for row in conn.exec_driver_sql(
@@ -181,7 +181,7 @@ def test_bad_input_exit_codes(setup, tmp_path):
 
 
 def test_empty_library_and_oversized_k(setup, tmp_path):
-    from retrieval.library import Library
+    from retrieval.store.library import Library
 
     with Library.open(setup["lib"], create=False) as full, Library.open(tmp_path / "empty") as empty:
         empty.set_meta("model", full.model_record)

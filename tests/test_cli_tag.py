@@ -16,12 +16,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from test_cupl import ChatServer
 
-import cli
-from retrieval import synthetic
-from retrieval.encoder import Encoder, ModelSpec
+from retrieval import cli
 from retrieval.errors import EXIT_FAILURE, EXIT_INPUT, EXIT_LIBRARY
+from retrieval.media import synthetic
+from retrieval.model.encoder import Encoder, ModelSpec
+from tests.test_cupl import ChatServer
 
 
 def clipfind(*args, ok: bool = True):

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from retrieval import cupl
 from retrieval.errors import InputError
+from retrieval.prompting import cupl
 
 LABELS = ["red circle", "blue square", "green triangle"]
 N_QUESTIONS = len(LABELS) * len(cupl.QUESTIONS)
@@ -186,7 +186,7 @@ def test_killed_process_resumes_without_re_asking(tmp_path):
     labels = tmp_path / "labels.txt"
     labels.write_text("\n".join(LABELS) + "\n")
     out = tmp_path / "d.json"
-    cmd = [sys.executable, "-m", "cli", "prompts", "generate", "--labels", str(labels), "--out", str(out),
+    cmd = [sys.executable, "-m", "retrieval.cli", "prompts", "generate", "--labels", str(labels), "--out", str(out),
            "--model", "test-llm", "--timeout", "60", "-q"]
     with ChatServer(answer_limit=6) as server:
         proc = subprocess.Popen(cmd + ["--api-base", server.base], cwd=Path(__file__).parents[1],

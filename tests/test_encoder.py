@@ -14,9 +14,9 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from retrieval.encoder import Encoder, ModelSpec, choose_device, resolve_precision
 from retrieval.errors import ModelError
-from retrieval.synthetic import LABELS, draw
+from retrieval.media.synthetic import LABELS, draw
+from retrieval.model.encoder import Encoder, ModelSpec, choose_device, resolve_precision
 
 
 @pytest.fixture(scope="module")
@@ -116,7 +116,7 @@ def test_unknown_model_and_tag_and_missing_files():
 def test_pretrained_tag_offline_fails_fast_with_instructions(tmp_path):
     """The real download path runs up to the download, then says how to work offline."""
     code = (
-        "from retrieval.encoder import Encoder, ModelSpec\n"
+        "from retrieval.model.encoder import Encoder, ModelSpec\n"
         "Encoder(ModelSpec(model='ViT-B-32', pretrained='laion2b_s34b_b79k'))\n"
     )
     env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"}

@@ -8,10 +8,11 @@ import shutil
 import numpy as np
 import pytest
 
-from retrieval import evaluate, synthetic
-from retrieval.encoder import Encoder, ModelSpec
 from retrieval.errors import InputError
-from retrieval.labels import load_labels
+from retrieval.media import synthetic
+from retrieval.model.encoder import Encoder, ModelSpec
+from retrieval.tagging import evaluate
+from retrieval.tagging.labels import load_labels
 
 STRATEGIES = ["raw", "template", "ensemble:simple7", "ensemble", "cupl", "ensemble+cupl"]
 DESCRIPTIONS = {label: [f"a small {label}.", f"there is a {label} in the image."] for label in synthetic.LABELS}

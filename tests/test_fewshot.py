@@ -17,11 +17,13 @@ import numpy as np
 import pytest
 import torch
 
-from retrieval import fewshot, prompts, synthetic
-from retrieval.encoder import Encoder, ModelSpec
 from retrieval.errors import InputError
-from retrieval.labels import Label, from_names
-from retrieval.tagging import logit_scale
+from retrieval.media import synthetic
+from retrieval.model.encoder import Encoder, ModelSpec
+from retrieval.prompting import prompts
+from retrieval.tagging import fewshot
+from retrieval.tagging.autotag import logit_scale
+from retrieval.tagging.labels import Label, from_names
 
 ALIAS = {"circle": "disc", "square": "box", "triangle": "wedge"}
 ALIAS_NAMES = [f"{c} {ALIAS[s]}" for c, s in (label.split() for label in synthetic.LABELS)]

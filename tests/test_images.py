@@ -1,4 +1,4 @@
-"""retrieval.images on real files: every format decodes, every broken file fails cleanly."""
+"""retrieval.media.images on real files: every format decodes, every broken file fails cleanly."""
 
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 from PIL import Image, PngImagePlugin, features
 
-from retrieval import images
 from retrieval.errors import InputError
-from retrieval.images import ImageError, is_candidate, open_image, read_info, sniff_format
+from retrieval.media import images
+from retrieval.media.images import ImageError, is_candidate, open_image, read_info, sniff_format
 
 RED, BLUE, GREEN = (255, 0, 0), (0, 0, 255), (0, 255, 0)
 

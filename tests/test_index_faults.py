@@ -21,22 +21,22 @@ from click.testing import CliRunner
 from PIL import Image as PILImage
 from sqlalchemy import select
 
-import cli
-from retrieval import synthetic
-from retrieval.db import ErrorRow, Image, Run, blobs_to_matrix, path_from_db
-from retrieval.encoder import ModelSpec
+from retrieval import cli
 from retrieval.errors import EXIT_FAILURE, EXIT_LIBRARY
-from retrieval.indexer import IndexOptions, index_paths
-from retrieval.inspection import verify_library
-from retrieval.library import Library
+from retrieval.index.indexer import IndexOptions, index_paths
+from retrieval.index.inspection import verify_library
+from retrieval.media import synthetic
+from retrieval.model.encoder import ModelSpec
+from retrieval.store.library import Library
+from retrieval.store.schema import ErrorRow, Image, Run, blobs_to_matrix, path_from_db
 
 # Runs the real CLI in a child process, slowed down per encoder batch so the test
 # can kill it at a chosen point; PAUSE_SAVE holds it inside the FAISS save, after
 # the temp file is written and before the rename.
 CHILD = """
 import os, sys, time
-import retrieval.encoder as enc
-import retrieval.vectors as vec
+import retrieval.model.encoder as enc
+import retrieval.store.vectors as vec
 delay = float(os.environ.get("SLOW_BATCH", "0"))
 encode = enc.Encoder.encode_pixels
 def slow(self, pixels):
@@ -53,7 +53,7 @@ if marker:
             time.sleep(120)
         write_atomically(path, write_then_wait)
     vec._fsync_write = paused
-import cli
+from retrieval import cli
 cli.main()
 """
 
@@ -262,7 +262,7 @@ def make_messy_folder(root: Path) -> tuple[set[str], dict[str, str]]:
 
 
 def test_broken_files_are_skipped_reported_and_remembered(tmp_path, tiny_model_dir, monkeypatch):
-    import retrieval.pipeline as pipeline
+    import retrieval.media.pipeline as pipeline
 
     root = tmp_path / "messy"
     good, bad = make_messy_folder(root)
@@ -320,7 +320,7 @@ def test_unreadable_file_is_skipped(tmp_path, tiny_model_dir):
 
 def test_unreadable_folder_keeps_its_rows(tmp_path, tiny_model_dir, monkeypatch):
     """A folder that cannot be listed this time is not a folder whose files were deleted."""
-    import retrieval.scan as scan
+    import retrieval.media.scan as scan
 
     root = tmp_path / "photos"
     synthetic.write_collection(root, per_class=1, seed=2, labels=synthetic.LABELS[:2])

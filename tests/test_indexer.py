@@ -10,14 +10,14 @@ import pytest
 from PIL import Image as PILImage
 from sqlalchemy import select
 
-from retrieval import synthetic
-from retrieval.db import Image, Run, blobs_to_matrix, path_from_db
-from retrieval.encoder import ModelSpec
 from retrieval.errors import InputError, LibraryError, ModelError
-from retrieval.images import open_image
-from retrieval.indexer import IndexOptions, index_paths, rebuild_index, remove_paths
-from retrieval.inspection import library_status, verify_library
-from retrieval.library import Library
+from retrieval.index.indexer import IndexOptions, index_paths, rebuild_index, remove_paths
+from retrieval.index.inspection import library_status, verify_library
+from retrieval.media import synthetic
+from retrieval.media.images import open_image
+from retrieval.model.encoder import ModelSpec
+from retrieval.store.library import Library
+from retrieval.store.schema import Image, Run, blobs_to_matrix, path_from_db
 
 
 @pytest.fixture
@@ -194,8 +194,8 @@ def test_index_types_and_reindex(library, photos, spec):
 
 
 def test_flat_index_grows_into_ivf(library, photos, spec, monkeypatch):
-    import retrieval.indexer as indexer
-    import retrieval.vectors as vectors
+    import retrieval.index.indexer as indexer
+    import retrieval.store.vectors as vectors
 
     run(library, [photos], spec)
     monkeypatch.setattr(indexer, "EXACT_LIMIT", 10)

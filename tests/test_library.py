@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 from sqlalchemy import create_engine, text
 
-from retrieval.db import Image, vector_to_blob
-from retrieval.encoder import ModelSpec
 from retrieval.errors import LibraryError
-from retrieval.library import DB_NAME, Library, default_library_path, migrate
+from retrieval.model.encoder import ModelSpec
+from retrieval.store.library import DB_NAME, Library, default_library_path, migrate
+from retrieval.store.schema import Image, vector_to_blob
 
 
 @pytest.fixture(scope="module")

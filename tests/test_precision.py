@@ -16,9 +16,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from retrieval import precision, synthetic
-from retrieval.encoder import Encoder, ModelSpec, cpu_has_native_bf16, resolve_precision
 from retrieval.errors import ModelError
+from retrieval.media import synthetic
+from retrieval.model import precision
+from retrieval.model.encoder import Encoder, ModelSpec, cpu_has_native_bf16, resolve_precision
 
 CPU_MODES = ["int8", *(["bf16"] if cpu_has_native_bf16() else [])]
 QUERIES = [f"a photo of a {label}." for label in synthetic.LABELS]
@@ -132,7 +133,7 @@ def test_bf16_refused_on_a_cpu_without_it():  # pragma: no cover - depends on th
 def test_bad_modes_for_the_device_are_clear_errors_and_auto_skips_them(monkeypatch):
     with pytest.raises(ModelError, match="CPU only"):
         resolve_precision("int8", torch.device("cuda"))
-    monkeypatch.setattr("retrieval.encoder.cpu_has_native_bf16", lambda: False)
+    monkeypatch.setattr("retrieval.model.encoder.cpu_has_native_bf16", lambda: False)
     with pytest.raises(ModelError, match="needs a CPU with AVX512-BF16 or AMX"):
         resolve_precision("bf16", torch.device("cpu"))
     assert precision.candidates("cpu") == ["fp32", "int8"]  # auto just leaves bf16 out
@@ -265,10 +266,10 @@ def test_encoder_auto_uses_the_cached_choice(tiny_spec, cache):
 def test_mixed_precision_library_is_reported_by_verify_and_made_uniform_by_reindex(tmp_path, tiny_spec, cache):
     from click.testing import CliRunner
 
-    import cli
-    from retrieval.indexer import IndexOptions, index_paths
-    from retrieval.inspection import verify_library
-    from retrieval.library import Library
+    from retrieval import cli
+    from retrieval.index.indexer import IndexOptions, index_paths
+    from retrieval.index.inspection import verify_library
+    from retrieval.store.library import Library
 
     photos = tmp_path / "photos"
     synthetic.write_collection(photos / "a", per_class=1, seed=3, labels=synthetic.LABELS[:4])
@@ -313,8 +314,8 @@ def test_mixed_precision_library_is_reported_by_verify_and_made_uniform_by_reind
 
 
 def test_reembed_keeps_changed_files_for_index_and_says_so(tmp_path, tiny_spec, cache):
-    from retrieval.indexer import IndexOptions, index_paths
-    from retrieval.library import Library
+    from retrieval.index.indexer import IndexOptions, index_paths
+    from retrieval.store.library import Library
 
     photos = tmp_path / "photos"
     files = synthetic.write_collection(photos, per_class=1, seed=5, labels=synthetic.LABELS[:3])
@@ -328,7 +329,7 @@ def test_reembed_keeps_changed_files_for_index_and_says_so(tmp_path, tiny_spec, 
 
 
 def _vectors(library) -> dict[str, np.ndarray]:
-    from retrieval.db import Image, blobs_to_matrix
+    from retrieval.store.schema import Image, blobs_to_matrix
 
     with library.session() as s:
         rows = s.query(Image.path, Image.embedding).all()

@@ -12,11 +12,11 @@ import json
 import numpy as np
 import pytest
 
-from retrieval import labels as labels_mod
-from retrieval import prompts
-from retrieval.encoder import Encoder, ModelSpec
 from retrieval.errors import InputError
-from retrieval.labels import Label
+from retrieval.model.encoder import Encoder, ModelSpec
+from retrieval.prompting import prompts
+from retrieval.tagging import labels as labels_mod
+from retrieval.tagging.labels import Label
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,7 @@
 """Search and tagging on real photos nobody here made: CIFAR-10, through the real pipeline.
 
 The slow tests train (once per machine, then cached) the CIFAR-10 test model
-of `retrieval.cifar_model` on the train split, index 2,000 photos of the
+of `tests.models.cifar` on the train split, index 2,000 photos of the
 *test* split with `clipfind index` (DataLoader workers, SQLite, FAISS) and
 check what a person would: searching a class name finds that class, a photo
 that is not in the library finds its own class, `eval zeroshot` reports the
@@ -28,7 +28,7 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-import cli
+from retrieval import cli
 from retrieval.errors import EXIT_INPUT
 
 DATA = Path(os.environ["CLIPFIND_DATA"]) / "cifar10" if os.environ.get("CLIPFIND_DATA") else \
@@ -75,7 +75,7 @@ def cifar_model_dir() -> Path:
     $CLIPFIND_CIFAR_MODEL_DIR names an already-trained one instead (say, while the
     training code is being edited and every edit would retrain).
     """
-    from retrieval.cifar_model import ensure_cifar_model
+    from tests.models.cifar import ensure_cifar_model
 
     if os.environ.get("CLIPFIND_CIFAR_MODEL_DIR"):
         return Path(os.environ["CLIPFIND_CIFAR_MODEL_DIR"])
@@ -97,7 +97,7 @@ def _link_photos(target: Path, split: str, offset: int, stride: int, per_class: 
 
 def _run_cli(*args, timeout: int = 1200) -> subprocess.CompletedProcess:
     """`clipfind ARGS` in a separate process, exactly as a user runs it."""
-    code = "import cli; cli.main()"
+    code = "from retrieval.cli import main; main()"
     return subprocess.run([sys.executable, "-c", code, *map(str, args)], capture_output=True, text=True,
                           timeout=timeout, cwd=Path(__file__).resolve().parents[1])
 
@@ -132,7 +132,7 @@ def stored(photo_library, cifar_model_dir):
 
     import torch
 
-    from retrieval.testmodels import load_model
+    from retrieval.devmodels.tiny import load_model
 
     lib, _ = photo_library
     with sqlite3.connect(lib / "clipfind.db") as conn:
@@ -211,8 +211,8 @@ def test_eval_zeroshot_matches_numpy_over_stored_vectors(photo_library, stored):
 @pytest.mark.timeout(2400)
 def test_cifar_model_scores_well_on_the_whole_test_split(cifar_model_dir):
     """The score the model recorded when it was trained (all 10,000 test photos, numpy
-    arrays straight through open_clip): what `python -m retrieval.cifar_model` prints."""
-    from retrieval.cifar_model import read_meta
+    arrays straight through open_clip): what `python -m tests.models.cifar` prints."""
+    from tests.models.cifar import read_meta
 
     meta = read_meta(cifar_model_dir)
     print(f"CIFAR-10 model {cifar_model_dir.name}: {meta['train']['steps']} steps in {meta['train_seconds']} s, "

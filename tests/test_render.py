@@ -10,8 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from retrieval import render, synthetic
-from retrieval.search import SearchResponse, SearchResult
+from retrieval.media import synthetic
+from retrieval.query import render
+from retrieval.query.search import SearchResponse, SearchResult
 
 CHROMIUM = "/usr/bin/chromium"
 

@@ -1,4 +1,4 @@
-"""retrieval.scan on real folder trees: what walk finds, what diff decides."""
+"""retrieval.media.scan on real folder trees: what walk finds, what diff decides."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from retrieval import scan
-from retrieval.images import open_image
-from retrieval.scan import FileEntry, ScanDiff, content_hash, diff, walk
+from retrieval.media import scan
+from retrieval.media.images import open_image
+from retrieval.media.scan import FileEntry, ScanDiff, content_hash, diff, walk
 
 
 def jpeg(path: Path | bytes, colour: tuple[int, int, int] = (200, 30, 30)) -> None:

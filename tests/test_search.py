@@ -16,16 +16,16 @@ import numpy as np
 import pytest
 from sqlalchemy import select, text
 
-from retrieval import synthetic
-from retrieval.db import Image, Tag, TagRun, blobs_to_matrix, path_from_db, vector_to_blob
-from retrieval.encoder import Encoder, ModelSpec
 from retrieval.errors import ClipfindError, InputError
-from retrieval.images import ImageError
-from retrieval.indexer import IndexOptions, index_paths
-from retrieval.library import Library
-from retrieval.prompts import PHOTO_TEMPLATES, encode_prompted, normalise
-from retrieval.search import DEFAULT_TEMPLATES, Filters, Query, Searcher, split_weight
-from retrieval.textcache import CACHE_NAME
+from retrieval.index.indexer import IndexOptions, index_paths
+from retrieval.media import synthetic
+from retrieval.media.images import ImageError
+from retrieval.model.encoder import Encoder, ModelSpec
+from retrieval.prompting.prompts import PHOTO_TEMPLATES, encode_prompted, normalise
+from retrieval.query.search import DEFAULT_TEMPLATES, Filters, Query, Searcher, split_weight
+from retrieval.query.textcache import CACHE_NAME
+from retrieval.store.library import Library
+from retrieval.store.schema import Image, Tag, TagRun, blobs_to_matrix, path_from_db, vector_to_blob
 
 PER_CLASS = 30  # precision@10 with 30 relevant images per class, not recall of all 10
 HELDOUT_SEED = 424_242
@@ -327,7 +327,7 @@ def test_stale_index_catches_up_before_searching(library):
 
 def test_long_lived_searcher_reads_an_index_saved_by_another_process(library, monkeypatch):
     """After the indexer saves and prunes the change log, a warm searcher reloads, never rebuilds."""
-    from retrieval.indexer import refresh_vectors
+    from retrieval.index.indexer import refresh_vectors
 
     searcher = Searcher(library)
     vector, _ = searcher.query_vector(Query.build("orange star"), [])

@@ -15,14 +15,21 @@ import urllib.request
 import pytest
 from click.testing import CliRunner
 
-import cli
-from retrieval import synthetic
-from retrieval.encoder import ModelSpec
+from retrieval import cli
 from retrieval.errors import InputError
-from retrieval.indexer import IndexOptions, index_paths
-from retrieval.library import Library
-from retrieval.search import Filters, Query, Searcher
-from retrieval.server import SERVE_FILE, QueryServer, ServerUnavailable, ask, call, find_server
+from retrieval.index.indexer import IndexOptions, index_paths
+from retrieval.media import synthetic
+from retrieval.model.encoder import ModelSpec
+from retrieval.query.search import Filters, Query, Searcher
+from retrieval.serve.server import (
+    SERVE_FILE,
+    QueryServer,
+    ServerUnavailable,
+    ask,
+    call,
+    find_server,
+)
+from retrieval.store.library import Library
 
 
 @pytest.fixture(scope="module")
@@ -129,7 +136,7 @@ def test_a_dead_server_is_ignored(lib_dir, tmp_path):
 
 def test_clipfind_serve_process(lib_dir):
     """The real command: listens on loopback, announces itself, answers, cleans up on SIGTERM."""
-    proc = subprocess.Popen([sys.executable, "-m", "cli", "serve", "-L", str(lib_dir), "--port", "0"],
+    proc = subprocess.Popen([sys.executable, "-m", "retrieval.cli", "serve", "-L", str(lib_dir), "--port", "0"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             cwd=os.path.dirname(os.path.abspath(cli.__file__)))
     try:

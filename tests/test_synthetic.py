@@ -9,7 +9,7 @@ import open_clip
 import pytest
 from PIL import Image
 
-from retrieval import synthetic
+from retrieval.media import synthetic
 
 
 def _pixels(img: Image.Image) -> np.ndarray:

@@ -16,12 +16,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from retrieval import synthetic, tagging
-from retrieval.encoder import ModelSpec
 from retrieval.errors import InputError, LibraryError
-from retrieval.indexer import IndexOptions, index_paths
-from retrieval.library import Library
-from retrieval.tagging import TagOptions
+from retrieval.index.indexer import IndexOptions, index_paths
+from retrieval.media import synthetic
+from retrieval.model.encoder import ModelSpec
+from retrieval.store.library import Library
+from retrieval.tagging import autotag as tagging
+from retrieval.tagging.autotag import TagOptions
 
 LABELS = synthetic.LABELS
 DESCRIPTIONS = {label: [f"a small {label}.", f"there is a {label} in the image.", f"a drawing of a {label}."]

@@ -19,7 +19,9 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from retrieval import synthetic, testmodels, training
+from retrieval.devmodels import tiny as testmodels
+from retrieval.devmodels import training
+from retrieval.media import synthetic
 
 HELDOUT_COLLECTION_SEED = 31337  # write_collection seeds never meet training's rng stream
 MIN_ZERO_SHOT = 0.75

@@ -1,1 +1,0 @@
-"""Alembic migrations for the library's SQLite schema (run by `retrieval.library`)."""

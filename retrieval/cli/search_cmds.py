@@ -1,0 +1,253 @@
+"""`clipfind search | similar | serve`: ask a library, print what it answers.
+
+Thin shells over `retrieval.query.search` (the query), `retrieval.query.render` (the
+output) and `retrieval.serve.server` (the warm server). When `clipfind serve` is
+running for the library, search and similar send their query there and never
+load the model themselves.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+from collections.abc import Callable
+
+import click
+
+from retrieval.cli.common import MODEL_HELP, library_option, model_options, pop_model_options, warn
+from retrieval.query.search import (
+    DEFAULT_TEMPLATES,
+    NEGATIVE_WEIGHT,
+    Filters,
+    normalise_path_filter,
+)
+
+DATE_FORMATS = ["%Y-%m-%d", "%Y-%m-%dT%H:%M:%S", "%Y-%m-%d %H:%M:%S", "%Y-%m-%dT%H:%M", "%Y-%m-%d %H:%M"]
+
+FORMULA_HELP = (
+    "How terms combine (all embeddings unit length): q = normalise(sum_i w_i*p_i - L*sum_j n_j), "
+    "p_i the positive texts and images with weights w_i (1 unless given), n_j the --not and "
+    "--not-image terms, L the --not-weight. Scores are cosine similarities to q."
+)
+
+
+def filter_options(func: Callable) -> Callable:
+    """--path, --after, --before, --tag, --min-score: shared by search and similar."""
+    options = [
+        click.option("--path", "path_filter", metavar="PREFIX|GLOB",
+                     help="Only images under this folder (or file prefix), or whose full path matches "
+                          "this glob (* ? [..], e.g. '*/2024/*.jpg'); relative to the current folder."),
+        click.option("--after", type=click.DateTime(DATE_FORMATS), metavar="DATE",
+                     help="Only images taken (EXIF) at or after DATE, else modified at or after it; "
+                          "YYYY-MM-DD[ HH:MM[:SS]], local time."),
+        click.option("--before", type=click.DateTime(DATE_FORMATS), metavar="DATE",
+                     help="Only images taken (else modified) before DATE."),
+        click.option("--tag", "tags", multiple=True, metavar="LABEL",
+                     help="Only images tagged LABEL by `clipfind tag` (repeat: all of them)."),
+        click.option("--min-score", type=float, metavar="S", help="Drop results scoring below S."),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+def output_options(func: Callable) -> Callable:
+    """-k/--top, --json, --paths, --paths0/--null, --html FILE, --server/--no-server."""
+    options = [
+        click.option("-k", "--top", "k", type=click.IntRange(1), default=10, show_default=True,
+                     help="How many results (all, if the library holds fewer)."),
+        click.option("--json", "as_json", is_flag=True, help="One JSON object per result per line."),
+        click.option("--paths", "as_paths", is_flag=True, help="Bare paths, one per line."),
+        click.option("--paths0", "--null", "-0", "as_paths0", is_flag=True,
+                     help="Bare paths separated by NUL bytes (for xargs -0)."),
+        click.option("--html", "html_file", type=click.Path(dir_okay=False), metavar="FILE",
+                     help="Also write a self-contained HTML contact sheet (thumbnails, scores) to FILE."),
+        click.option("--server/--no-server", "use_server", default=True, show_default=True,
+                     help="Send the query to a running `clipfind serve` for this library, if any."),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+def _filters(path_filter, after, before, tags, min_score) -> Filters:
+    return Filters(path=normalise_path_filter(path_filter) if path_filter else None, after=after,
+                   before=before, tags=tuple(tags), min_score=min_score)
+
+
+def _format(as_json: bool, as_paths: bool, as_paths0: bool) -> str:
+    chosen = [name for name, on in (("json", as_json), ("paths", as_paths), ("paths0", as_paths0)) if on]
+    if len(chosen) > 1:
+        raise click.UsageError("choose one of --json, --paths, --paths0")
+    return chosen[0] if chosen else "table"
+
+
+def _library_root(library_path: str | None) -> str:
+    from retrieval.store.library import default_library_path
+
+    return os.path.expanduser(library_path) if library_path else str(default_library_path())
+
+
+def _answer(kind: str, subject, k: int, filters: Filters, library_path, use_server: bool,
+            model_kwargs: dict):
+    """Searcher.search/similar: by the library's warm server if one runs (and no model flags), else here."""
+    spec, device, precision = pop_model_options(model_kwargs)
+    root = _library_root(library_path)
+    if use_server and spec is None:
+        from retrieval.serve.server import ServerUnavailable, ask, find_server
+
+        info = find_server(root)
+        if info is not None:
+            try:
+                return ask(info, kind, subject, filters, k)
+            except ServerUnavailable as exc:
+                warn(f"the clipfind server for this library did not answer ({exc}); searching here")
+    from retrieval.query.search import Searcher
+    from retrieval.store.library import Library
+
+    with Library.open(root, model=spec, create=False) as library:
+        return getattr(Searcher(library, spec, device, precision), kind)(subject, k, filters)
+
+
+def _emit(response, fmt: str, html_file: str | None) -> None:
+    from retrieval.query.render import write_html, write_output
+
+    for message in response.warnings:
+        warn(message)
+    try:
+        sys.stdout.flush()
+        write_output(response, fmt, sys.stdout.buffer)  # bytes: file names need not be UTF-8
+    except BrokenPipeError:  # `| head`: the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(0)
+    if html_file:
+        target = write_html(response, html_file)
+        click.echo(f"wrote a contact sheet of {len(response.results)} images to {target}", err=True)
+
+
+@click.command("search", epilog=f"{FORMULA_HELP}\n\n{MODEL_HELP}")
+@click.argument("texts", nargs=-1)
+@click.option("--image", "-i", "images", multiple=True, metavar="FILE",
+              help="Search by an example image (repeatable). An indexed file reuses its stored vector.")
+@click.option("--weight", "image_weight", type=float, default=1.0, show_default=True,
+              help="Weight of each --image against a text's 1. Any term can carry its own weight "
+                   "as TERM^W, e.g. 'beach^2' or --image sunset.jpg^0.5.")
+@click.option("--not", "not_texts", multiple=True, metavar="TEXT",
+              help="Push results away from TEXT (repeatable).")
+@click.option("--not-image", "not_images", multiple=True, metavar="FILE",
+              help="Push results away from this image (repeatable).")
+@click.option("--not-weight", type=click.FloatRange(0), default=NEGATIVE_WEIGHT, show_default=True,
+              help="L in the formula below: how hard --not terms push.")
+@click.option("--template", "-t", default=DEFAULT_TEMPLATES, show_default=True, metavar="NAME|FILE",
+              help="Prompt templates for texts: single, photo, simple7, imagenet80, or a file with "
+                   "one template containing {} per line; the query is the average over them.")
+@click.option("--raw", is_flag=True, help="Encode texts exactly as typed, without templates.")
+@filter_options
+@output_options
+@library_option
+@model_options
+def search_command(texts, images, image_weight, not_texts, not_images, not_weight, template, raw,
+                   path_filter, after, before, tags, min_score, k, as_json, as_paths, as_paths0,
+                   html_file, use_server, library_path, **model_kwargs) -> None:
+    """Find images by TEXTS, example images, or both.
+
+    \b
+    Examples:
+      clipfind search "a dog on a beach"
+      clipfind search beach --image sunset.jpg --weight 0.5
+      clipfind search "a city at night" --not people --after 2024-01-01
+      clipfind search cat --path ~/Pictures/2023 --paths0 | xargs -0 ls -l
+      clipfind search "red car" -k 50 --html cars.html
+    """
+    from retrieval.query.search import Query
+
+    if not texts and not images:
+        raise click.UsageError("give a text to search for, --image FILE, or both")
+    fmt = _format(as_json, as_paths, as_paths0)
+    query = Query.build(texts, images, not_texts, not_images, image_weight=image_weight,
+                        templates=template, raw=raw, negative_weight=not_weight)
+    filters = _filters(path_filter, after, before, tags, min_score)
+    _emit(_answer("search", query, k, filters, library_path, use_server, model_kwargs), fmt, html_file)
+
+
+@click.command("similar", epilog=MODEL_HELP)
+@click.argument("path", type=click.Path(dir_okay=False))
+@filter_options
+@output_options
+@library_option
+@model_options
+def similar_command(path, path_filter, after, before, tags, min_score, k, as_json, as_paths, as_paths0,
+                    html_file, use_server, library_path, **model_kwargs) -> None:
+    """Images most like PATH, best first; PATH itself is left out.
+
+    Exact copies score 1.0, re-encoded or resized copies a little less, so
+    `--min-score 0.95` keeps near-duplicates only (check the scores on your
+    own collection first: how close "similar" is depends on the model).
+
+    \b
+    Examples:
+      clipfind similar ~/Pictures/IMG_0042.jpg
+      clipfind similar photo.jpg --min-score 0.95 --paths
+    """
+    fmt = _format(as_json, as_paths, as_paths0)
+    filters = _filters(path_filter, after, before, tags, min_score)
+    _emit(_answer("similar", path, k, filters, library_path, use_server, model_kwargs), fmt, html_file)
+
+
+@click.command("serve", epilog=MODEL_HELP)
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to listen on. Anything but loopback exposes your file paths to the network.")
+@click.option("--port", type=click.IntRange(0, 65535), default=8765, show_default=True,
+              help="Port (0: any free one; the chosen URL is printed and written to serve.json).")
+@click.option("--verbose", "-v", is_flag=True, help="Log every request to stderr.")
+@library_option
+@model_options
+def serve_command(host, port, verbose, library_path, **model_kwargs) -> None:
+    """Keep the model and index warm and answer queries over HTTP (JSON).
+
+    While it runs, `clipfind search` and `similar` on the same library ask it
+    instead of loading the model themselves, and repeated texts come from its
+    cache. The API (POST /search, POST /similar, GET /health) is described in
+    retrieval/serve/server.py; requests need the token from serve.json.
+
+    \b
+    Examples:
+      clipfind serve &
+      clipfind search "a red car"      # answered by the server
+    """
+    from retrieval.query.search import Searcher
+    from retrieval.serve.server import QueryServer, is_loopback
+    from retrieval.store.library import Library
+
+    spec, device, precision = pop_model_options(model_kwargs)
+    if not is_loopback(host):
+        warn(f"listening on {host}: anyone who can reach it and has the token can list your images")
+    library = Library.open(_library_root(library_path), model=spec, create=False)
+    searcher = Searcher(library, spec, device, precision)
+    try:
+        server = QueryServer(searcher, host, port, log=(lambda m: click.echo(m, err=True)) if verbose else None)
+    except OSError as exc:
+        raise click.ClickException(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    server.warm_up()
+    for message in ([f"using {searcher.model_label}"] if searcher.random_weights else []):
+        warn(message)
+    signal.signal(signal.SIGTERM, _stop)  # `kill PID` cleans up serve.json like Ctrl-C does
+    server.announce()
+    click.echo(f"clipfind serve: {server.url} for {library.root} (Ctrl-C to stop)")
+    sys.stdout.flush()
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.withdraw()
+        server.server_close()
+        library.close()
+
+
+def _stop(_signum, _frame) -> None:
+    raise KeyboardInterrupt
+
+
+COMMANDS = [search_command, similar_command, serve_command]

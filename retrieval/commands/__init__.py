@@ -1,1 +1,0 @@
-"""Click commands, one module per family; `cli.py` assembles them into `clipfind`."""

@@ -1,0 +1,217 @@
+"""`clipfind status` and `clipfind verify`: what a library holds, and whether it holds together.
+
+Status only reads (the database and `index.json`, never the FAISS file), so it
+is instant at any size. Verify checks every row against its vector, the
+FAISS cache against the database, and the files against the disk; it holds
+the write lock so that a running `index` cannot look like an inconsistency.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from dataclasses import dataclass, field
+
+import faiss
+import numpy as np
+from sqlalchemy import select, text
+
+from retrieval.model.precision import auto_precision_here, mixed_precision_problem
+from retrieval.store.library import Library
+from retrieval.store.schema import Image, blobs_to_matrix, path_from_db
+from retrieval.store.vectors import VectorIndex
+
+EXACT_TOLERANCE = 1e-5
+
+
+def _size(*paths) -> int:
+    return sum(os.path.getsize(p) for p in paths if os.path.exists(p))
+
+
+def library_status(library: Library) -> dict:
+    """Counts, model, index type, sizes on disk and the last runs, from cheap reads only."""
+    root = library.root
+    db = library.db_path
+    with library.engine.connect() as conn:
+        count = conn.execute(text("SELECT count(*) FROM images")).scalar_one()
+        runs = conn.execute(text(
+            "SELECT id, kind, status, started_at, finished_at, precision, device, stats "
+            "FROM runs ORDER BY id DESC LIMIT 50")).mappings().all()
+        errors_total = conn.execute(text("SELECT count(*) FROM errors")).scalar_one()
+        precisions = dict(conn.execute(text(
+            "SELECT coalesce(r.precision, 'unknown'), count(*) FROM images i "
+            "LEFT JOIN runs r ON r.id = i.run_id GROUP BY 1")).all())
+        pending = conn.execute(text("SELECT count(*) FROM vector_log")).scalar_one()
+    try:
+        state = json.loads((root / "index.json").read_text())
+    except (OSError, ValueError):
+        state = None
+    record = library.model_record
+    last = [_run_dict(r) for r in runs]
+    last_index = next((r for r in last if r["kind"] == "index"), None)
+    return {
+        "library": str(root),
+        "images": count,
+        "model": record["label"] if record else None,
+        "embed_dim": record["embed_dim"] if record else None,
+        "vectors_by_precision": precisions,
+        "auto_precision_here": auto_precision_here(library),
+        "index": {"type": state["factory"], "vectors": state["ntotal"],
+                  "watermark": state["watermark"]} if state else None,
+        "log_entries": pending,
+        "size_bytes": {"database": _size(db, f"{db}-wal", f"{db}-shm"),
+                       "index": _size(root / "index.faiss", root / "index.json")},
+        "last_run": last[0] if last else None,
+        "last_index_run": last_index,
+        "skipped_last_index_run": (last_index or {}).get("stats", {}).get("skipped", 0),
+        "errors_recorded": errors_total,
+        "interrupted_runs": sum(r["status"] == "interrupted" for r in last),
+    }
+
+
+def _run_dict(row) -> dict:
+    stats = row["stats"]
+    if isinstance(stats, str):
+        stats = json.loads(stats)
+    return {"id": row["id"], "kind": row["kind"], "status": row["status"],
+            "started_at": str(row["started_at"]), "finished_at": str(row["finished_at"] or ""),
+            "precision": row["precision"], "device": row["device"], "stats": stats or {}}
+
+
+@dataclass
+class VerifyReport:
+    problems: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)
+    checked: dict = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def as_dict(self) -> dict:
+        return {"ok": self.ok, "problems": self.problems, "notes": self.notes,
+                "missing_files": self.missing, "checked": self.checked}
+
+
+def verify_library(library: Library, wait: bool = False, sample: int = 1000,
+                   check_files: bool = True) -> VerifyReport:
+    """Every row has a unit vector of the right size, FAISS holds exactly the rows' ids and
+    vectors, every file is still on disk. Read-only: a stale cache is repaired in memory."""
+    report = VerifyReport()
+    with library.write_lock(wait=wait):
+        if not library.integrity_ok():
+            report.problems.append("SQLite integrity check failed (restore the database from a backup)")
+            return report
+        record = library.model_record
+        count = library.image_count()
+        report.checked["images"] = count
+        if record is None:
+            if count:
+                report.problems.append(f"{count} images but no model recorded")
+            return report
+        dim = int(record["embed_dim"])
+        ids = _check_rows(library, dim, report, check_files)
+        if report.problems and "floats" in report.problems[0]:
+            report.notes.append("FAISS not checked: rows without a valid vector must be fixed first")
+        else:
+            _check_index(library, dim, ids, report, sample)
+        mixed = mixed_precision_problem(library)
+        if mixed:
+            report.problems.append(mixed)
+    return report
+
+
+def _check_rows(library: Library, dim: int, report: VerifyReport, check_files: bool) -> np.ndarray:
+    bad_size, bad_norm, changed, last, all_ids = [], [], 0, 0, []
+    query = text("SELECT id, path, path_bytes, size, mtime_ns, embedding FROM images "
+                 "WHERE id > :last ORDER BY id LIMIT 20000")
+    with library.engine.connect() as conn:
+        while rows := conn.execute(query, {"last": last}).all():
+            last = rows[-1].id
+            good = []
+            for r in rows:
+                all_ids.append(r.id)
+                if r.embedding is None or len(r.embedding) != dim * 4:
+                    bad_size.append(r.id)
+                else:
+                    good.append(r)
+                if check_files:
+                    path = path_from_db(r.path, r.path_bytes)
+                    try:
+                        st = os.stat(path)
+                        changed += (st.st_size, st.st_mtime_ns) != (r.size, r.mtime_ns)
+                    except OSError:
+                        report.missing.append(path)
+            if good:
+                norms = np.linalg.norm(blobs_to_matrix([r.embedding for r in good], dim), axis=1)
+                bad_norm += [r.id for r, n in zip(good, norms) if not abs(n - 1) < 1e-3]
+    if bad_size:
+        report.problems.append(f"{len(bad_size)} rows have no vector of {dim} floats (ids {bad_size[:5]}...)")
+    if bad_norm:
+        report.problems.append(f"{len(bad_norm)} vectors are not unit length or not finite (ids {bad_norm[:5]}...)")
+    if report.missing:
+        report.problems.append(f"{len(report.missing)} indexed files are no longer on disk "
+                               "(run `clipfind index` on their folder, or `clipfind remove`)")
+    if changed:
+        report.notes.append(f"{changed} files changed on disk since indexing (run `clipfind index` again)")
+    report.checked["files"] = check_files
+    return np.array(all_ids, dtype=np.int64)
+
+
+def _check_index(library: Library, dim: int, ids: np.ndarray, report: VerifyReport, sample: int) -> None:
+    vectors = VectorIndex(library.root, dim)
+    loaded = vectors.load()
+    if not loaded and vectors.index_path.exists():
+        report.problems.append("index.faiss is unreadable or does not match the database "
+                               "(run `clipfind reindex`)")
+    elif not loaded and len(ids):
+        report.notes.append("no FAISS index saved yet; it will be built on next use")
+    action = vectors.sync(library.engine, save=False)
+    if loaded and action == "rebuilt":
+        report.problems.append("the saved FAISS index disagreed with the database and its change "
+                               "log (run `clipfind reindex`)")
+    elif action == "caught-up":
+        report.notes.append("the saved FAISS index is behind the database; it catches up on next use")
+    index = vectors.index
+    faiss_ids = np.sort(faiss.vector_to_array(index.id_map).astype(np.int64))
+    report.checked["index_type"] = vectors.state.factory
+    report.checked["index_vectors"] = int(index.ntotal)
+    if not np.array_equal(faiss_ids, np.sort(ids)):
+        extra = np.setdiff1d(faiss_ids, ids)
+        lost = np.setdiff1d(ids, faiss_ids)
+        report.problems.append(f"FAISS ids differ from database ids: {len(extra)} vectors without a "
+                               f"row, {len(lost)} rows without a vector (run `clipfind reindex`)")
+        return
+    _spot_check(library, vectors, ids, report, sample)
+
+
+def _spot_check(library: Library, vectors: VectorIndex, ids: np.ndarray, report: VerifyReport,
+                sample: int) -> None:
+    """Reconstructed (exact types) or searched-for (approximate types) vectors match the rows."""
+    if not len(ids):
+        return
+    chosen = sorted(random.Random(0).sample(list(ids), min(sample, len(ids))))
+    rows = []
+    with library.engine.connect() as conn:
+        for start in range(0, len(chosen), 500):
+            part = [int(i) for i in chosen[start:start + 500]]
+            rows += conn.execute(select(Image.id, Image.embedding).where(Image.id.in_(part))).all()
+    stored = blobs_to_matrix([r.embedding for r in rows], vectors.dim)
+    row_ids = [r.id for r in rows]
+    exact = all(part not in vectors.state.factory for part in ("PQ", "SQ", "LSH", "RaBitQ"))
+    bad = 0
+    try:
+        got = np.stack([vectors.reconstruct(i) for i in row_ids])
+        tolerance = EXACT_TOLERANCE if exact else 0.25
+        bad = int((np.abs(got - stored).max(axis=1) > tolerance).sum())
+    except RuntimeError:  # IVF/HNSW without a direct map: ask the index to find each vector
+        _, found = vectors.search(stored, 10)
+        bad = sum(rid not in set(hits) for rid, hits in zip(row_ids, found.tolist()))
+        if "HNSW" in vectors.state.factory:  # a graph search may miss a few, by design
+            bad = 0 if bad <= 0.02 * len(row_ids) else bad
+    report.checked["spot_checked"] = len(row_ids)
+    if bad:
+        report.problems.append(f"{bad} of {len(row_ids)} sampled FAISS vectors differ from the "
+                               "database (run `clipfind reindex`)")

@@ -1,0 +1,245 @@
+"""Deciding what an indexing run must do, before it does anything.
+
+Walk the roots, diff them against the database by (path, size, mtime), then
+hash only the new and changed files: a gone path plus a new path with the same
+bytes is a move (the row keeps its id and vector), a file whose bytes a row
+already has is a duplicate (the vector is copied), a new mtime over the same
+bytes is a touch. Only what is left needs decoding and encoding. Nothing here
+writes.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+
+from sqlalchemy import select, text
+
+from retrieval.errors import InputError
+from retrieval.media.images import DEFAULT_MAX_PIXELS, ImageError, read_info
+from retrieval.media.scan import FileEntry, content_hash, diff, walk
+from retrieval.store.library import Library
+from retrieval.store.schema import Image, path_from_db, path_to_db
+
+REMEMBERED_FAILURES = ("corrupt", "truncated", "empty", "not_image", "too_large")
+_SCAN_KINDS = {"permission denied": "unreadable", "vanished": "vanished",
+               "broken symlink": "vanished", "not an image file": "not_image"}
+
+@dataclass
+class Skipped:
+    path: str
+    kind: str
+    message: str
+    known: bool = False  # failed in an earlier run, untouched since: not recorded again
+
+
+@dataclass
+class Work:
+    """One file to act on. `row_id`: the row it updates (None: a new row); `source_id`: copy its vector."""
+
+    entry: FileEntry
+    digest: str
+    row_id: int | None = None
+    source_id: int | None = None
+
+
+@dataclass
+class Plan:
+    scanned: int = 0
+    unchanged: int = 0
+    encode: list[Work] = field(default_factory=list)
+    copies: list[Work] = field(default_factory=list)  # same content as a stored row
+    late_copies: list[Work] = field(default_factory=list)  # same content as a file encoded this run
+    moves: list[Work] = field(default_factory=list)
+    touches: list[Work] = field(default_factory=list)  # new mtime, same bytes
+    gone: list[tuple[int, str]] = field(default_factory=list)
+    skipped: list[Skipped] = field(default_factory=list)
+    known_bad: int = 0  # skipped without a retry: failed before, untouched since
+
+    def counts(self) -> dict:
+        return {"scanned": self.scanned, "unchanged": self.unchanged, "to_encode": len(self.encode),
+                "duplicates": len(self.copies) + len(self.late_copies), "moved": len(self.moves),
+                "touched": len(self.touches), "removed": len(self.gone), "known_bad": self.known_bad}
+
+
+def plan_index(library: Library | None, roots: Sequence[str], follow_symlinks: bool = False,
+               retry_failed: bool = False, max_pixels: int = DEFAULT_MAX_PIXELS) -> Plan:
+    """Walk, diff and hash: decide what each file needs, touching nothing.
+
+    `library` None plans against an empty library (a dry run before the first).
+    """
+    plan = Plan()
+    scan_errors: list[Skipped] = []
+
+    def on_error(path: str, reason: str) -> None:
+        scan_errors.append(Skipped(path, _SCAN_KINDS.get(reason, "unreadable"), f"{path}: {reason}"))
+
+    exclude = {library.root} if library else None
+    entries = list(walk(roots, follow_symlinks, on_error, exclude))
+    rows = known_rows(library, roots) if library else {}
+    found = diff(entries, {p: (r[1], r[2]) for p, r in rows.items()},
+                 unreachable=[s.path for s in scan_errors])
+    plan.scanned, plan.unchanged, plan.skipped = len(entries), len(found.unchanged), scan_errors
+    if library and not retry_failed:
+        found.new = _drop_known_failures(library, roots, found.new, plan, max_pixels)
+
+    digests = _hash_all(found.new + found.changed, plan.skipped)
+    gone_by_hash: dict[str, list[tuple[int, str]]] = {}
+    for path in found.gone:
+        gone_by_hash.setdefault(rows[path][3], []).append((rows[path][0], os.path.basename(path)))
+    gone_ids = {rows[p][0] for p in found.gone}
+    stored = stored_ids(library, set(digests.values()), gone_ids) if library else {}
+    encoding: set[str] = set()
+
+    def place(work: Work) -> None:
+        if work.digest in stored and stored[work.digest] != work.row_id:
+            work.source_id = stored[work.digest]
+            plan.copies.append(work)
+        elif work.digest in encoding:
+            plan.late_copies.append(work)
+        else:
+            encoding.add(work.digest)
+            plan.encode.append(work)
+
+    def move(entry: FileEntry, digest: str, candidates: list[tuple[int, str]], i: int) -> None:
+        row_id = candidates.pop(i)[0]
+        plan.moves.append(Work(entry, digest, row_id=row_id))
+        stored.setdefault(digest, row_id)  # another copy of the moved file copies its vector
+
+    new = [e for e in found.new if e.path in digests]
+    rest = []
+    for entry in new:  # a moved file usually keeps its name: match those first
+        candidates = gone_by_hash.get(digests[entry.path], [])
+        same_name = [i for i, (_, name) in enumerate(candidates) if name == os.path.basename(entry.path)]
+        if same_name:
+            move(entry, digests[entry.path], candidates, same_name[0])
+        else:
+            rest.append(entry)
+    for entry in rest:
+        digest = digests[entry.path]
+        if gone_by_hash.get(digest):
+            move(entry, digest, gone_by_hash[digest], -1)
+        else:
+            place(Work(entry, digest))
+    for entry in found.changed:
+        if entry.path not in digests:
+            continue
+        row_id, old_digest = rows[entry.path][0], rows[entry.path][3]
+        work = Work(entry, digests[entry.path], row_id=row_id)
+        plan.touches.append(work) if work.digest == old_digest else place(work)
+    moved = {w.row_id for w in plan.moves}
+    plan.gone = [(rows[p][0], p) for p in found.gone if rows[p][0] not in moved]
+    return plan
+
+
+def known_rows(library: Library, roots: Sequence[str]) -> dict[str, tuple[int, int, int, str]]:
+    """path -> (id, size, mtime_ns, hash) for the rows at or under the roots."""
+    query = text("SELECT id, path, path_bytes, size, mtime_ns, content_hash FROM images "
+                 "WHERE path = :root OR substr(path, 1, :n) = :prefix")
+    out: dict[str, tuple[int, int, int, str]] = {}
+    with library.engine.connect() as conn:
+        for root in roots:
+            root_text = path_to_db(root)[0]
+            prefix = root_text.rstrip(os.sep) + os.sep
+            for r in conn.execute(query, {"root": root_text, "n": len(prefix), "prefix": prefix}):
+                out[path_from_db(r.path, r.path_bytes)] = (r.id, r.size, r.mtime_ns, r.content_hash)
+    return out
+
+
+def _drop_known_failures(library: Library, roots: Sequence[str], entries: list[FileEntry],
+                         plan: Plan, max_pixels: int) -> list[FileEntry]:
+    """Files that failed to decode and have not been touched since: report, do not retry.
+
+    Without this, every run over a folder with one broken JPEG would load the model
+    just to fail on it again. A new mtime or ctime (rewrite, chmod, copy) retries it.
+    """
+    query = text(f"SELECT path, kind, message, max(at) AS at FROM errors WHERE kind IN "
+                 f"({','.join(repr(k) for k in REMEMBERED_FAILURES)}) AND "
+                 "(path = :root OR substr(path, 1, :n) = :prefix) GROUP BY path")
+    failed = {}
+    with library.engine.connect() as conn:
+        for root in roots:
+            root_text = path_to_db(root)[0]
+            prefix = root_text.rstrip(os.sep) + os.sep
+            for r in conn.execute(query, {"root": root_text, "n": len(prefix), "prefix": prefix}):
+                failed[r.path] = r
+    if not failed:
+        return entries
+    keep = []
+    for entry in entries:
+        row = failed.get(path_to_db(entry.path)[0])
+        if row is not None and _still_failing(entry.path, row, max_pixels):
+            plan.skipped.append(Skipped(entry.path, row.kind, row.message, known=True))
+            plan.known_bad += 1
+        else:
+            keep.append(entry)
+    return keep
+
+
+def _still_failing(path: str, row, max_pixels: int) -> bool:
+    """Untouched since it failed (and, if too large, still over today's pixel limit)."""
+    try:
+        st = os.stat(path)
+        failed_at = datetime.fromisoformat(str(row.at)).replace(tzinfo=timezone.utc).timestamp()
+    except (OSError, ValueError):
+        return False
+    if max(st.st_mtime, st.st_ctime) >= failed_at:
+        return False
+    if row.kind != "too_large":
+        return True
+    try:  # the limit may have been raised: a header read (no decode) tells
+        info = read_info(path)
+    except ImageError as exc:
+        return exc.kind == "too_large"
+    return info.width * info.height > max_pixels
+
+
+def _hash_all(entries: list[FileEntry], skipped: list[Skipped]) -> dict[str, str]:
+    """Content hashes in a few threads (hashlib releases the GIL); failures become Skipped."""
+    def one(entry: FileEntry) -> tuple[FileEntry, str | Skipped]:
+        try:
+            return entry, content_hash(entry.path)
+        except FileNotFoundError:
+            return entry, Skipped(entry.path, "vanished", f"{entry.path}: file no longer exists")
+        except PermissionError:
+            return entry, Skipped(entry.path, "unreadable", f"{entry.path}: permission denied")
+        except OSError as exc:
+            return entry, Skipped(entry.path, "unreadable", f"{entry.path}: {exc.strerror or exc}")
+
+    digests: dict[str, str] = {}
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        for entry, result in pool.map(one, entries):
+            if isinstance(result, Skipped):
+                skipped.append(result)
+            else:
+                digests[entry.path] = result
+    return digests
+
+
+def stored_ids(library: Library, digests: set[str], exclude: set[int]) -> dict[str, int]:
+    """content hash -> id of a stored row with that content (not one about to be deleted)."""
+    out: dict[str, int] = {}
+    hashes = sorted(digests)
+    with library.engine.connect() as conn:
+        for start in range(0, len(hashes), 500):
+            rows = conn.execute(select(Image.id, Image.content_hash)
+                                .where(Image.content_hash.in_(hashes[start:start + 500]))
+                                .order_by(Image.id))
+            for row_id, digest in rows:
+                if row_id not in exclude:
+                    out.setdefault(digest, row_id)
+    return out
+
+def check_roots(roots: Iterable[str | os.PathLike]) -> list[str]:
+    """Absolute roots; a missing one is a typo to report, not a folder to empty."""
+    out = [os.path.abspath(os.fsdecode(r)) for r in roots]
+    if not out:
+        raise InputError("nothing to index: give one or more folders or image files")
+    missing = [r for r in out if not os.path.lexists(r)]
+    if missing:
+        raise InputError(f"no such file or folder: {missing[0]}")
+    return out
+

@@ -1,0 +1,1 @@
+"""The media floor: safe image decoding, folder walking, the DataLoader decode pipeline, synthetic drawings."""

@@ -1,0 +1,702 @@
+"""CPU precision as a measured choice: fp32, bf16 or int8, whichever is fastest here and agrees.
+
+Which mode is fastest depends on the processor (bf16 wins on Intel with AMX, can
+lose on AMD without it; dynamic int8 usually wins where bf16 is not native), so
+`--precision auto` on a CPU measures instead of guessing. The first time a model
+encodes an image on a machine (text-only work never waits for it), `choose`
+times each candidate on a few batches of drawn
+pictures at the model's input size, checks that each agrees with fp32 on the
+same inputs, and picks the fastest candidate that agrees (it must beat fp32 by
+`MIN_SPEEDUP`, or fp32 stays). The choice, the rates and the agreement are cached
+in `<cache root>/precision.json` per (weights fingerprint, CPU model, cores,
+torch version): another CPU or another torch measures again.
+
+Agreement with fp32 means both
+  * mean cosine between a mode's image embeddings and fp32's >= MIN_COSINE, and
+  * mean overlap of the top-10 images that text queries ("a photo of a red
+    circle.") retrieve among the drawn pictures >= MIN_OVERLAP. It means most
+    for an aligned model (the tiny test model knows these drawings); for other
+    weights it still checks that rankings are stable under the new precision.
+
+A forced `--precision bf16|int8` is checked the same way (from the cache when it
+can be) and logs a warning with the measured agreement when it fails. GPUs keep
+fp16 and are not measured.
+
+The library side lives here too, so that `status` and `verify` need no torch:
+which precisions made the stored vectors (`vectors_by_precision`,
+`mixed_precision_runs`), the cached choice for a library's model
+(`auto_precision_here`), and `reembed`, which re-encodes every stored image at one
+precision through the indexer's pipeline.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import fcntl
+import functools
+import importlib.util
+import json
+import logging
+import os
+import platform
+import random
+import re
+import sys
+import tempfile
+import time
+import warnings
+from collections.abc import Iterator, Sequence
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # torch is imported inside the functions that encode, so status/verify stay light
+    import numpy as np
+    import torch
+
+    from retrieval.model.encoder import Encoder
+    from retrieval.store.library import Library
+
+log = logging.getLogger("clipfind.precision")
+
+CACHE_FILE = "precision.json"
+CACHE_VERSION = 2  # bumped when the way of measuring changes: old choices are re-measured
+MAX_CACHE_ENTRIES = 200
+
+MIN_COSINE = 0.995  # mean cosine of a mode's image embeddings to fp32's
+MIN_OVERLAP = 0.9  # mean top-k text->image overlap with fp32
+OVERLAP_K = 10
+MIN_SPEEDUP = 1.1  # a lower-precision mode must beat fp32 by this much to be worth it
+NEAR_TIE = 0.05  # agreeing modes this close to the fastest count as equally fast
+FAST_ENOUGH = 500.0  # img/s: above this fp32 outruns decoding (~220 img/s per core), so stay exact
+BATCH_SIZE = 16  # pictures per timed batch
+BATCHES = 3  # distinct batches per mode, judged for agreement; the fastest batch counts
+MAX_ROUNDS = 24  # a cheap model is timed on repeats of those batches, until TIME_BUDGET
+TIME_BUDGET = 3.0  # seconds of timing beyond the first BATCHES rounds are not spent
+PROBE_TEMPLATES = ("a photo of a {}.", "a {}.")
+
+# -- image towers at a precision ---------------------------------------------------------
+
+
+def image_model_at(model: torch.nn.Module, precision: str) -> torch.nn.Module:
+    """A shallow clone of `model` whose image tower runs at `precision` on the CPU.
+
+    bf16: a bf16 copy of the image tower (input cast to bf16 by the encoder).
+    int8: a copy whose nn.Linear layers are dynamically quantised, including the
+    attention projections, which nn.MultiheadAttention otherwise keeps in fp32.
+    The text tower and everything else stay shared with `model`, in fp32.
+    """
+    import torch
+
+    if precision not in ("fp32", "bf16", "int8"):
+        raise ValueError(f"no CPU image tower for precision {precision!r}")
+    # New modules, but no fp32 weight copied for nothing: int8 and fp32 clones share the
+    # original tensors (quantisation reads them, never writes), bf16 gets bf16 copies.
+    params = list(model.visual.parameters())
+    if precision == "bf16":
+        memo = {id(t): torch.nn.Parameter(t.detach().to(torch.bfloat16), requires_grad=False) for t in params}
+    else:
+        memo = {id(t): t for t in params}
+    visual = copy.deepcopy(model.visual, memo)
+    input_dtype = None
+    if precision == "bf16":
+        visual = visual.to(torch.bfloat16)  # buffers; the parameters are bf16 already
+        input_dtype = torch.bfloat16
+    elif precision == "int8":
+        _split_self_attention(visual)
+        _quantize_linear_layers(visual)
+    visual.eval()
+    clone = copy.copy(model)
+    clone._modules = dict(model._modules)  # our own module table: the original keeps its tower
+    clone.visual = visual
+    clone.input_dtype = input_dtype
+    return clone
+
+
+def _quantize_linear_layers(module: torch.nn.Module) -> None:
+    import torch
+    from torch.ao.quantization import quantize_dynamic
+
+    with warnings.catch_warnings():  # torch.ao's "migrate to torchao" notice: nothing a user can do
+        warnings.simplefilter("ignore")
+        quantize_dynamic(module, {torch.nn.Linear}, dtype=torch.qint8, inplace=True)
+
+
+def _split_self_attention(visual: torch.nn.Module) -> int:
+    """Replace each self-attention nn.MultiheadAttention in open_clip's blocks by `SelfAttention`."""
+    import torch
+
+    try:
+        from open_clip.transformer import ResidualAttentionBlock
+    except ImportError:  # pragma: no cover - open_clip moved it: quantise the MLPs only
+        return 0
+    replaced = 0
+    for block in visual.modules():
+        attn = getattr(block, "attn", None)
+        if (isinstance(block, ResidualAttentionBlock) and not hasattr(block, "ln_1_kv")
+                and type(attn) is torch.nn.MultiheadAttention and attn._qkv_same_embed_dim
+                and attn.bias_k is None and not attn.add_zero_attn):
+            block.attn = _self_attention_class()(attn)
+            replaced += 1
+    return replaced
+
+
+@functools.cache
+def _self_attention_class():
+    import torch
+    import torch.nn.functional as F
+
+    class SelfAttention(torch.nn.Module):
+        """nn.MultiheadAttention's self-attention as two nn.Linear layers and SDPA.
+
+        The same maths (eval mode, no dropout), written so that dynamic int8
+        quantisation reaches the q/k/v and output projections: a third of a
+        ViT's matmul work, which MultiheadAttention keeps in fp32.
+        """
+
+        def __init__(self, mha: torch.nn.MultiheadAttention) -> None:
+            super().__init__()
+            dim = mha.embed_dim
+            self.heads, self.batch_first = mha.num_heads, mha.batch_first
+            # The same Parameter objects, no copy: built on "meta", then pointed at them.
+            self.qkv = torch.nn.Linear(dim, 3 * dim, bias=mha.in_proj_bias is not None, device="meta")
+            self.out = torch.nn.Linear(dim, dim, bias=mha.out_proj.bias is not None, device="meta")
+            self.qkv.weight, self.out.weight = mha.in_proj_weight, mha.out_proj.weight
+            if mha.in_proj_bias is not None:
+                self.qkv.bias = mha.in_proj_bias
+            if mha.out_proj.bias is not None:
+                self.out.bias = mha.out_proj.bias
+
+        def forward(self, query, key=None, value=None, need_weights=False, attn_mask=None, **_):
+            if (key is not None and key is not query) or (value is not None and value is not query):
+                raise ValueError("SelfAttention only does self-attention")
+            x = query if self.batch_first else query.transpose(0, 1)
+            batch, length, dim = x.shape
+            q, k, v = self.qkv(x).view(batch, length, 3, self.heads, dim // self.heads).permute(2, 0, 3, 1, 4)
+            if attn_mask is not None and attn_mask.dtype == torch.bool:
+                attn_mask = ~attn_mask  # MultiheadAttention: True = masked; SDPA: True = attend
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+            out = self.out(out.transpose(1, 2).reshape(batch, length, dim))
+            return (out if self.batch_first else out.transpose(0, 1)), None
+
+    return SelfAttention
+
+
+def __getattr__(name: str):
+    if name == "SelfAttention":  # built on first use so that importing this module needs no torch
+        return _self_attention_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+# -- agreement ---------------------------------------------------------------------------
+
+
+def cosine_agreement(reference: np.ndarray, candidate: np.ndarray) -> dict:
+    """Mean and minimum cosine between matching rows of two sets of unit vectors."""
+    import numpy as np
+
+    cos = np.sum(reference * candidate, axis=1)
+    return {"cosine_mean": round(float(cos.mean()), 6), "cosine_min": round(float(cos.min()), 6)}
+
+
+def topk_overlap(reference: np.ndarray, candidate: np.ndarray, queries: np.ndarray, k: int = OVERLAP_K) -> float:
+    """Mean fraction of each query's top-k images (by `reference`) that `candidate` also ranks top-k."""
+    import numpy as np
+
+    k = min(k, len(reference))
+    if k == 0 or len(queries) == 0:
+        return 1.0
+    ref_top = np.argsort(-(queries @ reference.T), axis=1, kind="stable")[:, :k]
+    cand_top = np.argsort(-(queries @ candidate.T), axis=1, kind="stable")[:, :k]
+    return float(np.mean([len(set(a) & set(b)) / k for a, b in zip(ref_top.tolist(), cand_top.tolist())]))
+
+
+def judge(reference: np.ndarray, candidate: np.ndarray, queries: np.ndarray | None,
+          use_overlap: bool = True) -> dict:
+    """Agreement figures of `candidate` image embeddings with fp32's, and whether they pass."""
+    figures = cosine_agreement(reference, candidate)
+    ok = figures["cosine_mean"] >= MIN_COSINE
+    if queries is not None and len(queries):
+        figures["top10_overlap"] = round(topk_overlap(reference, candidate, queries), 4)
+        if use_overlap:
+            ok = ok and figures["top10_overlap"] >= MIN_OVERLAP
+    figures["ok"] = bool(ok)
+    return figures
+
+
+def agreement_with_fp32(encoder: Encoder, precision: str, images: Sequence, queries: Sequence[str],
+                        batch_size: int = 32) -> dict:
+    """Encode `images` (PIL) at fp32 and at `precision` and judge them on the `queries`' top-10.
+
+    For tests and the benchmark: use an aligned model (the tiny or CIFAR test
+    model) and real or drawn pictures, or the overlap says little.
+    """
+    import numpy as np
+
+    pixels = encoder.preprocess_images(images)
+    models = {"fp32": encoder.model, precision: image_model_at(encoder.model, precision)}
+    out = {}
+    for mode, model in models.items():
+        out[mode] = np.concatenate([encoder.encode_pixels_with(model, pixels[i:i + batch_size])
+                                    for i in range(0, len(pixels), batch_size)])
+    text = encoder.encode_texts(list(queries)) if queries else None
+    return judge(out["fp32"], out[precision], text)
+
+
+# -- measuring and choosing --------------------------------------------------------------
+
+
+def candidates(device_type: str = "cpu") -> list[str]:
+    """The CPU modes worth timing here: fp32, bf16 where the CPU has it natively, int8."""
+    from retrieval.model.encoder import cpu_has_native_bf16
+
+    if device_type != "cpu":
+        return []
+    return ["fp32", *(["bf16"] if cpu_has_native_bf16() else []), "int8"]
+
+
+def probe_pictures(size: int, count: int, seed: int = 20261124) -> tuple[list, list[str]]:
+    """Drawn pictures at the model's input size, and text queries about them."""
+    from retrieval.media import synthetic
+
+    rng = random.Random(seed)
+    labels = [synthetic.LABELS[i % len(synthetic.LABELS)] for i in range(count)]
+    images = [synthetic.draw(label, size, rng) for label in labels]
+    queries = [template.format(label) for template in PROBE_TEMPLATES for label in synthetic.LABELS]
+    return images, queries
+
+
+def measure(encoder: Encoder, modes: Sequence[str] | None = None, batch_size: int = BATCH_SIZE,
+            batches: int = BATCHES, extra_models: dict | None = None) -> dict:
+    """Time each mode on the same drawn batches (interleaved) and judge it against fp32.
+
+    `extra_models` maps a mode name to a ready image model (tests inject a broken one).
+    Returns a cache entry without its key: rates (img/s, fastest batch), agreement, errors.
+    Timed with the torch threads indexing would use now (`pipeline.encoder_threads`): on a
+    busy machine a 2-thread forward pass stalls at every barrier and times mostly noise.
+    """
+    import torch
+
+    from retrieval.media.pipeline import encoder_threads
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(encoder_threads())
+    try:
+        return _measure(encoder, modes, batch_size, batches, extra_models)
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _measure(encoder: Encoder, modes: Sequence[str] | None, batch_size: int, batches: int,
+             extra_models: dict | None) -> dict:
+    import numpy as np
+    import torch
+
+    started = time.perf_counter()
+    modes = list(modes or candidates(encoder.device.type))
+    images, queries = probe_pictures(encoder.image_size, batch_size * batches)
+    pixels = encoder.preprocess_images(images).split(batch_size)
+    models: dict[str, Any] = {"fp32": encoder.model}
+    errors: dict[str, str] = {}
+    for mode in modes:
+        if mode == "fp32":
+            continue
+        try:
+            models[mode] = image_model_at(encoder.model, mode)
+        except Exception as exc:  # e.g. no quantised engine on this CPU: auto falls back
+            errors[mode] = f"{type(exc).__name__}: {exc}"[:200]
+    models.update(extra_models or {})
+    seconds: dict[str, list[float]] = {mode: [] for mode in models}
+    vectors: dict[str, list] = {mode: [] for mode in models}
+    order = list(models)
+    deadline = time.perf_counter() + TIME_BUDGET
+    for r in range(MAX_ROUNDS):
+        # Every batch once (their vectors are judged), then repeats while time allows: the
+        # fastest batch counts, so a busy machine or a first-call warm-up weighs less.
+        if r >= len(pixels) and (time.perf_counter() > deadline
+                                 or batch_size / min(seconds["fp32"], default=1e9) >= FAST_ENOUGH):
+            break
+        batch = pixels[r % len(pixels)]
+        for mode in order[r % len(order):] + order[:r % len(order)]:  # rotate: no mode always first
+            if mode in errors:
+                continue
+            try:
+                t0 = time.perf_counter()
+                out = encoder.encode_pixels_with(models[mode], batch)
+                seconds[mode].append(time.perf_counter() - t0)
+            except Exception as exc:
+                errors[mode] = f"{type(exc).__name__}: {exc}"[:200]
+                continue
+            if r < len(pixels):
+                vectors[mode].append(out)
+    rates, agreement = {}, {}
+    reference = np.concatenate(vectors["fp32"])
+    text = encoder.encode_texts(queries)
+    for mode in models:
+        if mode in errors or len(vectors[mode]) != len(pixels):
+            continue
+        rates[mode] = round(batch_size / min(seconds[mode]), 2)
+        if mode != "fp32":
+            agreement[mode] = judge(reference, np.concatenate(vectors[mode]), text)
+    entry = {
+        "rates": rates,
+        "agreement": agreement,
+        "errors": {m: e for m, e in errors.items() if m not in rates},
+        "batch_size": batch_size,
+        "images": batch_size * batches,
+        "timed_batches": len(seconds["fp32"]),
+        "threads": torch.get_num_threads(),
+        "seconds": round(time.perf_counter() - started, 2),
+        "measured_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    entry["chosen"], entry["why"] = pick(rates, agreement)
+    return entry
+
+
+def pick(rates: dict[str, float], agreement: dict[str, dict], min_speedup: float = MIN_SPEEDUP) -> tuple[str, str]:
+    """(mode, why): the fastest mode that agrees with fp32, if it beats fp32 by `min_speedup`.
+
+    Modes within NEAR_TIE of the fastest are a tie; the one closer to fp32 (cosine) wins.
+
+    A model that encodes faster in fp32 than files can be decoded (`FAST_ENOUGH`)
+    stays fp32: a lower precision could not speed indexing up, only blur it.
+    """
+    base = rates.get("fp32", 0.0)
+    if base >= FAST_ENOUGH:
+        return "fp32", f"fp32 already encodes {base:.0f} img/s, faster than decoding"
+    agreeing = {m: r for m, r in rates.items() if m != "fp32" and agreement.get(m, {}).get("ok")}
+    rejected = sorted(m for m in agreement if m in rates and m not in agreeing)
+    note = f" ({', '.join(rejected)} disagreed with fp32)" if rejected else ""
+    if not agreeing:
+        return "fp32", "no other mode agrees with fp32" + note if rejected else "no other mode to try"
+    fastest = max(agreeing.values())
+    # Rates within NEAR_TIE of the fastest are a tie on a timing this short: the closer to fp32 wins.
+    close = [m for m, r in agreeing.items() if r >= fastest * (1 - NEAR_TIE)]
+    best = max(close, key=lambda m: (agreement[m].get("cosine_mean", 0.0), agreeing[m]))
+    speedup = agreeing[best] / base if base else float("inf")
+    if speedup >= min_speedup:
+        return best, f"{best} is {speedup:.2f}x fp32 and agrees with it" + note
+    return "fp32", f"the fastest agreeing mode ({best}) is only {speedup:.2f}x fp32" + note
+
+
+# -- the cache ---------------------------------------------------------------------------
+
+
+def cache_root() -> Path:
+    """$CLIPFIND_CACHE, else ~/.cache/clipfind (where the test models live too)."""
+    env = os.environ.get("CLIPFIND_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "clipfind"
+
+
+def cache_path() -> Path:
+    return cache_root() / CACHE_FILE
+
+
+def cpu_model_name() -> str:
+    """The processor's model name from /proc/cpuinfo (or what the platform says)."""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text(errors="replace").splitlines():
+            field_name, _, value = line.partition(":")
+            if field_name.strip() in ("model name", "Model", "Hardware", "cpu model") and value.strip():
+                return value.strip()
+    return platform.processor() or platform.machine() or "unknown"
+
+
+def usable_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        return os.cpu_count() or 1
+
+
+@functools.cache
+def torch_version() -> str:
+    """The installed torch's full version (build tag included, e.g. 2.14.1+cu130), without importing it."""
+    if "torch" in sys.modules:
+        return sys.modules["torch"].__version__
+    with contextlib.suppress(Exception):
+        spec = importlib.util.find_spec("torch")
+        text = (Path(spec.submodule_search_locations[0]) / "version.py").read_text()
+        found = re.search(r"^__version__\s*=\s*['\"]([^'\"]+)['\"]", text, re.M)
+        if found:
+            return found.group(1)
+    try:
+        return metadata.version("torch")
+    except metadata.PackageNotFoundError:  # pragma: no cover - torch from source
+        import torch
+
+        return torch.__version__
+
+
+def machine_key(fingerprint: str) -> dict:
+    """What a measurement is valid for: these weights, on this CPU, with this torch."""
+    return {"fingerprint": fingerprint, "cpu": cpu_model_name(), "cores": usable_cores(),
+            "torch": torch_version()}
+
+
+def _key_id(key: dict) -> str:
+    return "|".join(str(key[f]) for f in ("fingerprint", "cpu", "cores", "torch"))
+
+
+def _read_cache(path: Path) -> dict:
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {"version": CACHE_VERSION, "entries": {}}
+    if not isinstance(doc, dict) or doc.get("version") != CACHE_VERSION or not isinstance(doc.get("entries"), dict):
+        return {"version": CACHE_VERSION, "entries": {}}
+    return doc
+
+
+def cached_entry(key: dict) -> dict | None:
+    """The cached measurement for exactly this key (another CPU or torch counts as none)."""
+    entry = _read_cache(cache_path())["entries"].get(_key_id(key))
+    if not isinstance(entry, dict) or entry.get("key") != key or "chosen" not in entry:
+        return None
+    return entry
+
+
+@contextlib.contextmanager
+def _cache_lock(path: Path) -> Iterator[None]:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(path.name + ".lock"), "a+") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def store_entry(key: dict, entry: dict) -> dict:
+    """Add or replace the entry for `key`, atomically (temp file + rename, under a lock)."""
+    path = cache_path()
+    entry = {**entry, "key": key}
+    try:
+        with _cache_lock(path):
+            doc = _read_cache(path)
+            entries = doc["entries"]
+            entries[_key_id(key)] = entry
+            while len(entries) > MAX_CACHE_ENTRIES:  # oldest measurements go first
+                entries.pop(min(entries, key=lambda k: str(entries[k].get("measured_at", ""))))
+            fd, tmp = tempfile.mkstemp(prefix=".precision-", suffix=".tmp", dir=path.parent)
+            try:
+                with os.fdopen(fd, "w") as fh:
+                    json.dump(doc, fh, indent=1, sort_keys=True)
+                    fh.flush()
+                    os.fsync(fh.fileno())
+                os.replace(tmp, path)
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
+                raise
+    except OSError as exc:  # a read-only home must not stop indexing: measure again next time
+        log.warning("could not save the precision choice to %s: %s", path, exc)
+    return entry
+
+
+# -- the encoder's hook ------------------------------------------------------------------
+
+
+def choose(encoder: Encoder, refresh: bool = False) -> dict:
+    """The cached or freshly measured entry for this encoder's model on this machine."""
+    key = machine_key(encoder.fingerprint)
+    entry = None if refresh else cached_entry(key)
+    source = "cached"
+    if entry is None or entry["chosen"] not in candidates(encoder.device.type):
+        log.info("measuring CPU precision modes for %s (once per model and machine)", encoder.spec.label)
+        entry = store_entry(key, measure(encoder))
+        source = "measured"
+    return {**entry, "source": source}
+
+
+def settle(encoder: Encoder, requested: str) -> dict:
+    """Called by Encoder on a CPU: make `auto` concrete, check a forced mode; returns the report."""
+    report: dict[str, Any] = {"requested": requested}
+    if requested == "auto":
+        entry = choose(encoder)
+        if entry["chosen"] != encoder.precision:
+            encoder.set_precision(entry["chosen"], check=False)
+    elif requested in ("bf16", "int8"):
+        entry = choose(encoder)
+        if requested not in entry.get("agreement", {}) and requested not in entry.get("errors", {}):
+            entry = choose(encoder, refresh=True)  # cached before this mode was a candidate
+        figures = entry.get("agreement", {}).get(requested)
+        if figures is not None and not figures.get("ok"):
+            log.warning("--precision %s disagrees with fp32 for %s on this machine (%s); "
+                        "its vectors may rank images differently. Use --precision auto or fp32.",
+                        requested, encoder.spec.label, describe_agreement(figures))
+    else:  # fp32: the reference itself, nothing to check
+        entry = cached_entry(machine_key(encoder.fingerprint)) or {}
+        entry = {**entry, "source": "cached"} if entry else {"source": "not measured"}
+    report.update(entry)
+    report["precision"] = encoder.precision
+    return report
+
+
+def describe_agreement(figures: dict) -> str:
+    parts = [f"cosine to fp32 {figures['cosine_mean']:.4f} (min {figures['cosine_min']:.4f}, "
+             f"needs >= {MIN_COSINE})"]
+    if "top10_overlap" in figures:
+        parts.append(f"top-10 overlap {figures['top10_overlap']:.2f} (needs >= {MIN_OVERLAP})")
+    return ", ".join(parts)
+
+
+def describe(report: dict | None) -> str:
+    """One line for --verbose and status: the mode, why, and the measured rates/agreement."""
+    if not report:
+        return "precision: not measured (GPU or fp32 forced)"
+    precision = report.get("precision") or report.get("chosen")
+    head = f"precision: {precision}"
+    if report.get("requested") == "auto":
+        head += f" (auto, {report.get('source', 'cached')})"
+    elif report.get("requested"):
+        head += f" (forced; auto would choose {report['chosen']})" if report.get("chosen") else " (forced)"
+    rates = report.get("rates") or {}
+    if rates:
+        head += "; img/s " + ", ".join(f"{m} {r:g}" for m, r in rates.items())
+    for mode, figures in (report.get("agreement") or {}).items():
+        verdict = "agrees" if figures.get("ok") else "DISAGREES"
+        overlap = f", top-10 {figures['top10_overlap']:.2f}" if "top10_overlap" in figures else ""
+        head += f"; {mode} {verdict} (cos {figures['cosine_mean']:.4f}{overlap})"
+    key = report.get("key")
+    if key:
+        head += f"; measured {str(report.get('measured_at', ''))[:10]} on {key['cpu']} x{key['cores']}, torch {key['torch']}"
+    return head
+
+
+# -- the library side --------------------------------------------------------------------
+
+
+def vectors_by_precision(library: Library) -> dict[str, int]:
+    """How many stored vectors each precision made ('unknown': no run or no precision recorded)."""
+    from sqlalchemy import text
+
+    with library.engine.connect() as conn:
+        return dict(conn.execute(text(
+            "SELECT coalesce(r.precision, 'unknown'), count(*) FROM images i "
+            "LEFT JOIN runs r ON r.id = i.run_id GROUP BY 1 ORDER BY 1")).all())
+
+
+def mixed_precision_runs(library: Library) -> list[dict]:
+    """The runs whose vectors are still stored, when they used more than one precision; else [].
+
+    Judged by the vectors the library holds now, not by run history: a run whose
+    images were all re-embedded or removed since no longer counts.
+    """
+    from sqlalchemy import text
+
+    with library.engine.connect() as conn:
+        rows = conn.execute(text(
+            "SELECT i.run_id AS run_id, r.kind AS kind, r.status AS status, r.precision AS precision, "
+            "count(*) AS images FROM images i LEFT JOIN runs r ON r.id = i.run_id "
+            "GROUP BY i.run_id ORDER BY i.run_id")).mappings().all()
+    runs = [{**dict(r), "precision": r["precision"] or "unknown"} for r in rows]
+    return runs if len({r["precision"] for r in runs}) > 1 else []
+
+
+def mixed_precision_problem(library: Library) -> str | None:
+    """verify's sentence for a library whose vectors were made at different precisions."""
+    counts = vectors_by_precision(library)
+    if len(counts) <= 1:
+        return None
+    made = ", ".join(f"{n} at {p}" for p, n in sorted(counts.items()))
+    return (f"vectors made at different precisions ({made}); scores mix slightly different "
+            "embeddings (run `clipfind reindex --precision fp32`, or another single precision)")
+
+
+def auto_precision_here(library: Library) -> dict | None:
+    """For `clipfind status`: the cached auto choice for the library's model on this machine, if any."""
+    record = library.model_record
+    entry = cached_entry(machine_key(record["fingerprint"])) if record else None
+    if not entry:
+        return None
+    return {k: entry.get(k) for k in ("chosen", "why", "rates", "agreement", "measured_at", "key")}
+
+
+def status_line(auto: dict | None) -> str:
+    """One line about `auto_precision_here` for `clipfind status`."""
+    if not auto:
+        return "auto not measured on this machine yet (the first encoding measures it, a few seconds)"
+    key = auto.get("key") or {}
+    rates = ", ".join(f"{m} {r:g}" for m, r in (auto.get("rates") or {}).items())
+    agree = ", ".join(f"{m} cos {f['cosine_mean']:.4f}" + ("" if f.get("ok") else " DISAGREES")
+                      for m, f in (auto.get("agreement") or {}).items())
+    return (f"auto here = {auto['chosen']} ({rates} img/s; {agree}; measured "
+            f"{str(auto.get('measured_at', ''))[:10]} on {key.get('cpu')} x{key.get('cores')}, "
+            f"torch {key.get('torch')})")
+
+
+def reembed(library: Library, precision: str = "fp32", device: str = "auto",
+            batch_size: int | None = None, workers: int | None = None, progress: bool = False,
+            wait: bool = False) -> dict:
+    """Re-encode every stored image at one precision, through the indexer's pipeline.
+
+    Each file whose size and mtime still match its row is decoded and encoded again
+    (one transaction per batch; copies of the same bytes share one encoding); the
+    FAISS cache then catches up. Files gone or changed on disk keep their old vector
+    and are counted: `clipfind index` their folders first. Resumable in the sense
+    that matters: a killed run leaves each row either old or new, both valid.
+    """
+    from retrieval.errors import LibraryError
+    from retrieval.index.indexer import IndexOptions, _Run, mark_stale_runs, refresh_vectors
+    from retrieval.index.planner import Plan, Work
+    from retrieval.media.scan import FileEntry
+
+    if library.model_record is None:
+        raise LibraryError(f"the library at {library.root} has no images yet; nothing to re-embed")
+    started = time.perf_counter()
+    with library.write_lock(wait=wait):
+        mark_stale_runs(library)
+        plan, stale = Plan(), 0
+        first_of: dict[str, int] = {}
+        with library.engine.connect() as conn:
+            from sqlalchemy import text
+
+            rows = conn.execute(text("SELECT id, path, path_bytes, size, mtime_ns, content_hash "
+                                     "FROM images ORDER BY id")).all()
+        from retrieval.store.schema import path_from_db
+
+        for r in rows:
+            path = path_from_db(r.path, r.path_bytes)
+            try:
+                st = os.stat(path)
+            except OSError:
+                stale += 1
+                continue
+            if (st.st_size, st.st_mtime_ns) != (r.size, r.mtime_ns):
+                stale += 1
+                continue
+            work = Work(FileEntry(path, r.size, r.mtime_ns), r.content_hash, row_id=r.id)
+            if r.content_hash in first_of:
+                plan.late_copies.append(work)
+            else:
+                first_of[r.content_hash] = r.id
+                plan.encode.append(work)
+        plan.scanned = len(rows)
+        options = IndexOptions(workers=workers, batch_size=batch_size, progress=progress)
+        runner = _Run(library, [], None, device, precision, options)
+        encoder = library.encoder(device=device, precision=precision)
+        if precision != "auto" and encoder.precision != precision:
+            encoder.set_precision(precision)
+        runner.run_id = library.start_run("reembed")
+        status = "failed"
+        try:
+            runner._encode(plan)
+            runner._late_copies(plan)
+            status = "done"
+        except KeyboardInterrupt:
+            status = "interrupted"
+            raise
+        finally:
+            stats = {"images": len(rows), "encoded": runner.stats["encoded"],
+                     "reembedded": runner.stats["indexed"], "stale": stale,
+                     "skipped": len(runner.skipped), "precision": encoder.precision,
+                     "seconds": round(time.perf_counter() - started, 3)}
+            try:
+                stats["faiss"] = refresh_vectors(library)
+            finally:
+                library.finish_run(runner.run_id, status, stats)
+    stats["vectors_by_precision"] = vectors_by_precision(library)
+    return stats

@@ -1,0 +1,1 @@
+"""The query operations: query and filter types, the searcher, the text-embedding cache, result rendering."""

@@ -1,0 +1,588 @@
+"""Queries: words and example images -> one query vector -> FAISS top-k -> filtered, typed results.
+
+How a query becomes one vector (all embeddings L2-normalised):
+
+    q = normalise( sum_i w_i * p_i  -  lambda * sum_j n_j )
+
+p_i are the positive terms (texts, each the prompt ensemble of its templates
+unless raw; images, the stored vector when the file is indexed, else encoded
+on the fly), w_i their weights (1 unless given), n_j the negative terms and
+lambda the negative weight (NEGATIVE_WEIGHT by default, chosen by measurement
+on the tiny test model: it demotes what it names while keeping the rest of the
+ranking). Scores are cosine similarities between q and each image.
+
+Filters never lose recall: the ids they allow are selected in SQL first and
+FAISS searches only those (an id selector on an exact index; on an
+approximate index a filtered set small enough is scored exactly from the
+database's own vectors instead).
+
+Nothing here imports torch: the model is loaded only when a text is not in the
+cache or a query image is not in the library.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import math
+import os
+import re
+import time
+import weakref
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from datetime import datetime
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from sqlalchemy import select, text
+
+from retrieval.errors import ClipfindError, InputError
+from retrieval.query.textcache import CACHE_NAME, CachedText, TextCache, cache_key
+from retrieval.store.schema import Image, blobs_to_matrix, path_from_db, path_to_db
+
+if TYPE_CHECKING:
+    from retrieval.store.library import Library
+
+DEFAULT_TEMPLATES = "photo"  # retrieval.prompting.prompts.PHOTO_TEMPLATES; see README for the measurement
+NEGATIVE_WEIGHT = 0.5  # lambda in the formula above
+EXACT_FILTER_LIMIT = 50_000  # filtered sets up to this size are scored exactly on approximate indexes
+# One query is a batch of a few texts or one image: torch's second thread costs more
+# in hand-offs than it saves (tiny model, busy 2-core machine: 300 ms vs 2 ms per
+# text batch), so queries run on one thread; None leaves torch's setting alone.
+QUERY_THREADS: int | None = 1
+_WEIGHT_SUFFIX = re.compile(r"^(?P<term>.*\S)\^(?P<weight>[0-9]*\.?[0-9]+)$")
+_GLOB_CHARS = set("*?[")
+
+
+# -- the query ---------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Term:
+    kind: str  # "text" or "image"
+    value: str
+    weight: float = 1.0
+
+    def describe(self) -> str:
+        shown = f'"{self.value}"' if self.kind == "text" else f"image {os.path.basename(self.value)}"
+        return shown if self.weight == 1.0 else f"{self.weight:g}×{shown}"
+
+
+def split_weight(term: str, default: float = 1.0) -> tuple[str, float]:
+    """`beach^2` -> ("beach", 2.0): a Lucene-style per-term weight; plain terms get `default`."""
+    match = _WEIGHT_SUFFIX.match(term)
+    if match is None or os.path.exists(term):
+        return term, default
+    return match["term"], float(match["weight"])
+
+
+@dataclass
+class Query:
+    """What to look for. Image values should be absolute paths (the server has its own cwd)."""
+
+    positive: list[Term] = field(default_factory=list)
+    negative: list[Term] = field(default_factory=list)
+    templates: tuple[str, ...] | None = None  # prompt templates ("a photo of {}."); None: texts as typed
+    negative_weight: float = NEGATIVE_WEIGHT
+
+    @classmethod
+    def build(cls, texts: str | Sequence[str] = (), images: str | Sequence[str] = (),
+              not_texts: str | Sequence[str] = (), not_images: str | Sequence[str] = (),
+              image_weight: float = 1.0, templates: str | Sequence[str] | None = DEFAULT_TEMPLATES,
+              raw: bool = False, negative_weight: float = NEGATIVE_WEIGHT) -> Query:
+        """Terms from plain strings; `term^W` sets one term's weight (texts default 1, images `image_weight`).
+
+        `templates` is a template set name or file (read here, so a server in another
+        folder sees the same templates) or the templates themselves.
+        """
+        def terms(kind: str, values, default: float) -> list[Term]:
+            values = [values] if isinstance(values, (str, os.PathLike)) else list(values or ())
+            out = []
+            for value in values:
+                value, weight = split_weight(os.fspath(value), default)
+                if kind == "image":
+                    value = os.path.abspath(os.path.expanduser(value))
+                out.append(Term(kind, value, weight))
+            return out
+
+        return cls(
+            positive=terms("text", texts, 1.0) + terms("image", images, image_weight),
+            negative=terms("text", not_texts, 1.0) + terms("image", not_images, 1.0),
+            templates=None if raw or templates is None else _resolve_templates(templates),
+            negative_weight=negative_weight,
+        )
+
+    def describe(self) -> str:
+        out = " + ".join(t.describe() for t in self.positive)
+        for term in self.negative:
+            out += f" − {self.negative_weight:g}×{term.describe()}"
+        return out
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> Query:
+        return cls(positive=[Term(**t) for t in data.get("positive", [])],
+                   negative=[Term(**t) for t in data.get("negative", [])],
+                   templates=tuple(data["templates"]) if data.get("templates") else None,
+                   negative_weight=float(data.get("negative_weight", NEGATIVE_WEIGHT)))
+
+
+def _resolve_templates(templates: str | Sequence[str]) -> tuple[str, ...]:
+    from retrieval.prompting.prompts import template_set
+
+    return template_set(templates) if isinstance(templates, str) else tuple(templates)
+
+
+@dataclass
+class Filters:
+    """Restrictions on which images may be returned; all of them must hold."""
+
+    path: str | None = None  # a folder or file prefix, or a glob over the full path (* ? [...])
+    after: datetime | None = None  # taken (EXIF) at or after, else file modified at or after
+    before: datetime | None = None  # strictly before
+    tags: tuple[str, ...] = ()  # every one of these tag labels
+    min_score: float | None = None
+
+    @property
+    def selects_rows(self) -> bool:
+        return bool(self.path or self.after or self.before or self.tags)
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        for key in ("after", "before"):
+            data[key] = data[key].isoformat() if data[key] else None
+        data["tags"] = list(self.tags)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict | None) -> Filters:
+        data = dict(data or {})
+        for key in ("after", "before"):
+            data[key] = datetime.fromisoformat(data[key]) if data.get(key) else None
+        data["tags"] = tuple(data.get("tags") or ())
+        return cls(**{k: data.get(k) for k in ("path", "after", "before", "tags", "min_score")})
+
+
+def normalise_path_filter(value: str) -> str:
+    """A relative path or glob is taken from the current folder, like any path on a command line."""
+    value = os.path.expanduser(value)
+    if value.startswith(("/", "*")):
+        return value
+    return os.path.join(os.path.abspath("."), value)
+
+
+# -- results -----------------------------------------------------------------------------
+@dataclass
+class SearchResult:
+    rank: int
+    score: float
+    image_id: int
+    path: str  # as `open()` wants it (undecodable bytes as surrogates)
+    size: int
+    width: int | None
+    height: int | None
+    taken_at: datetime | None
+
+    def to_dict(self) -> dict:
+        """JSON-ready; a file name that is not UTF-8 shows as \\xNN and keeps its bytes in path_b64."""
+        data = asdict(self)
+        raw = os.fsencode(self.path)
+        data["path"] = raw.decode("utf-8", "backslashreplace")
+        if data["path"] != self.path:
+            data["path_b64"] = base64.b64encode(raw).decode("ascii")
+        data["score"] = round(float(self.score), 6)
+        data["taken_at"] = self.taken_at.isoformat() if self.taken_at else None
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict) -> SearchResult:
+        data = dict(data)
+        data["taken_at"] = datetime.fromisoformat(data["taken_at"]) if data.get("taken_at") else None
+        if data.get("path_b64"):
+            data["path"] = os.fsdecode(base64.b64decode(data["path_b64"]))
+        return cls(**{k: data.get(k) for k in cls.__dataclass_fields__})
+
+
+@dataclass
+class SearchResponse:
+    """Results plus what a person should know about them (warnings, model, timings in ms)."""
+
+    results: list[SearchResult]
+    query: str
+    model: str = ""
+    random_weights: bool = False
+    warnings: list[str] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)
+    text_cache: dict[str, int] = field(default_factory=lambda: {"hits": 0, "misses": 0})
+    library_size: int = 0
+
+    def __iter__(self):
+        return iter(self.results)
+
+    def __len__(self) -> int:
+        return len(self.results)
+
+    def __getitem__(self, index):
+        return self.results[index]
+
+    def to_dict(self) -> dict:
+        data = {k: v for k, v in self.__dict__.items() if k != "results"}
+        data["results"] = [r.to_dict() for r in self.results]
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict) -> SearchResponse:
+        data = dict(data)
+        results = [SearchResult.from_dict(r) for r in data.pop("results", [])]
+        return cls(results=results, **{k: v for k, v in data.items() if k in cls.__dataclass_fields__})
+
+
+# -- the searcher ------------------------------------------------------------------------
+class Searcher:
+    """Answers queries on one library; keeps the model (once needed), index and text cache warm."""
+
+    def __init__(self, library: Library, spec=None, device: str = "auto", precision: str = "auto",
+                 cache: TextCache | None = None, query_threads: int | None = QUERY_THREADS) -> None:
+        record = library.model_record
+        if record is None:
+            raise ClipfindError(f"the library at {library.root} is empty: run `clipfind index FOLDER` first")
+        if spec is not None:
+            library.check_model_spec(spec)
+        self.library = library
+        self.record = record
+        self.spec = spec
+        self.device, self.precision = device, precision
+        self.cache = cache if cache is not None else TextCache(library.root / CACHE_NAME)
+        self.query_threads = query_threads
+        self._index_stamp: tuple[int, int] | None = None
+
+    @property
+    def model_label(self) -> str:
+        return str(self.record.get("label", ""))
+
+    @property
+    def random_weights(self) -> bool:
+        return bool(self.record.get("spec", {}).get("random_weights"))
+
+    def encoder(self):
+        return self.library.encoder(self.spec, self.device, self.precision)
+
+    # -- query vectors -----------------------------------------------------------------
+    def text_vectors(self, texts: Sequence[str], template_list: tuple[str, ...] | None,
+                     warnings: list[str]) -> np.ndarray:
+        """One unit vector per text, from the cache where possible, else one batched encode."""
+        keys = [cache_key(self.record["fingerprint"], template_list, t) for t in texts]
+        found: dict[int, CachedText] = {}
+        for i, key in enumerate(keys):
+            entry = self.cache.get(key)
+            if entry is not None:
+                found[i] = entry
+        missing = [i for i in range(len(texts)) if i not in found]
+        if missing:
+            encoder = self.encoder()
+            vectors = self._encode_texts(encoder, [texts[i] for i in missing], template_list)
+            for i, vector in zip(missing, vectors):
+                entry = CachedText(vector, self._tokens(encoder, texts[i], template_list),
+                                   encoder.context_length)
+                self.cache.put(keys[i], entry)
+                found[i] = entry
+        for i, t in enumerate(texts):
+            if found[i].tokens > found[i].context:
+                shown = t if len(t) <= 40 else t[:37] + "..."
+                warnings.append(f'query "{shown}" needs {found[i].tokens} tokens; the model '
+                                f"reads only {found[i].context}, so the rest was cut off")
+        return np.stack([found[i].vector for i in range(len(texts))]) if texts else np.zeros((0, 0))
+
+    def _encode_texts(self, encoder, texts: list[str], templates: tuple[str, ...] | None) -> np.ndarray:
+        from retrieval.prompting.prompts import encode_prompted
+
+        with _torch_threads(self.query_threads):
+            if templates is None:
+                return encoder.encode_texts(texts)
+            return encode_prompted(encoder, texts, templates)
+
+    @staticmethod
+    def _tokens(encoder, phrase: str, templates: tuple[str, ...] | None) -> int:
+        texts = [phrase] if templates is None else [t.format(phrase) for t in templates]
+        return max(encoder.token_count(t) for t in texts)
+
+    def image_vector(self, path: str, warnings: list[str]) -> tuple[np.ndarray, int | None]:
+        """(unit vector, id of the row that *is* this file or None); stored vectors are reused."""
+        from retrieval.media.images import ImageError, open_image
+        from retrieval.media.scan import content_hash
+
+        path = os.path.abspath(path)
+        stored = path_to_db(path)[0]
+        with self.library.engine.connect() as conn:
+            row = conn.execute(text("SELECT id, size, mtime_ns, embedding FROM images WHERE path = :p"),
+                               {"p": stored}).first()
+            try:
+                st = os.stat(path)
+            except OSError as exc:
+                if row is not None:
+                    warnings.append(f"{path} is gone from disk; using its stored vector")
+                    return self._unpack(row.embedding), row.id
+                raise InputError(f"cannot read query image {path}: {exc.strerror or exc}") from exc
+            if row is not None and row.size == st.st_size and row.mtime_ns == st.st_mtime_ns:
+                return self._unpack(row.embedding), row.id
+            try:
+                digest = content_hash(path)
+            except OSError as exc:
+                raise InputError(f"cannot read query image {path}: {exc.strerror or exc}") from exc
+            same = conn.execute(text("SELECT id, embedding FROM images WHERE content_hash = :h LIMIT 1"),
+                                {"h": digest}).first()
+        own_id = row.id if row is not None else None
+        if same is not None:
+            return self._unpack(same.embedding), own_id
+        try:
+            image = open_image(path)
+        except ImageError as exc:
+            raise ImageError(exc.kind, f"query image {exc}") from None
+        encoder = self.encoder()
+        with _torch_threads(self.query_threads):
+            return encoder.encode_images([image])[0], own_id
+
+    def _unpack(self, blob: bytes) -> np.ndarray:
+        return blobs_to_matrix([blob], int(self.record["embed_dim"]))[0].copy()
+
+    def query_vector(self, query: Query, warnings: list[str]) -> tuple[np.ndarray, set[int]]:
+        """The combined unit query vector, and the ids of library rows that are query images."""
+        if not query.positive:
+            raise InputError("nothing to search for: give a text, --image FILE, or both")
+        for term in query.positive + query.negative:
+            if term.kind == "text" and not term.value.strip():
+                raise InputError("empty query text")
+            if not math.isfinite(term.weight):
+                raise InputError(f"bad weight {term.weight} for {term.describe()}")
+        if not math.isfinite(query.negative_weight) or query.negative_weight < 0:
+            raise InputError("the negative weight must be a number >= 0")
+        terms = query.positive + query.negative
+        texts = [t.value.strip() for t in terms if t.kind == "text"]
+        text_vecs = iter(self.text_vectors(texts, query.templates, warnings))
+        self_ids: set[int] = set()
+        combined = np.zeros(int(self.record["embed_dim"]), np.float32)
+        for position, term in enumerate(terms):
+            if term.kind == "text":
+                vector = next(text_vecs)
+            else:
+                vector, own_id = self.image_vector(term.value, warnings)
+                if own_id is not None and position < len(query.positive):
+                    self_ids.add(own_id)
+            sign = 1.0 if position < len(query.positive) else -query.negative_weight
+            combined += sign * term.weight * vector
+        norm = float(np.linalg.norm(combined))
+        if norm < 1e-6:
+            raise InputError("the query terms cancel out; change the weights or the negative terms")
+        return (combined / norm).astype(np.float32), self_ids
+
+    # -- searching ---------------------------------------------------------------------
+    def search(self, query: Query, k: int = 10, filters: Filters | None = None) -> SearchResponse:
+        return self._answer(query, query.describe(), k, filters or Filters(), leave_out_query_files=False)
+
+    def similar(self, path: str, k: int = 10, filters: Filters | None = None) -> SearchResponse:
+        """Images most like the file at `path`, never the file itself (near-duplicates first)."""
+        query = Query(positive=[Term("image", os.path.abspath(path))])
+        return self._answer(query, f"like {query.positive[0].value}", k, filters or Filters(),
+                            leave_out_query_files=True)
+
+    def _answer(self, query: Query, described: str, k: int, filters: Filters,
+                leave_out_query_files: bool) -> SearchResponse:
+        if k < 1:
+            raise InputError("k must be at least 1")
+        started = time.perf_counter()
+        warnings: list[str] = []
+        cache_before = (self.cache.hits, self.cache.misses)
+        vector, query_files = self.query_vector(query, warnings)
+        exclude = query_files if leave_out_query_files else set()
+        timings = {"encode": _ms(started)}
+        mark = time.perf_counter()
+        vectors = self.fresh_vectors()
+        timings["sync"] = _ms(mark)
+        total = int(vectors.index.ntotal) if vectors.index is not None else 0
+        if total == 0:
+            raise ClipfindError(f"the library at {self.library.root} is empty: run `clipfind index FOLDER` first")
+        mark = time.perf_counter()
+        allowed = self.allowed_ids(filters) if filters.selects_rows else None
+        timings["sql_filter"] = _ms(mark)
+        mark = time.perf_counter()
+        ids, scores = self._nearest(vectors, vector, k + len(exclude), allowed, filters)
+        timings["faiss"] = _ms(mark)
+        keep = [(i, s) for i, s in zip(ids, scores) if i not in exclude
+                and (filters.min_score is None or s >= filters.min_score)][:k]
+        mark = time.perf_counter()
+        results = self.fetch_results(keep)
+        timings["sql_fetch"] = _ms(mark)
+        timings["sql"] = round(timings.pop("sql_filter") + timings.pop("sql_fetch"), 3)
+        timings["total"] = _ms(started)
+        if self.random_weights:
+            warnings.insert(0, f"using {self.model_label}")
+        return SearchResponse(
+            results=results, query=described, model=self.model_label, random_weights=self.random_weights,
+            warnings=warnings, timings=timings, library_size=total,
+            text_cache={"hits": self.cache.hits - cache_before[0], "misses": self.cache.misses - cache_before[1]},
+        )
+
+    def fresh_vectors(self):
+        """The index, caught up with the database; re-read first if another process saved a newer one.
+
+        The indexer prunes the change log once it has saved the index, so a long-lived
+        searcher (the server) catching up from its own older copy would find a gap and
+        rebuild from every row; reading the saved file and catching up from there does not.
+        """
+        vectors = self.library.vectors(sync=False)
+        if self._index_stamp is not None and _stamp(vectors.state_path) != self._index_stamp:
+            vectors.load()
+        vectors.sync(self.library.engine)
+        self._index_stamp = _stamp(vectors.state_path)
+        return vectors
+
+    def _nearest(self, vectors, vector: np.ndarray, k: int, allowed: np.ndarray | None,
+                 filters: Filters) -> tuple[list[int], list[float]]:
+        if allowed is not None and len(allowed) == 0:
+            return [], []
+        exact = vectors.state.factory == "Flat"
+        if allowed is not None and not exact and len(allowed) <= EXACT_FILTER_LIMIT:
+            return self._exact_over(filters, vector, k)
+        found_scores, found_ids = _single_thread_search(vectors, vector, k, allowed)
+        pairs = [(int(i), float(s)) for i, s in zip(found_ids[0], found_scores[0]) if i >= 0]
+        return [p[0] for p in pairs], [p[1] for p in pairs]
+
+    def _exact_over(self, filters: Filters, vector: np.ndarray, k: int) -> tuple[list[int], list[float]]:
+        """Exact scores over the filtered rows' own vectors: recall an approximate index cannot lose."""
+        clauses, params = filter_sql(filters)
+        with self.library.engine.connect() as conn:
+            rows = conn.execute(text("SELECT id, embedding FROM images WHERE " + " AND ".join(clauses)),
+                                params).all()
+        scores = blobs_to_matrix([r[1] for r in rows], int(self.record["embed_dim"])) @ vector
+        order = np.argsort(-scores, kind="stable")[:k]
+        return [int(rows[i][0]) for i in order], [float(scores[i]) for i in order]
+
+    def allowed_ids(self, filters: Filters) -> np.ndarray:
+        """Ids of the rows every SQL-side filter allows (path, dates, tags)."""
+        clauses, params = filter_sql(filters)
+        sql = "SELECT id FROM images WHERE " + " AND ".join(clauses)
+        with self.library.engine.connect() as conn:
+            ids = conn.execute(text(sql), params).scalars().all()
+        return np.asarray(ids, dtype=np.int64)
+
+    def fetch_results(self, pairs: list[tuple[int, float]]) -> list[SearchResult]:
+        if not pairs:
+            return []
+        with self.library.session() as s:
+            rows = s.execute(select(Image.id, Image.path, Image.path_bytes, Image.size, Image.width,
+                                    Image.height, Image.taken_at)
+                             .where(Image.id.in_([i for i, _ in pairs]))).all()
+        by_id = {r.id: r for r in rows}
+        out = []
+        for image_id, score in pairs:
+            row = by_id.get(image_id)
+            if row is None:  # removed between the FAISS search and now
+                continue
+            out.append(SearchResult(len(out) + 1, float(score), image_id, path_from_db(row.path, row.path_bytes),
+                                    row.size, row.width, row.height, row.taken_at))
+        return out
+
+
+@contextlib.contextmanager
+def _torch_threads(n: int | None) -> Iterator[None]:
+    import torch
+
+    before = torch.get_num_threads()
+    if n is None or n == before:
+        yield
+        return
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _single_thread_search(vectors, vector: np.ndarray, k: int, allowed: np.ndarray | None):
+    """One query vector: FAISS parallelises over queries, so extra OpenMP threads only spin.
+
+    Their spinning also starves torch's threads on a small machine (seen here: a
+    tiny text encode went from 6 ms to 300 ms), so a single query runs on one.
+    """
+    import faiss
+
+    before = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)
+    try:
+        return vectors.search(vector[None, :], k, allowed_ids=allowed)
+    finally:
+        faiss.omp_set_num_threads(before)
+
+
+# SQLite's julianday() reads both the stored DateTime text and a bound ISO string.
+_WHEN = "coalesce(julianday(taken_at), julianday(mtime_ns / 1e9, 'unixepoch', 'localtime'))"
+
+
+def filter_sql(filters: Filters) -> tuple[list[str], dict[str, Any]]:
+    """WHERE clauses (ANDed) and parameters for the row filters."""
+    clauses: list[str] = []
+    params: dict[str, Any] = {}
+    if filters.path:
+        pattern = filters.path
+        if _GLOB_CHARS & set(pattern):
+            clauses.append("path GLOB :glob")
+            params["glob"] = pattern
+        else:
+            prefix = pattern.rstrip("/") or "/"
+            clauses.append("(path = :exact OR substr(path, 1, :n) = :prefix)")
+            params.update(exact=prefix, prefix=prefix.rstrip("/") + "/", n=len(prefix.rstrip("/")) + 1)
+    if filters.after:
+        clauses.append(f"{_WHEN} >= julianday(:after)")
+        params["after"] = filters.after.replace(tzinfo=None).isoformat(sep=" ")
+    if filters.before:
+        clauses.append(f"{_WHEN} < julianday(:before)")
+        params["before"] = filters.before.replace(tzinfo=None).isoformat(sep=" ")
+    for i, tag in enumerate(filters.tags):
+        clauses.append(f"id IN (SELECT image_id FROM tags WHERE label = :tag{i})")
+        params[f"tag{i}"] = tag
+    return clauses or ["1"], params
+
+
+def _stamp(path) -> tuple[int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_mtime_ns, st.st_ino
+
+
+def _ms(since: float) -> float:
+    return round((time.perf_counter() - since) * 1000, 3)
+
+
+# -- the library-level API ---------------------------------------------------------------
+_SEARCHERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def searcher_for(library: Library) -> Searcher:
+    """One warm searcher per open library (its text cache and model live with it)."""
+    searcher = _SEARCHERS.get(library)
+    if searcher is None or searcher.library.model_record != searcher.record:
+        searcher = Searcher(library)
+        _SEARCHERS[library] = searcher
+    return searcher
+
+
+def search(library: Library, text: str | Sequence[str] = (), *, image: str | Sequence[str] = (),
+           negative: str | Sequence[str] = (), negative_image: str | Sequence[str] = (),
+           k: int = 10, templates: str | None = DEFAULT_TEMPLATES, raw: bool = False,
+           image_weight: float = 1.0, negative_weight: float = NEGATIVE_WEIGHT,
+           path: str | None = None, after: datetime | None = None, before: datetime | None = None,
+           tags: Sequence[str] = (), min_score: float | None = None) -> SearchResponse:
+    """Search `library` by text and/or example images; see the module docstring for the formula.
+
+        lib.search("a red circle", k=5)
+        lib.search("circle", negative="red", path="/photos/2024")
+    """
+    query = Query.build(text, image, negative, negative_image, image_weight, templates, raw, negative_weight)
+    filters = Filters(path=normalise_path_filter(path) if path else None, after=after, before=before,
+                      tags=tuple([tags] if isinstance(tags, str) else tags), min_score=min_score)
+    if library.model_record is None:
+        raise ClipfindError(f"the library at {library.root} is empty: run `clipfind index FOLDER` first")
+    return searcher_for(library).search(query, k, filters)

@@ -1,0 +1,1 @@
+"""The long-running query server and the CLI's client for it."""

@@ -1,0 +1,280 @@
+"""A library: one directory holding `clipfind.db` (the truth) and the FAISS cache.
+
+Opening a library creates it if needed, brings its schema to the newest
+migration, and checks that the model you mean to use is the model that made
+its vectors. The CLI and Python users both start here:
+
+    from retrieval import Library
+    lib = Library.open("~/photos-index", model=ModelSpec(model_dir="..."))
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import shutil
+from collections.abc import Iterator
+from importlib import resources
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from alembic import command
+from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy import func, select, text
+from sqlalchemy.engine import Engine
+from sqlalchemy.exc import DatabaseError, OperationalError
+from sqlalchemy.orm import Session, sessionmaker
+
+from retrieval.errors import LibraryError
+from retrieval.model.spec import ModelSpec
+from retrieval.store.schema import Image, Meta, Run, make_engine, utcnow
+from retrieval.store.vectors import VectorIndex
+
+if TYPE_CHECKING:
+    from retrieval.model.encoder import Encoder
+
+DB_NAME = "clipfind.db"
+LOCK_NAME = "write.lock"
+
+
+def default_library_path() -> Path:
+    """$CLIPFIND_HOME, else $XDG_DATA_HOME/clipfind, else ~/.local/share/clipfind."""
+    if os.environ.get("CLIPFIND_HOME"):
+        return Path(os.environ["CLIPFIND_HOME"]).expanduser()
+    data_home = os.environ.get("XDG_DATA_HOME") or "~/.local/share"
+    return Path(data_home).expanduser() / "clipfind"
+
+
+def _alembic_config(connection) -> Config:
+    config = Config()
+    config.set_main_option("script_location", str(resources.files("retrieval.migrations")))
+    config.attributes["connection"] = connection
+    return config
+
+
+def migrate(engine: Engine) -> None:
+    """Upgrade to head; refuse a database written by a newer clipfind."""
+    with engine.begin() as conn:
+        config = _alembic_config(conn)
+        script = ScriptDirectory.from_config(config)
+        current = MigrationContext.configure(conn).get_current_revision()
+        known = {rev.revision for rev in script.walk_revisions()}
+        if current is not None and current not in known:
+            raise LibraryError(
+                f"this library's schema ({current}) is newer than this clipfind knows; "
+                "upgrade clipfind to open it"
+            )
+        if current != script.get_current_head():
+            command.upgrade(config, "head")
+
+
+class Library:
+    """Paths, database, model binding and vector index of one library directory."""
+
+    def __init__(self, root: Path, engine: Engine) -> None:
+        self.root = root
+        self.engine = engine
+        self.session_factory = sessionmaker(engine, expire_on_commit=False)
+        self._vectors: VectorIndex | None = None
+        self._encoder: Encoder | None = None
+
+    # -- opening ---------------------------------------------------------------------
+    @classmethod
+    def open(cls, path: str | Path | None = None, model: ModelSpec | None = None,
+             create: bool = True) -> Library:
+        root = Path(path).expanduser() if path else default_library_path()
+        db_path = root / DB_NAME
+        if not db_path.exists() and not create:
+            raise LibraryError(f"no library at {root} (run `clipfind index` to make one)")
+        created_dir = _make_dir(root)
+        try:
+            engine = make_engine(str(db_path))
+            migrate(engine)
+        except (OperationalError, DatabaseError) as exc:
+            if created_dir:
+                shutil.rmtree(root, ignore_errors=True)
+            reason = str(exc.orig) if getattr(exc, "orig", None) else str(exc)
+            raise LibraryError(f"cannot use {db_path} as a library database: {reason}") from exc
+        except LibraryError:
+            if created_dir:
+                shutil.rmtree(root, ignore_errors=True)
+            raise
+        library = cls(root, engine)
+        if model is not None:
+            library.check_model_spec(model)
+        return library
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    def __enter__(self) -> Library:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    @property
+    def db_path(self) -> Path:
+        return self.root / DB_NAME
+
+    def session(self) -> Session:
+        return self.session_factory()
+
+    # -- meta ------------------------------------------------------------------------
+    def get_meta(self, key: str) -> dict | str | None:
+        with self.session() as s:
+            row = s.get(Meta, key)
+            return json.loads(row.value) if row else None
+
+    def set_meta(self, key: str, value) -> None:
+        with self.session() as s, s.begin():
+            s.merge(Meta(key=key, value=json.dumps(value)))
+
+    # -- the model -------------------------------------------------------------------
+    @property
+    def model_record(self) -> dict | None:
+        """What the library knows of the model that made its vectors (None if no model yet)."""
+        record = self.get_meta("model")
+        return record if isinstance(record, dict) else None
+
+    def check_model_spec(self, spec: ModelSpec) -> None:
+        """Refuse a model spec other than the recorded one, before anything is loaded."""
+        record = self.model_record
+        if record is not None and record["spec"] != json.loads(spec.to_json()):
+            raise LibraryError(
+                f"this library was made with {record['label']}, not {spec.label}; use that model, "
+                "or another --library"
+            )
+
+    def bind_encoder(self, encoder: Encoder) -> None:
+        """Record the encoder's model on first use; afterwards insist on the same weights."""
+        record = self.model_record
+        if record is None:
+            self.set_meta("model", encoder.describe())
+        elif record["fingerprint"] != encoder.fingerprint or record["embed_dim"] != encoder.embed_dim:
+            raise LibraryError(
+                f"the weights of {encoder.spec.label} are not the weights this library was made "
+                f"with (fingerprint {encoder.fingerprint} vs {record['fingerprint']})"
+            )
+        self._encoder = encoder
+
+    def encoder(self, spec: ModelSpec | None = None, device: str = "auto",
+                precision: str = "auto") -> Encoder:
+        """The library's model, loaded once per process; `spec` defaults to the recorded one."""
+        if self._encoder is not None and (spec is None or spec == self._encoder.spec):
+            return self._encoder
+        if spec is None:
+            record = self.model_record
+            if record is None:
+                raise LibraryError(f"the library at {self.root} has no model yet; index some images first")
+            spec = ModelSpec(**record["spec"])
+        else:
+            self.check_model_spec(spec)
+        from retrieval.model.encoder import Encoder  # torch loads only when a model is needed
+
+        self.bind_encoder(Encoder(spec, device=device, precision=precision))
+        return self._encoder
+
+    @property
+    def dim(self) -> int:
+        record = self.model_record
+        if record is None:
+            raise LibraryError(f"the library at {self.root} has no model yet; index some images first")
+        return int(record["embed_dim"])
+
+    # -- vectors ---------------------------------------------------------------------
+    def vectors(self, sync: bool = True) -> VectorIndex:
+        """The FAISS index, caught up with the database (built on first use)."""
+        if self._vectors is None:
+            self._vectors = VectorIndex(self.root, self.dim)
+        if sync:
+            self._vectors.sync(self.engine)
+        return self._vectors
+
+    def image_count(self) -> int:
+        with self.session() as s:
+            return s.scalar(select(func.count(Image.id))) or 0
+
+    # -- writing ---------------------------------------------------------------------
+    @contextlib.contextmanager
+    def write_lock(self, wait: bool = False) -> Iterator[None]:
+        """One writer at a time (index, tag, remove, reindex); readers never wait."""
+        lock_path = self.root / LOCK_NAME
+        with open(lock_path, "a+") as fh:
+            try:
+                fcntl.flock(fh, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+            except BlockingIOError:
+                fh.seek(0)
+                holder = fh.read().strip() or "another process"
+                raise LibraryError(
+                    f"the library at {self.root} is busy ({holder}); wait for it to finish or use --wait"
+                ) from None
+            fh.seek(0)
+            fh.truncate()
+            fh.write(f"pid {os.getpid()}")
+            fh.flush()
+            try:
+                yield
+            finally:
+                fh.truncate(0)
+                fcntl.flock(fh, fcntl.LOCK_UN)
+
+    def start_run(self, kind: str, precision: str | None = None, device: str | None = None) -> int:
+        with self.session() as s, s.begin():
+            run = Run(kind=kind, status="running", precision=precision, device=device, stats={})
+            s.add(run)
+            s.flush()
+            return run.id
+
+    def finish_run(self, run_id: int, status: str, stats: dict) -> None:
+        with self.session() as s, s.begin():
+            run = s.get(Run, run_id)
+            run.status, run.finished_at, run.stats = status, utcnow(), stats
+
+    def integrity_ok(self) -> bool:
+        with self.engine.connect() as conn:
+            return conn.execute(text("PRAGMA quick_check")).scalar_one() == "ok"
+
+    # -- tagging ---------------------------------------------------------------------
+    def tag(self, labels, strategy: str = "template", **kwargs):
+        """Auto-tag every stored vector; see `retrieval.tagging.autotag.auto_tag` for the options."""
+        from retrieval.tagging.autotag import auto_tag
+
+        return auto_tag(self, labels, strategy, encoder=kwargs.pop("encoder", None) or self.encoder(), **kwargs)
+
+    # -- searching -------------------------------------------------------------------
+    def search(self, text=(), **options):
+        """Text and/or image search; typed results. See `retrieval.query.search.search` for the options."""
+        from retrieval.query.search import search
+
+        return search(self, text, **options)
+
+    # -- indexing --------------------------------------------------------------------
+    def index(self, paths, model: ModelSpec | None = None, **options):
+        """Add the images under `paths` or bring them up to date; returns an `IndexResult`.
+
+        `options`: `device`, `precision` and the fields of `retrieval.index.indexer.IndexOptions`
+        (workers, batch_size, index_type, dry_run, ...). See `retrieval.index.indexer.index_paths`.
+        """
+        from retrieval.index.indexer import IndexOptions, index_paths
+
+        device, precision = options.pop("device", "auto"), options.pop("precision", "auto")
+        roots = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
+        return index_paths(self, roots, model, device, precision, IndexOptions(**options))
+
+
+def _make_dir(root: Path) -> bool:
+    """Create the library directory; True if we made it (so a failure can undo it)."""
+    if root.is_dir():
+        if not os.access(root, os.W_OK | os.X_OK):
+            raise LibraryError(f"cannot write to the library directory {root}")
+        return False
+    try:
+        root.mkdir(parents=True)
+    except (PermissionError, NotADirectoryError, FileExistsError, OSError) as exc:
+        raise LibraryError(f"cannot create a library at {root}: {exc.strerror or exc}") from exc
+    return True
