@@ -297,14 +297,21 @@ def remove_command(paths, library_path, dry_run, wait, verbose, as_json) -> None
 
 @click.command("reindex")
 @library_option
-@click.option("--index-type", metavar="FACTORY", help="FAISS factory string (default: keep the current type).")
+@click.option("--index-type", metavar="FACTORY",
+              help="FAISS factory string, or auto: planned from --memory-budget and tuned to --recall "
+                   "(default: keep the current type).")
+@click.option("--memory-budget", metavar="SIZE",
+              help="With --index-type auto: RAM the index may use when searching, e.g. 512M, 4G (default 4G).")
+@click.option("--recall", type=click.FloatRange(0, 1, min_open=True),
+              help="With --index-type auto: recall@10 against exact search to tune for (default 0.95).")
 @click.option("--precision", type=click.Choice(PRECISIONS),
               help="First re-encode every image at this precision (e.g. fp32), then rebuild.")
 @click.option("--device", default="auto", show_default=True, help="With --precision: auto, cpu, cuda, mps.")
 @click.option("--wait", is_flag=True, help="Wait for a running writer instead of refusing.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @json_option
-def reindex_command(library_path, index_type, precision, device, wait, quiet, as_json) -> None:
+def reindex_command(library_path, index_type, memory_budget, recall, precision, device, wait, quiet,
+                    as_json) -> None:
     """Rebuild the FAISS index from the stored vectors; with --precision, re-encode them first.
 
     Without --precision nothing is re-encoded. With it, every image is encoded
@@ -316,17 +323,24 @@ def reindex_command(library_path, index_type, precision, device, wait, quiet, as
       clipfind reindex
       clipfind reindex --index-type IVF1024,Flat
       clipfind reindex --index-type HNSW32
+      clipfind reindex --index-type auto --memory-budget 4G --recall 0.95
       clipfind reindex --precision fp32      # re-embed everything at fp32
     """
     from retrieval.index.indexer import rebuild_index
+    from retrieval.store.index_plan import parse_size
 
+    budget = parse_size(memory_budget) if memory_budget else None
+    if (budget or recall) and (index_type or "auto") != "auto":
+        raise click.UsageError("--memory-budget and --recall go with --index-type auto")
+    if (budget or recall) and not index_type:
+        index_type = "auto"
     redone = None
     with _open(library_path) as library:
         if precision:
             from retrieval.model.precision import reembed
 
             redone = reembed(library, precision, device, wait=wait, progress=not quiet)
-        stats = rebuild_index(library, index_type, wait=wait)
+        stats = rebuild_index(library, index_type, wait=wait, memory_budget=budget, recall=recall)
     if redone is not None:
         stats["reembedded"] = redone
     if as_json:
@@ -341,6 +355,17 @@ def reindex_command(library_path, index_type, precision, device, wait, quiet, as
                  "run `clipfind index` on their folders, then reindex again")
     click.echo(f"rebuilt a {stats['index_type']} index of {stats['vectors']} vectors "
                f"in {stats['seconds']:.1f} s")
+    if stats.get("reason"):
+        click.echo(f"  why: {stats['reason']}")
+    tuned = stats.get("tuned")
+    if tuned:
+        knob = f"nprobe {tuned['nprobe']}" if tuned["nprobe"] else f"efSearch {tuned['efsearch']}"
+        rerank = f", re-ranking {tuned['refine']}x{tuned['k']} candidates exactly" if tuned["refine"] > 1 else ""
+        click.echo(f"  tuned: {knob}{rerank}: recall@{tuned['k']} {tuned['recall']:.3f} "
+                   f"on {tuned['queries']} held-out queries (target {tuned['target']})")
+        if tuned["recall"] < tuned["target"]:
+            warn(f"the recall target {tuned['target']} was not reached; raise --memory-budget for "
+                 "an index that keeps more of each vector")
 
 
 COMMANDS = [index_command, status_command, verify_command, remove_command, reindex_command]

@@ -34,9 +34,10 @@ from retrieval.index.planner import (
 )
 from retrieval.media.images import DEFAULT_MAX_PIXELS
 from retrieval.model.encoder import Encoder, ModelSpec
+from retrieval.store.auto_index import DEFAULT_RECALL, build_auto
 from retrieval.store.library import LOCK_NAME, Library
 from retrieval.store.schema import ErrorRow, Image, Run, path_to_db, utcnow, vector_to_blob
-from retrieval.store.vectors import EXACT_LIMIT, choose_factory
+from retrieval.store.vectors import DEFAULT_MEMORY_BUDGET, EXACT_LIMIT, choose_factory
 
 NO_MODEL = "no model given: pass --model-dir DIR, or --model NAME --pretrained TAG"
 
@@ -355,8 +356,14 @@ def refresh_vectors(library: Library, factory: str | None = None) -> str:
     return action
 
 
-def rebuild_index(library: Library, factory: str | None = None, wait: bool = False) -> dict:
-    """`clipfind reindex`: rebuild FAISS from the database (the same type unless told)."""
+def rebuild_index(library: Library, factory: str | None = None, wait: bool = False,
+                  memory_budget: int | None = None, recall: float | None = None) -> dict:
+    """`clipfind reindex`: rebuild FAISS from the database (the same type unless told).
+
+    `factory="auto"` plans the index from the size and `memory_budget`, builds it in
+    shards on disk and tunes it to `recall`; the settings are remembered, so a
+    later plain `reindex` repeats them.
+    """
     if library.model_record is None:
         raise LibraryError(f"the library at {library.root} has no images yet; nothing to rebuild")
     with library.write_lock(wait=wait):
@@ -368,16 +375,33 @@ def rebuild_index(library: Library, factory: str | None = None, wait: bool = Fal
         chosen = factory or library.get_meta("index_type") or current or choose_factory(
             library.image_count(), library.dim)
         try:
-            refresh_vectors(library, chosen)
+            if chosen == "auto":
+                auto = _auto_settings(library, memory_budget, recall)
+                stats = build_auto(vectors, library.engine, auto["memory_budget"], auto["recall"])
+                vectors.prune_log(library.engine)
+                library.set_meta("index_auto", auto)
+            else:
+                refresh_vectors(library, chosen)
         except BaseException:
             library.finish_run(run_id, "failed", {})
             raise
         if factory:
             library.set_meta("index_type", factory)
-        stats = {"index_type": chosen, "vectors": int(vectors.index.ntotal),
-                 "seconds": round(time.perf_counter() - started, 3)}
+        if chosen != "auto":
+            stats = {"index_type": chosen, "vectors": int(vectors.index.ntotal),
+                     "seconds": round(time.perf_counter() - started, 3)}
         library.finish_run(run_id, "done", stats)
         return stats
+
+
+def _auto_settings(library: Library, memory_budget: int | None, recall: float | None) -> dict:
+    """This run's budget and recall target: given, else the last auto build's, else the defaults."""
+    before = library.get_meta("index_auto") or {}
+    recall = recall if recall is not None else before.get("recall", DEFAULT_RECALL)
+    if not 0 < recall <= 1:
+        raise InputError(f"--recall must be above 0 and at most 1, not {recall}")
+    budget = memory_budget or before.get("memory_budget", DEFAULT_MEMORY_BUDGET)
+    return {"memory_budget": int(budget), "recall": float(recall)}
 
 
 def remove_paths(library: Library, paths: Iterable[str | os.PathLike], dry_run: bool = False,

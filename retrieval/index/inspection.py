@@ -13,7 +13,6 @@ import os
 import random
 from dataclasses import dataclass, field
 
-import faiss
 import numpy as np
 from sqlalchemy import select, text
 
@@ -175,7 +174,7 @@ def _check_index(library: Library, dim: int, ids: np.ndarray, report: VerifyRepo
     elif action == "caught-up":
         report.notes.append("the saved FAISS index is behind the database; it catches up on next use")
     index = vectors.index
-    faiss_ids = np.sort(faiss.vector_to_array(index.id_map).astype(np.int64))
+    faiss_ids = vectors.ids()
     report.checked["index_type"] = vectors.state.factory
     report.checked["index_vectors"] = int(index.ntotal)
     if not np.array_equal(faiss_ids, np.sort(ids)):
@@ -207,7 +206,7 @@ def _spot_check(library: Library, vectors: VectorIndex, ids: np.ndarray, report:
         tolerance = EXACT_TOLERANCE if exact else 0.25
         bad = int((np.abs(got - stored).max(axis=1) > tolerance).sum())
     except RuntimeError:  # IVF/HNSW without a direct map: ask the index to find each vector
-        _, found = vectors.search(stored, 10)
+        _, found = vectors.search(stored, 10 * vectors.state.refine)  # PQ: as many as search re-ranks
         bad = sum(rid not in set(hits) for rid, hits in zip(row_ids, found.tolist()))
         if "HNSW" in vectors.state.factory:  # a graph search may miss a few, by design
             bad = 0 if bad <= 0.02 * len(row_ids) else bad

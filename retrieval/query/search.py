@@ -39,7 +39,9 @@ from sqlalchemy import select, text
 
 from retrieval.errors import ClipfindError, InputError
 from retrieval.query.textcache import CACHE_NAME, CachedText, TextCache, cache_key
+from retrieval.store.index_builder import SqlVectorSource
 from retrieval.store.schema import Image, blobs_to_matrix, path_from_db, path_to_db
+from retrieval.store.tuning import rerank
 
 if TYPE_CHECKING:
     from retrieval.store.library import Library
@@ -444,7 +446,12 @@ class Searcher:
         exact = vectors.state.factory == "Flat"
         if allowed is not None and not exact and len(allowed) <= EXACT_FILTER_LIMIT:
             return self._exact_over(filters, vector, k)
-        found_scores, found_ids = _single_thread_search(vectors, vector, k, allowed)
+        refine = vectors.state.refine
+        found_scores, found_ids = _single_thread_search(vectors, vector, k * refine, allowed)
+        if refine > 1:  # compressed codes: order the candidates by their exact stored vectors
+            with self.library.engine.connect() as conn:
+                fetch = SqlVectorSource(conn, int(self.record["embed_dim"])).fetch
+                found_scores, found_ids = rerank(vector[None, :], found_ids, fetch, k)
         pairs = [(int(i), float(s)) for i, s in zip(found_ids[0], found_scores[0]) if i >= 0]
         return [p[0] for p in pairs], [p[1] for p in pairs]
 

@@ -5,6 +5,10 @@ The index file (`index.faiss`) and its state (`index.json`: the last
 temp file, fsynced and renamed, faiss first. A crash between the two leaves an
 older watermark than the index really covers; catching up is idempotent
 (remove the logged ids, re-add what the database still has), so that is safe.
+
+An index built by `clipfind reindex --index-type auto` is *frozen*: HNSW in RAM
+or IVF lists memory-mapped read-only (`index-*.ivfdata`), never edited in
+place; rows changed since its watermark are served by `index_delta.Delta`.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,7 +25,10 @@ import numpy as np
 from sqlalchemy import bindparam, text
 from sqlalchemy.engine import Engine
 
+from retrieval.store.index_builder import BuiltIndex, data_files, open_index
+from retrieval.store.index_delta import Delta, merge_top_k
 from retrieval.store.schema import blobs_to_matrix
+from retrieval.store.tuning import SearchSetting, search_params
 
 EXACT_LIMIT = 100_000  # below this an exact inner-product scan is fast enough and perfect
 DEFAULT_MEMORY_BUDGET = 4 << 30  # bytes of vectors we are willing to hold in RAM
@@ -63,6 +71,17 @@ class IndexState:
     factory: str = "Flat"
     ntotal: int = 0
     nprobe: int = 16
+    frozen: bool = False  # built by index_builder: never edited; changes since `watermark` live in a Delta
+    on_disk: bool = False  # IVF lists in a memory-mapped index-*.ivfdata beside index.faiss
+    data_file: str | None = None  # its name (a new one per build, so a crash mid-build harms nothing)
+    efsearch: int = 0
+    refine: int = 1  # candidates per result re-ranked exactly from stored vectors (PQ codes)
+    plan: dict | None = None  # index_plan.IndexPlan, why this index
+    tuned: dict | None = None  # tuning.SearchSetting, the recall measured at these parameters
+
+    @property
+    def setting(self) -> SearchSetting:
+        return SearchSetting(nprobe=self.nprobe, efsearch=self.efsearch, refine=self.refine)
 
 
 class VectorIndex:
@@ -75,25 +94,51 @@ class VectorIndex:
         self.state_path = self.root / "index.json"
         self.index: faiss.Index | None = None
         self.state = IndexState()
+        self.delta = Delta.empty(dim)
+        self._delta_upto = -1
 
     # -- persistence -----------------------------------------------------------------
     def load(self) -> bool:
         """Read the saved index; False (and nothing loaded) if it is missing or unreadable."""
         try:
             state = IndexState(**json.loads(self.state_path.read_text()))
-            index = faiss.read_index(str(self.index_path))
+            index = open_index(self.index_path, state.on_disk)
         except (OSError, ValueError, TypeError, RuntimeError):
             return False
         if index.d != self.dim or index.ntotal != state.ntotal:
             return False
         self.index, self.state = index, state
+        self.delta, self._delta_upto = Delta.empty(self.dim), -1
         return True
 
     def save(self) -> None:
         assert self.index is not None
         self.state.ntotal = int(self.index.ntotal)
-        _fsync_write(self.index_path, lambda tmp: faiss.write_index(self.index, str(tmp)))
+        if not self.state.frozen:
+            _fsync_write(self.index_path, lambda tmp: faiss.write_index(self.index, str(tmp)))
         _fsync_write(self.state_path, lambda tmp: tmp.write_text(json.dumps(self.state.__dict__)))
+
+    def install(self, built: BuiltIndex, state: IndexState) -> None:
+        """Put a finished build in place of the current index (lists, index, then state), and open it.
+
+        Only a writer (under the write lock) may call this: it deletes older builds' lists.
+        """
+        if built.data_file is not None:
+            _fsync_write(self.root / built.data_file.name, lambda tmp: os.replace(built.data_file, tmp))
+        _fsync_write(self.index_path, lambda tmp: os.replace(built.index_file, tmp))
+        state.ntotal = built.ntotal
+        state.data_file = built.data_file.name if built.data_file else None
+        _fsync_write(self.state_path, lambda tmp: tmp.write_text(json.dumps(state.__dict__)))
+        shutil.rmtree(built.build_dir, ignore_errors=True)
+        self.index, self.state = open_index(self.index_path, state.on_disk), state
+        self.delta, self._delta_upto = Delta.empty(self.dim), -1
+        self.drop_unused_data_files()
+
+    def drop_unused_data_files(self) -> None:
+        """Delete older builds' lists (writers only); a reader still mapping one keeps it until it closes."""
+        for path in data_files(self.root):
+            if path.name != self.state.data_file:
+                path.unlink(missing_ok=True)
 
     # -- building --------------------------------------------------------------------
     def _new_index(self, factory: str, sample: np.ndarray) -> faiss.Index:
@@ -106,7 +151,7 @@ class VectorIndex:
         """Build the index from every stored embedding (streamed in chunks)."""
         with engine.connect() as conn:
             n = conn.execute(text("SELECT count(*) FROM images")).scalar_one()
-            watermark = _last_seq(conn)
+            watermark = last_log_seq(conn)
             factory = factory or choose_factory(n, self.dim)
             sample = self._training_sample(conn, factory, n)
             index = self._new_index(factory, sample)
@@ -123,6 +168,7 @@ class VectorIndex:
                 last_id = int(ids[-1])
         self.index = index
         self.state = IndexState(watermark=watermark, factory=factory, nprobe=self.state.nprobe)
+        self.delta, self._delta_upto = Delta.empty(self.dim), -1
 
     def _training_sample(self, conn, factory: str, n: int) -> np.ndarray:
         if not factory.startswith(("IVF", "PQ", "OPQ")) or n == 0:
@@ -138,8 +184,10 @@ class VectorIndex:
             self.rebuild(engine)
             self._save_quietly(save)
             return "rebuilt"
+        if self.state.frozen:
+            return self._sync_delta(engine, save)
         with engine.connect() as conn:
-            last = _last_seq(conn)
+            last = last_log_seq(conn)
             if last == self.state.watermark and self._count_matches(conn):
                 return "ok"
             if _log_has_gap(conn, self.state.watermark, last):
@@ -151,6 +199,20 @@ class VectorIndex:
             action = "rebuilt"
         self._save_quietly(save)
         return action
+
+    def _sync_delta(self, engine: Engine, save: bool) -> str:
+        """A frozen index stays as built; re-read the rows logged since its watermark."""
+        with engine.connect() as conn:
+            last = last_log_seq(conn)
+            gap = _log_has_gap(conn, self.state.watermark, last)
+            if not gap and last != self._delta_upto:
+                self.delta = Delta.from_log(conn, self.state.watermark, last, self.dim)
+                self._delta_upto = last
+        if gap:  # the log no longer reaches back to the build: start again from the database
+            self.rebuild(engine)
+            self._save_quietly(save)
+            return "rebuilt"
+        return "caught-up" if len(self.delta) else "ok"
 
     def _apply_log(self, conn, last: int) -> str | None:
         ids = sorted({r[0] for r in conn.execute(
@@ -193,11 +255,35 @@ class VectorIndex:
         """Top-k inner products; `allowed_ids` restricts the search itself, so filters lose no recall."""
         assert self.index is not None
         queries = np.ascontiguousarray(queries, dtype=np.float32).reshape(-1, self.dim)
+        if self.state.frozen:
+            return self._search_frozen(queries, k, allowed_ids)
         k = max(1, min(k, int(self.index.ntotal)))
         params = self._search_params(allowed_ids)
         if params is None:
             return self.index.search(queries, k)
         return self.index.search(queries, k, params=params)
+
+    def _search_frozen(self, queries: np.ndarray, k: int, allowed_ids: np.ndarray | None):
+        selector = self.delta.selector(allowed_ids)
+        want = max(1, min(k, int(self.index.ntotal)))
+        found = self.index.search(queries, want, params=search_params(self.index, self.state.setting, selector))
+        if not len(self.delta):
+            return found
+        return merge_top_k(found, self.delta.search(queries, k, allowed_ids), k)
+
+    def ids(self) -> np.ndarray:
+        """Every image id the index answers for, sorted (verify compares them with the database)."""
+        assert self.index is not None
+        if isinstance(self.index, (faiss.IndexIDMap, faiss.IndexIDMap2)):
+            ids = faiss.vector_to_array(self.index.id_map).astype(np.int64)
+        else:
+            lists = faiss.extract_index_ivf(self.index).invlists
+            ids = np.concatenate([np.zeros(0, np.int64)] + [
+                faiss.rev_swig_ptr(lists.get_ids(i), lists.list_size(i)).astype(np.int64)
+                for i in range(lists.nlist) if lists.list_size(i)])
+        if self.state.frozen:
+            ids = np.union1d(np.setdiff1d(ids, self.delta.hidden), self.delta.ids)
+        return np.sort(ids)
 
     def _search_params(self, allowed_ids: np.ndarray | None):
         inner = faiss.downcast_index(self.index.index)
@@ -214,6 +300,8 @@ class VectorIndex:
 
     def reconstruct(self, image_id: int) -> np.ndarray:
         assert self.index is not None
+        if self.state.frozen and int(image_id) in set(self.delta.ids.tolist()):
+            return self.delta.x[int(np.flatnonzero(self.delta.ids == int(image_id))[0])]
         return self.index.reconstruct(int(image_id))
 
     def prune_log(self, engine: Engine) -> None:
@@ -222,7 +310,8 @@ class VectorIndex:
             conn.execute(text("DELETE FROM vector_log WHERE seq <= :w"), {"w": self.state.watermark})
 
 
-def _last_seq(conn) -> int:
+def last_log_seq(conn) -> int:
+    """The newest `vector_log` seq ever written (the watermark a build starting now covers)."""
     row = conn.execute(text("SELECT seq FROM sqlite_sequence WHERE name = 'vector_log'")).first()
     return int(row[0]) if row else 0
 
