@@ -10,15 +10,15 @@ from __future__ import annotations
 EXIT_FAILURE = 1  # the command ran but could not do its job (e.g. nothing indexed)
 EXIT_USAGE = 2  # bad flags or arguments (click's own code)
 EXIT_MODEL = 3  # model spec unknown, weights missing or not matching
-EXIT_LIBRARY = 4  # library unusable: unwritable, newer schema, other model, locked
+EXIT_LIBRARY = 4  # library unusable: missing or empty, unwritable, newer schema, other model, locked
 EXIT_INPUT = 5  # bad input data: unreadable query image, bad label file, bad dataset
 EXIT_VERIFY = 6  # `verify` found the library inconsistent
 
 EXIT_CODES_HELP = (
     "Exit codes: 0 ok; 1 failed; 2 usage error; 3 model error (unknown model, weights "
-    "missing or not matching); 4 library error (unwritable, newer schema, other model, "
-    "locked); 5 bad input (unreadable image, bad label file or dataset); 6 verify found "
-    "problems; 130 interrupted."
+    "missing or not matching); 4 library error (missing or empty, unwritable, newer "
+    "schema, other model, locked); 5 bad input (unreadable image, bad label file or "
+    "dataset); 6 verify found problems; 130 interrupted."
 )
 
 
