@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from sqlalchemy import select, text
 
-from retrieval.errors import ClipfindError, InputError
+from retrieval.errors import InputError
 from retrieval.media.images import ImageError, open_image
 from retrieval.media.scan import content_hash
 from retrieval.model.runtime import torch_threads
@@ -389,5 +389,5 @@ def search(library: Library, text: str | Sequence[str] = (), *, image: str | Seq
     filters = Filters(path=normalise_path_filter(path) if path else None, after=after, before=before,
                       tags=tuple([tags] if isinstance(tags, str) else tags), min_score=min_score)
     if library.model_record is None:
-        raise ClipfindError(f"the library at {library.root} is empty: run `clipfind index FOLDER` first")
+        raise library.empty_error()
     return searcher_for(library).search(query, k, filters)
