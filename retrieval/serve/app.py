@@ -28,7 +28,7 @@ _PHRASES = {
     "int_parsing": "must be an integer", "int_type": "must be an integer", "int_from_float": "must be an integer",
     "float_parsing": "must be a number", "float_type": "must be a number", "finite_number": "must be a finite number",
     "string_type": "must be a string", "list_type": "must be a list", "bool_type": "must be true or false",
-    "bool_parsing": "must be true or false", "dict_type": "must be an object", "model_type": "must be an object",
+    "bool_parsing": "must be true or false", "dict_type": "must be an object", "model_type": "must be an object", "model_attributes_type": "must be an object",
     "datetime_from_date_parsing": "must be a date (YYYY-MM-DD[THH:MM[:SS]])",
     "datetime_parsing": "must be a date (YYYY-MM-DD[THH:MM[:SS]])", "datetime_type": "must be a date",
     "extra_forbidden": "is not a known field", "missing": "is required", "literal_error": "is not one of the choices",
@@ -62,7 +62,7 @@ def _wants_html(request: Request) -> bool:
 
 
 def create_app(state: ServeState) -> FastAPI:
-    app = FastAPI(title="clipfind", version="1",
+    app = FastAPI(title="clipfind", version="1", docs_url=None, redoc_url=None,
                   description="Search and tag an image library. Every request needs the token "
                               "(`Authorization: Bearer TOKEN`, or the cookie from `/login?token=TOKEN`).")
     app.state.serve = state
@@ -86,9 +86,32 @@ def create_app(state: ServeState) -> FastAPI:
     app.include_router(media.router)
     app.include_router(pages.router)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
+    _add_docs(app)
     app.add_middleware(BodyLimits, limit_for=body_limit)
     app.add_middleware(TokenGuard, token=state.token)
     return app
+
+
+def _add_docs(app: FastAPI) -> None:
+    """Swagger UI at /docs from the `swagger-ui-bundle` package's files: no CDN, works offline."""
+    from fastapi.openapi.docs import get_swagger_ui_html
+
+    try:
+        from swagger_ui_bundle import swagger_ui_path
+    except ImportError:
+        swagger_ui_path = None
+    if swagger_ui_path:
+        app.mount("/docs-assets", StaticFiles(directory=swagger_ui_path), name="docs-assets")
+
+    @app.get("/docs", include_in_schema=False)
+    def docs() -> HTMLResponse:
+        if not swagger_ui_path:
+            return HTMLResponse("<p>The API schema is at <a href=/openapi.json>/openapi.json</a> "
+                                "(pip install swagger-ui-bundle for a browsable page).</p>")
+        return get_swagger_ui_html(openapi_url="/openapi.json", title="clipfind API",
+                                   swagger_js_url="/docs-assets/swagger-ui-bundle.js",
+                                   swagger_css_url="/docs-assets/swagger-ui.css",
+                                   swagger_favicon_url="/docs-assets/favicon-32x32.png")
 
 
 def _error(request: Request, status: int, message: str, exit_code: int | None, headers=None):

@@ -6,8 +6,9 @@ chunked body is counted), a body that stops arriving is refused with 408, and a
 JSON body nested deeper than `MAX_JSON_DEPTH` is refused with 400 before
 Python's parser would hit its recursion limit (which FastAPI reports as a 500).
 Refusals close the connection, so bytes of a refused body are never read as
-the next request. HTTP framing itself (negative or duplicate Content-Length,
-Content-Length with Transfer-Encoding) is h11's job: it answers 400 and closes.
+the next request, and so is a request carrying both Content-Length and
+Transfer-Encoding (h11 would let the latter win and read on). The rest of HTTP
+framing (negative or doubled Content-Length) is h11's job: it answers 400 and closes.
 """
 
 from __future__ import annotations
@@ -66,11 +67,18 @@ class BodyLimits:
         self.body_timeout = body_timeout
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS"):
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = dict(scope.get("headers") or [])
+        if b"transfer-encoding" in headers and b"content-length" in headers:
+            # RFC 9112 6.3: the classic smuggling shape; answer and close the connection.
+            await refuse(send, 400, "Content-Length together with Transfer-Encoding")
+            return
+        if scope["method"] in ("GET", "HEAD", "OPTIONS"):
             await self.app(scope, receive, send)
             return
         limit, is_json = self.limit_for(scope["path"])
-        headers = dict(scope.get("headers") or [])
         declared = headers.get(b"content-length")
         if declared is not None and (not declared.isdigit() or int(declared) > limit):
             status = 413 if declared.isdigit() else 400

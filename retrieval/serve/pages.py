@@ -28,7 +28,19 @@ from retrieval.serve.querybox import parse_box
 router = APIRouter(include_in_schema=False)
 _env = jinja2.Environment(loader=jinja2.FileSystemLoader(Path(__file__).parent / "templates"),
                           autoescape=True, undefined=jinja2.StrictUndefined)
-_env.globals.update(thumb=thumbnail_url, human_size=human_size, urlencode=urlencode)
+
+
+def search_link(form: dict, img: list[int], upload: list[str], **changes) -> str:
+    """The search page's URL for this query and filters, with `changes` applied (a new page starts at 1)."""
+    params = {**form, **{k: v for k, v in changes.items() if k != "page"}}
+    pairs = [(k, v) for k, v in params.items() if v not in ("", None)]
+    pairs += [("img", i) for i in img] + [("upload", h) for h in upload]
+    if changes.get("page", 1) != 1:
+        pairs.append(("page", changes["page"]))
+    return "/?" + urlencode(pairs)
+
+
+_env.globals.update(thumb=thumbnail_url, human_size=human_size, urlencode=urlencode, link=search_link)
 templates = Jinja2Templates(env=_env)
 PER_PAGE = 60
 FACET_WINDOW = 200  # the sidebar's counts are over this many best results
@@ -38,12 +50,12 @@ def _state(request: Request):
     return request.app.state.serve
 
 
-def _render(request: Request, name: str, status: int = 200, **context) -> HTMLResponse:
+def _render(request: Request, name: str, status_code: int = 200, **context) -> HTMLResponse:
     state = _state(request)
     context.setdefault("title", "clipfind")
     context.update(library=str(state.root), model=state.searcher.model_label,
                    random_weights=state.searcher.random_weights)
-    return templates.TemplateResponse(request, name, context, status_code=status,
+    return templates.TemplateResponse(request, name, context, status_code=status_code,
                                       headers={"cache-control": "no-store"})
 
 
@@ -77,7 +89,7 @@ def search_page(request: Request, q: Annotated[str, Query(max_length=1000)] = ""
         with state.read() as conn:
             context["recent"] = catalog.recent(conn, PER_PAGE)
         return _render(request, "search.html", **context)
-    status = 200
+    status_code = 200
     try:
         box = parse_box(q)
         images = [r.path for r in context["query_images"]] + [str(state.uploads.path(h)) for h in upload]
@@ -94,9 +106,9 @@ def search_page(request: Request, q: Annotated[str, Query(max_length=1000)] = ""
         k = min(MAX_K, max(page * PER_PAGE + 1, FACET_WINDOW))
         response = state.search(query, k, filters)
     except ValueError:
-        context["error"], status = "the minimum score must be a number", 400
+        context["error"], status_code = "the minimum score must be a number", 400
     except ClipfindError as exc:
-        context["error"], status = str(exc), 400
+        context["error"], status_code = str(exc), 400
     else:
         with state.read() as conn:
             rows = catalog.images(conn, [r.image_id for r in response.results])
@@ -109,7 +121,7 @@ def search_page(request: Request, q: Annotated[str, Query(max_length=1000)] = ""
         context["warnings"] = response.warnings
         context["took_ms"] = response.timings.get("total")
         context["total"] = len(response.results)
-    return _render(request, "search.html", status, title=f"clipfind: {q or 'image search'}", **context)
+    return _render(request, "search.html", status_code, title=f"clipfind: {q or 'image search'}", **context)
 
 
 @router.get("/photo/{image_id}", response_class=HTMLResponse)

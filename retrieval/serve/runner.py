@@ -70,7 +70,8 @@ def quiet_logging(verbose: bool) -> None:
 
 
 class WebServer:
-    def __init__(self, state: ServeState, host: str = "127.0.0.1", port: int = 0, verbose: bool = False) -> None:
+    def __init__(self, state: ServeState, host: str = "127.0.0.1", port: int = 0, verbose: bool = False,
+                 idle_timeout: float = IDLE_TIMEOUT_S) -> None:
         self.state = state
         self.app = create_app(state)
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -83,8 +84,9 @@ class WebServer:
             self.socket.close()
             raise
         self.socket.setblocking(False)
-        config = uvicorn.Config(self.app, http=GuardedH11Protocol, lifespan="off", backlog=BACKLOG,
-                                timeout_keep_alive=int(IDLE_TIMEOUT_S), timeout_graceful_shutdown=3,
+        protocol = type("GuardedH11", (GuardedH11Protocol,), {"idle_timeout": idle_timeout})
+        config = uvicorn.Config(self.app, http=protocol, lifespan="off", backlog=BACKLOG,
+                                timeout_keep_alive=max(1, round(idle_timeout)), timeout_graceful_shutdown=3,
                                 log_config=None, access_log=verbose, server_header=False)
         self.server = uvicorn.Server(config)
         self._thread: threading.Thread | None = None
