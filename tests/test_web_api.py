@@ -4,7 +4,6 @@ client library would refuse to send the bad request). Each hostile request must 
 from __future__ import annotations
 
 import io
-import json
 import logging
 import os
 import socket
@@ -18,7 +17,7 @@ import pytest
 from PIL import Image
 
 from retrieval.serve.state import MAX_JSON_BODY, MAX_UPLOAD_BYTES
-from tests.webapp import TOKEN, XSS_NAME, web, web_lib, wait_for  # noqa: F401 - fixtures
+from tests.webapp import TOKEN, wait_for, web_fixture, web_lib_fixture  # noqa: F401 - fixtures
 
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 

@@ -1,5 +1,7 @@
 """A real library and a real server on loopback for the web tests (tiny model, drawn photos).
 
+Import `web_fixture` and `web_lib_fixture` into a test module to use the `web` / `web_lib` fixtures.
+
 The photos: 36 drawn shapes (red ones dated 2020, the rest 2024 by mtime), one
 file named `<script>alert(1)</script>.jpg`, one 12-MP-style JPEG with EXIF
 orientation 6 (stored landscape, shown portrait), tags from a tagging run.
@@ -56,13 +58,13 @@ def build_library(base: Path, model_dir: Path) -> Path:
     return base / "lib"
 
 
-@pytest.fixture(scope="module")
-def web_lib(tmp_path_factory, tiny_model_dir) -> Path:
+@pytest.fixture(scope="module", name="web_lib")
+def web_lib_fixture(tmp_path_factory, tiny_model_dir) -> Path:
     return build_library(tmp_path_factory.mktemp("web"), tiny_model_dir)
 
 
-@pytest.fixture(scope="module")
-def web(web_lib):
+@pytest.fixture(scope="module", name="web")
+def web_fixture(web_lib):
     """A running server on 127.0.0.1 (any free port) with a known token."""
     library = Library.open(web_lib, create=False)
     server = WebServer(ServeState(library, Searcher(library), token=TOKEN), "127.0.0.1", 0,
