@@ -212,7 +212,7 @@ def test_token_bearer_cookie_and_login(web):
     ("/file/..%2f..%2f..%2fetc%2fpasswd", {400}),
     ("/static/../../../../etc/passwd", {404}),
     ("/static/%2e%2e/%2e%2e/state.py", {404}),
-    ("/image/-1", {404}),
+    ("/image/-1", {400, 404}),
     ("/thumb/99999", {404}),
 ])
 def test_traversal_and_unindexed_paths_are_refused(web, target, statuses):

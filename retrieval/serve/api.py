@@ -16,7 +16,7 @@ from fastapi import APIRouter, HTTPException, Query, Request
 from retrieval.errors import InputError
 from retrieval.serve import catalog
 from retrieval.serve.files import Refused, checked_path
-from retrieval.serve.models import MAX_K, JobRequest, SearchRequest, SimilarRequest
+from retrieval.serve.models import MAX_K, JobRequest, RowId, SearchRequest, SimilarRequest
 
 router = APIRouter()
 
@@ -64,7 +64,7 @@ def status(request: Request) -> dict:
 
 
 @router.get("/api/images/{image_id}", tags=["images"], summary="One image's facts and tags")
-def image_info(image_id: int, request: Request) -> dict:
+def image_info(image_id: RowId, request: Request) -> dict:
     state = _state(request)
     with state.read() as conn:
         row = catalog.image(conn, image_id)
@@ -97,7 +97,7 @@ def start_job(body: JobRequest, request: Request) -> dict:
 
 
 @router.get("/api/jobs/{job_id}", tags=["jobs"], summary="A run's progress (poll it)")
-def job_progress(job_id: int, request: Request) -> dict:
+def job_progress(job_id: RowId, request: Request) -> dict:
     state = _state(request)
     try:
         job = state.jobs.get(job_id)

@@ -20,6 +20,7 @@ from fastapi.responses import FileResponse, Response
 from retrieval.media.images import ImageError
 from retrieval.serve import catalog
 from retrieval.serve.files import Refused, checked_path, row_for_path
+from retrieval.serve.models import RowId
 
 router = APIRouter(tags=["images"])
 IMMUTABLE = "private, max-age=31536000, immutable"
@@ -42,7 +43,7 @@ def thumbnail_url(row, size: str = "small") -> str:
 
 
 @router.get("/thumb/{image_id}", summary="A WebP thumbnail of an indexed image")
-async def thumbnail(image_id: int, request: Request,
+async def thumbnail(image_id: RowId, request: Request,
                     size: Annotated[Literal["small", "large"], Query()] = "small",
                     v: Annotated[str | None, Query(max_length=64)] = None) -> Response:
     state = _state(request)
@@ -74,7 +75,7 @@ def _original(conn, row) -> FileResponse:
 
 
 @router.get("/image/{image_id}", summary="The original file of an indexed image")
-def original(image_id: int, request: Request) -> FileResponse:
+def original(image_id: RowId, request: Request) -> FileResponse:
     with _state(request).read() as conn:
         row = catalog.image(conn, image_id)
         if row is None:

@@ -20,6 +20,7 @@ MAX_TEXT = 1000
 MAX_WEIGHT = 1e6
 
 Text = Annotated[str, Field(max_length=MAX_TEXT)]
+RowId = Annotated[int, Field(ge=1, le=2**62)]  # an SQLite rowid (bigger ints overflow the driver)
 Weight = Annotated[float, Field(ge=-MAX_WEIGHT, le=MAX_WEIGHT, allow_inf_nan=False)]
 TextList = Annotated[list[Text], Field(max_length=MAX_TERMS)]
 

@@ -22,7 +22,7 @@ from retrieval.errors import ClipfindError, InputError
 from retrieval.query.render import human_size
 from retrieval.serve import catalog
 from retrieval.serve.media import thumbnail_url
-from retrieval.serve.models import MAX_K
+from retrieval.serve.models import MAX_K, RowId
 from retrieval.serve.querybox import parse_box
 
 router = APIRouter(include_in_schema=False)
@@ -70,7 +70,7 @@ def _date(value: str | None, name: str) -> datetime | None:
 
 @router.get("/", response_class=HTMLResponse)
 def search_page(request: Request, q: Annotated[str, Query(max_length=1000)] = "",
-                img: Annotated[list[int], Query()] = [],  # noqa: B006 - FastAPI reads the default
+                img: Annotated[list[RowId], Query(max_length=16)] = [],  # noqa: B006 - FastAPI reads the default
                 upload: Annotated[list[str], Query(max_length=64)] = [],  # noqa: B006
                 folder: str = "", after: str = "", before: str = "", tag: str = "",
                 min_score: Annotated[str, Query(max_length=20)] = "",
@@ -125,7 +125,7 @@ def search_page(request: Request, q: Annotated[str, Query(max_length=1000)] = ""
 
 
 @router.get("/photo/{image_id}", response_class=HTMLResponse)
-def photo_page(image_id: int, request: Request, q: Annotated[str, Query(max_length=1000)] = "") -> HTMLResponse:
+def photo_page(image_id: RowId, request: Request, q: Annotated[str, Query(max_length=1000)] = "") -> HTMLResponse:
     state = _state(request)
     with state.read() as conn:
         row = catalog.image(conn, image_id)
