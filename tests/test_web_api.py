@@ -344,3 +344,28 @@ def test_index_run_over_the_api_shows_progress_and_new_images(client, web_lib):
     assert any("api-added" in p for p in paths)
     assert client.post("/api/jobs", json={"folders": ["relative/path"]}).status_code == 400
     assert client.post("/api/jobs", json={}).status_code == 400
+
+
+def test_tagging_run_over_the_api(client, web_lib, tmp_path):
+    labels = tmp_path / "colours.txt"
+    labels.write_text("red thing\ngreen thing\nblue thing\nyellow thing\n")
+    job = client.post("/api/jobs", json={"labels": str(labels)})
+    assert job.status_code == 200, job.text
+    done = wait_for(lambda: (j := client.get(f"/api/jobs/{job.json()['id']}").json())["state"] != "running"
+                    and j, timeout=240, every=0.5)
+    assert done["state"] == "done" and done["result"]["name"] == "colours", done
+    page = client.get("/tags").text
+    assert "red thing" in page and "/tags/red%20thing" in page
+    missing = client.post("/api/jobs", json={"labels": str(tmp_path / "nope.txt")})
+    assert missing.status_code == 400 and "no labels file" in missing.json()["error"]
+
+
+def test_cli_help_does_not_import_the_web_stack():
+    import subprocess
+    import sys
+
+    code = ("import sys; from click.testing import CliRunner; import retrieval.cli as c; "
+            "r = CliRunner().invoke(c.cli, ['--help']); "
+            "print(r.exit_code, sorted(m for m in ('fastapi', 'uvicorn', 'starlette', 'jinja2') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "0 []"

@@ -59,7 +59,6 @@ def test_search_shows_loaded_thumbnails_in_score_order(page, web):
     scores = [h["score"] for h in hits]
     assert scores == sorted(scores, reverse=True)
     assert "red_circle" in hits[0]["title"]
-    page.keyboard.press("Escape")
     page.locator("body").click(position={"x": 5, "y": 880})
     page.keyboard.press("ArrowRight")
     page.keyboard.press("ArrowRight")

@@ -10,6 +10,7 @@ bug. Pages get the same message as HTML.
 from __future__ import annotations
 
 import html
+import time
 from pathlib import Path
 
 from fastapi import FastAPI, HTTPException, Request
@@ -89,7 +90,30 @@ def create_app(state: ServeState) -> FastAPI:
     _add_docs(app)
     app.add_middleware(BodyLimits, limit_for=body_limit)
     app.add_middleware(TokenGuard, token=state.token)
+    app.add_middleware(ServerTiming)
     return app
+
+
+class ServerTiming:
+    """`Server-Timing: app;dur=MS` on every response: the server's own time, for benchmarks and devtools."""
+
+    def __init__(self, app) -> None:
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+
+        async def timed(message) -> None:
+            if message["type"] == "http.response.start":
+                ms = (time.perf_counter() - started) * 1000
+                message = {**message, "headers": [*message.get("headers", []),
+                                                  (b"server-timing", f"app;dur={ms:.2f}".encode())]}
+            await send(message)
+
+        await self.app(scope, receive, timed)
 
 
 def _add_docs(app: FastAPI) -> None:
