@@ -13,7 +13,6 @@ from __future__ import annotations
 import mimetypes
 from typing import Annotated, Literal
 
-import anyio
 from fastapi import APIRouter, HTTPException, Query, Request
 from fastapi.responses import FileResponse, Response
 
@@ -22,6 +21,8 @@ from retrieval.serve import catalog
 from retrieval.serve.files import Refused, checked_path, row_for_path
 from retrieval.serve.models import RowId
 
+# Plain `def` routes: FastAPI runs them in its thread pool, so a SQLite read or a decode never
+# stalls the event loop that every other connection shares.
 router = APIRouter(tags=["images"])
 IMMUTABLE = "private, max-age=31536000, immutable"
 ORIGINAL_CACHE = "private, max-age=3600"
@@ -43,7 +44,7 @@ def thumbnail_url(row, size: str = "small") -> str:
 
 
 @router.get("/thumb/{image_id}", summary="A WebP thumbnail of an indexed image")
-async def thumbnail(image_id: RowId, request: Request,
+def thumbnail(image_id: RowId, request: Request,
                     size: Annotated[Literal["small", "large"], Query()] = "small",
                     v: Annotated[str | None, Query(max_length=64)] = None) -> Response:
     state = _state(request)
@@ -58,7 +59,7 @@ async def thumbnail(image_id: RowId, request: Request,
         return Response(status_code=304, headers={"etag": etag, "cache-control": IMMUTABLE})
     if original is not None:
         try:
-            cached, _ = await anyio.to_thread.run_sync(state.thumbs.get, row.content_hash, size, original)
+            cached, _ = state.thumbs.get(row.content_hash, size, original)
         except ImageError as exc:
             raise HTTPException(422, f"cannot make a thumbnail: {exc}") from None
     return FileResponse(cached, media_type="image/webp",
