@@ -81,8 +81,9 @@ def prepare(work: Path, n: int) -> tuple[Path, Path]:
 
 
 def in_process(root: Path, texts: list[str]) -> list[float]:
-    from retrieval.query.search import Query, Searcher
+    from retrieval.query.search import Searcher
     from retrieval.query.textcache import TextCache
+    from retrieval.query.types import Query
     from retrieval.store.library import Library
 
     with Library.open(root, create=False) as library:

@@ -40,7 +40,7 @@ def search_post(body: SearchRequest, request: Request) -> dict:
 @router.get("/search", tags=["search"], summary="Search by one text")
 def search_get(request: Request, q: Annotated[str, Query(min_length=1, max_length=1000)],
                k: Annotated[int, Query(ge=1, le=MAX_K)] = 10) -> dict:
-    from retrieval.query.search import Query as SearchQuery
+    from retrieval.query.types import Query as SearchQuery
 
     return _answer(_state(request).search(SearchQuery.build(q), k))
 

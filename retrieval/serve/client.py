@@ -27,7 +27,7 @@ from retrieval import errors
 from retrieval.errors import ClipfindError
 
 if TYPE_CHECKING:
-    from retrieval.query.search import SearchResponse
+    from retrieval.query.types import SearchResponse
 
 SERVE_FILE = "serve.json"
 # A busy or wedged server must not hold a CLI query for long: the CLI falls back to
@@ -82,7 +82,7 @@ def call(info: dict, endpoint: str, payload: dict | None = None, timeout: float 
 
 def ask(info: dict, kind: str, subject, filters, k: int) -> SearchResponse:
     """The server's answer to Searcher.search(query, ...) (kind "search") or .similar(path, ...)."""
-    from retrieval.query.search import SearchResponse
+    from retrieval.query.types import SearchResponse
 
     payload = {"filters": filters.to_dict(), "k": k}
     if kind == "search":

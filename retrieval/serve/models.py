@@ -54,7 +54,7 @@ class FiltersModel(_Strict):
     min_score: Annotated[float, Field(ge=-1, le=1, allow_inf_nan=False)] | None = None
 
     def to_filters(self):
-        from retrieval.query.search import Filters
+        from retrieval.query.types import Filters
 
         return Filters(path=self.path, after=self.after, before=self.before, tags=tuple(self.tags),
                        min_score=self.min_score)
@@ -78,7 +78,7 @@ class SearchRequest(_Strict):
     k: Annotated[int, Field(ge=1, le=MAX_K)] = 10
 
     def to_query(self):
-        from retrieval.query.search import DEFAULT_TEMPLATES, Query, Term
+        from retrieval.query.types import DEFAULT_TEMPLATES, Query, Term
 
         if self.query is not None:
             q = self.query

@@ -75,8 +75,8 @@ def search_page(request: Request, q: Annotated[str, Query(max_length=1000)] = ""
                 folder: str = "", after: str = "", before: str = "", tag: str = "",
                 min_score: Annotated[str, Query(max_length=20)] = "",
                 page: Annotated[int, Query(ge=1, le=100)] = 1) -> HTMLResponse:
-    from retrieval.query.search import Filters
-    from retrieval.query.search import Query as SearchQuery
+    from retrieval.query.types import Filters
+    from retrieval.query.types import Query as SearchQuery
 
     state = _state(request)
     form = {"q": q, "folder": folder, "after": after, "before": before, "tag": tag, "min_score": min_score}
