@@ -67,9 +67,9 @@ def twelve_megapixels(path: Path) -> Path:
 def prepare(work: Path, n: int) -> tuple[Path, Path]:
     from query_latency import build_library
 
+    from retrieval import Library
     from retrieval.devmodels.tiny import ensure_tiny_model
     from retrieval.model.encoder import Encoder, ModelSpec
-    from retrieval.store.library import Library
 
     encoder = Encoder(ModelSpec(model_dir=str(ensure_tiny_model())))
     root = build_library(work / f"lib-{n}", n, encoder)
@@ -81,10 +81,10 @@ def prepare(work: Path, n: int) -> tuple[Path, Path]:
 
 
 def in_process(root: Path, texts: list[str]) -> list[float]:
+    from retrieval import Library
     from retrieval.query.search import Searcher
     from retrieval.query.textcache import TextCache
     from retrieval.query.types import Query
-    from retrieval.store.library import Library
 
     with Library.open(root, create=False) as library:
         searcher = Searcher(library, cache=TextCache(None))

@@ -18,13 +18,13 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from retrieval import Library
 from retrieval.index.indexer import IndexOptions, index_paths
 from retrieval.media import synthetic
 from retrieval.model.encoder import ModelSpec
 from retrieval.query.search import Searcher
 from retrieval.serve.runner import WebServer
 from retrieval.serve.state import ServeState
-from retrieval.store.library import Library
 from retrieval.tagging.labels import from_names
 
 XSS_NAME = "<script>alert(1)</script>.jpg"  # a folder `<script>alert(1)<` holding `script>.jpg`
