@@ -13,7 +13,8 @@ Rows:
 - in-process `Searcher.search` (no HTTP): the baseline the HTTP rows are divided by;
 - JSON `POST /search` and the search page `GET /?q=`, each with a new text (the
   text tower runs), k=60, timed at the client; "server" is the app's own
-  `Server-Timing`;
+  `Server-Timing` (the one to judge the server by: on the shared 2-core machine
+  the httpx client alone added ~50 ms per request);
 - thumbnail of the 12-MP JPEG: miss (cache file deleted first) and hit; the
   baseline is decoding that JPEG in full with Pillow in this process;
 - 50 concurrent clients mixing the three for --duration seconds: requests,
