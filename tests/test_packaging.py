@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-HEAVY = ("torch", "faiss", "numpy", "sqlalchemy")
+HEAVY = ("torch", "faiss", "numpy", "sqlalchemy", "fastapi", "uvicorn")
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +32,8 @@ def test_wheel_holds_one_top_level_package_with_its_migrations(wheel):
     assert {n.split("/")[0] for n in names if ".dist-info/" not in n} == {"retrieval"}
     for shipped in ("retrieval/migrations/env.py", "retrieval/migrations/alembic.ini",
                     "retrieval/migrations/script.py.mako", "retrieval/migrations/versions/0001_initial.py",
-                    "retrieval/cli/__init__.py"):
+                    "retrieval/cli/__init__.py", "retrieval/serve/templates/search.html",
+                    "retrieval/serve/static/app.js", "retrieval/serve/static/app.css"):
         assert shipped in names
     entry_points = next(n for n in names if n.endswith(".dist-info/entry_points.txt"))
     assert "clipfind = retrieval.cli:main" in zipfile.ZipFile(wheel).read(entry_points).decode()
