@@ -30,7 +30,11 @@ from multiprocessing import Pool
 from pathlib import Path
 
 HERE = Path(__file__).resolve()
-DEFAULT_CACHE = Path(os.environ.get("CLIPFIND_CACHE", Path.home() / ".cache" / "clipfind")) / "bench" / "photos"
+sys.path.insert(0, str(HERE.parent.parent))
+from bench.subset import symlinked_subset  # noqa: E402
+from retrieval import config  # noqa: E402
+
+DEFAULT_CACHE = config.cache_root() / "bench" / "photos"
 
 
 # -- photos ---------------------------------------------------------------------------------
@@ -80,21 +84,9 @@ def ensure_photos(cache: Path, count: int) -> Path:
     return cache
 
 
-def collection(cache: Path, count: int) -> Path:
-    """A folder holding exactly `count` of the cached photos (symlinks), so the scan sees `count`."""
-    folder = cache.parent / f"set-{count}"
-    if not folder.is_dir() or len(os.listdir(folder)) != count:
-        folder.mkdir(exist_ok=True)
-        for name in os.listdir(folder):
-            os.remove(folder / name)
-        for i in range(count):
-            os.symlink(cache / f"photo_{i:05d}.jpg", folder / f"photo_{i:05d}.jpg")
-    return folder
-
-
 # -- phases (each in its own process) -------------------------------------------------------
 def _spec(args):
-    from retrieval.model.encoder import ModelSpec
+    from retrieval.model.spec import ModelSpec
 
     if args.model_dir:
         return ModelSpec(model_dir=args.model_dir)
@@ -125,12 +117,11 @@ def phase_decode(args, folder: Path) -> dict:
 def phase_encode(args, folder: Path) -> dict:
     import torch
 
-    from retrieval.media.pipeline import encoder_threads
     from retrieval.model.encoder import Encoder
 
     encoder = Encoder(_spec(args), device=args.device, precision=args.precision)
     if encoder.device.type == "cpu":  # the indexer's own choice, so (b) and (c) compare
-        torch.set_num_threads(args.threads or encoder_threads())
+        torch.set_num_threads(args.threads or config.encoder_threads())
     paths = sorted(str(p) for p in folder.iterdir())
     batch = next(iter(_loader(args, encoder, paths[: args.batch_size or 32])))
     pixels = batch.pixels
@@ -190,7 +181,6 @@ def _peak_mb() -> dict:
 
 # -- driver ---------------------------------------------------------------------------------
 def parse(argv=None) -> argparse.Namespace:
-    from retrieval.media.pipeline import default_workers
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--count", type=int, default=2000, help="photos in the collection (default 2000)")
@@ -199,7 +189,7 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--model-dir", help="an open_clip model folder instead of --model")
     p.add_argument("--device", default="auto")
     p.add_argument("--precision", default="auto")
-    p.add_argument("--workers", type=int, default=default_workers())
+    p.add_argument("--workers", type=int, default=config.decode_workers())
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--threads", type=int, default=None, help="encoder threads (default: as the indexer)")
     p.add_argument("--encode-images", type=int, default=320, help="images for (b) (default 320)")
@@ -213,12 +203,12 @@ def parse(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = parse(argv)
     if args.phase:
-        folder = collection(args.cache_dir, args.count)
+        folder = symlinked_subset(args.cache_dir, args.count)
         phase = {"decode": phase_decode, "encode": phase_encode, "index": phase_index}[args.phase]
         print(json.dumps({**phase(args, folder), **_peak_mb()}))
         return 0
     ensure_photos(args.cache_dir, args.count)
-    folder = collection(args.cache_dir, args.count)
+    folder = symlinked_subset(args.cache_dir, args.count)
     passthrough = [a for a in (argv if argv is not None else sys.argv[1:]) if a != "--json"]
     with tempfile.TemporaryDirectory(prefix="clipfind-bench-") as tmp:
         lib = ["--library", str(Path(tmp) / "lib")]
@@ -252,5 +242,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(HERE.parent.parent))
     raise SystemExit(main())

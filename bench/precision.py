@@ -33,7 +33,11 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve()
-CACHE = Path(os.environ.get("CLIPFIND_CACHE", Path.home() / ".cache" / "clipfind"))
+sys.path.insert(0, str(HERE.parent.parent))
+from bench.subset import symlinked_subset  # noqa: E402
+from retrieval import config  # noqa: E402
+
+CACHE = config.cache_root()
 DEFAULT_PHOTOS = CACHE / "bench" / "photos-500x375"
 CIFAR_TEST = HERE.parent.parent.parent / "shared" / "data" / "cifar10" / "test"
 
@@ -74,18 +78,6 @@ def ensure_photos(folder: Path, count: int) -> list[Path]:
     return paths
 
 
-def collection(folder: Path, count: int) -> Path:
-    """A folder of exactly `count` photos (symlinks), so an index run sees `count` files."""
-    out = folder.parent / f"{folder.name}-set-{count}"
-    if not out.is_dir() or len(os.listdir(out)) != count:
-        out.mkdir(exist_ok=True)
-        for name in os.listdir(out):
-            os.remove(out / name)
-        for i in range(count):
-            os.symlink(folder / f"photo_{i:05d}.jpg", out / f"photo_{i:05d}.jpg")
-    return out
-
-
 # -- phases, each in its own process ---------------------------------------------------------
 def phase_encode(args) -> dict:
     """Encoder alone, all modes interleaved on the same batches; then auto's (cached) choice."""
@@ -93,14 +85,14 @@ def phase_encode(args) -> dict:
     import torch
 
     from retrieval.media.images import open_image
-    from retrieval.media.pipeline import encoder_threads
-    from retrieval.model import precision
+    from retrieval.model import autoprecision as precision
     from retrieval.model.encoder import Encoder, ModelSpec
+    from retrieval.model.runtime import image_model_at
 
     encoder = Encoder(ModelSpec(model=args.model, random_weights=True), device="cpu", precision="fp32")
-    torch.set_num_threads(args.threads or encoder_threads())  # what the indexer would use now
+    torch.set_num_threads(args.threads or config.encoder_threads())  # what the indexer would use now
     modes = precision.candidates("cpu")
-    models = {m: encoder.model if m == "fp32" else precision.image_model_at(encoder.model, m) for m in modes}
+    models = {m: encoder.model if m == "fp32" else image_model_at(encoder.model, m) for m in modes}
     paths = sorted(Path(args.folder).iterdir())
     batches = []
     for start in range(0, args.rounds * args.batch_size, args.batch_size):
@@ -138,7 +130,7 @@ def phase_encode(args) -> dict:
 def phase_index(args) -> dict:
     """One whole index run into a new library, the model load timed apart."""
     from retrieval.index.indexer import IndexOptions, index_paths
-    from retrieval.model.encoder import ModelSpec
+    from retrieval.model.spec import ModelSpec
     from retrieval.store.library import Library
 
     spec = ModelSpec(model=args.model, random_weights=True)
@@ -184,7 +176,7 @@ def phase_agree(args) -> dict:
     """Top-10 overlap and cosine on aligned models: tiny (drawings), CIFAR-10 model (real photos)."""
     from retrieval.devmodels.tiny import ensure_tiny_model, heldout_images
     from retrieval.media import synthetic
-    from retrieval.model import precision
+    from retrieval.model import autoprecision as precision
     from retrieval.model.encoder import Encoder, ModelSpec
 
     out = {}
@@ -258,11 +250,10 @@ def main(argv=None) -> int:
         print(json.dumps(phase(args)))
         return 0
     ensure_photos(args.photos_dir, args.count)
-    folder = str(collection(args.photos_dir, args.count))
+    folder = str(symlinked_subset(args.photos_dir, args.count))
     results: dict = {"count": args.count, "cpu": None, "models": {}}
-    from retrieval.model.precision import cpu_model_name
 
-    results["cpu"] = cpu_model_name()
+    results["cpu"] = config.cpu_model_name()
     for model in args.models:
         print(f"{model}: encoder alone ...", file=sys.stderr)
         enc = run_phase("encode", [*_common(args), "--model", model, "--folder", folder])
@@ -329,5 +320,4 @@ def print_tables(results: dict, args) -> None:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(HERE.parent.parent))
     raise SystemExit(main())

@@ -227,7 +227,7 @@ def test_searches_through_a_pq_index_rerank_exactly(library):
 
 
 def test_reindex_auto_on_a_small_library_stays_exact_and_remembers(library):
-    from retrieval.index.indexer import rebuild_index
+    from retrieval.index.refresh import rebuild_index
 
     stats = rebuild_index(library, "auto", memory_budget=1 << 30, recall=0.9)
     assert stats["kind"] == "flat" and stats["vectors"] == 20_000

@@ -34,6 +34,7 @@ from sqlalchemy.engine import Connection
 
 from retrieval.store.index_plan import IndexPlan
 from retrieval.store.schema import blobs_to_matrix
+from retrieval.store.sql import in_chunks
 
 SHARD_SIZE = 250_000  # vectors per shard: 0.5 GB of 512-d floats, the build's main working set
 CHUNK = 50_000  # vectors per read from the source
@@ -83,11 +84,11 @@ class SqlVectorSource:
         return chosen, self.fetch(chosen)
 
     def fetch(self, ids: np.ndarray) -> np.ndarray:
-        """Rows in the order of `ids` (900 per statement: SQLite's bound-parameter limit)."""
+        """Rows in the order of `ids`."""
         found: dict[int, bytes] = {}
         wanted = [int(i) for i in ids]
-        for start in range(0, len(wanted), 900):
-            found.update(self.conn.execute(_SELECT_BY_IDS, {"ids": wanted[start:start + 900]}).tuples().all())
+        for part in in_chunks(wanted):
+            found.update(self.conn.execute(_SELECT_BY_IDS, {"ids": part}).tuples().all())
         return blobs_to_matrix([found[i] for i in wanted], self.dim)
 
 

@@ -15,6 +15,7 @@ import numpy as np
 from sqlalchemy import bindparam, text
 
 from retrieval.store.schema import blobs_to_matrix
+from retrieval.store.sql import in_chunks
 
 _CHANGED = text("SELECT DISTINCT image_id FROM vector_log WHERE seq > :since AND seq <= :upto")
 _ROWS = text("SELECT id, embedding FROM images WHERE id IN :ids").bindparams(bindparam("ids", expanding=True))
@@ -37,8 +38,8 @@ class Delta:
     def from_log(cls, conn, since: int, upto: int, dim: int) -> Delta:
         hidden = sorted(conn.execute(_CHANGED, {"since": since, "upto": upto}).scalars().all())
         rows: list = []
-        for start in range(0, len(hidden), 900):  # SQLite's bound-parameter limit
-            rows += conn.execute(_ROWS, {"ids": hidden[start:start + 900]}).all()
+        for part in in_chunks(hidden):
+            rows += conn.execute(_ROWS, {"ids": part}).all()
         return cls(np.array(hidden, dtype=np.int64), np.array([r[0] for r in rows], dtype=np.int64),
                    blobs_to_matrix([r[1] for r in rows], dim))
 
