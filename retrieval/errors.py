@@ -28,6 +28,12 @@ class ClipfindError(Exception):
     exit_code = EXIT_FAILURE
 
 
+class UsageError(ClipfindError):
+    """A value no command could act on (a weight of 1e39, say), found past click's own checks."""
+
+    exit_code = EXIT_USAGE
+
+
 class ModelError(ClipfindError):
     exit_code = EXIT_MODEL
 

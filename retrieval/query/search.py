@@ -27,6 +27,7 @@ import contextlib
 import math
 import os
 import re
+import stat
 import time
 import weakref
 from collections.abc import Iterator, Sequence
@@ -37,7 +38,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from sqlalchemy import select, text
 
-from retrieval.errors import ClipfindError, InputError
+from retrieval.errors import ClipfindError, InputError, UsageError
 from retrieval.query.textcache import CACHE_NAME, CachedText, TextCache, cache_key
 from retrieval.store.schema import Image, blobs_to_matrix, path_from_db, path_to_db
 
@@ -46,12 +47,15 @@ if TYPE_CHECKING:
 
 DEFAULT_TEMPLATES = "photo"  # retrieval.prompting.prompts.PHOTO_TEMPLATES; see README for the measurement
 NEGATIVE_WEIGHT = 0.5  # lambda in the formula above
+# A weight past this is a typo or an attack, not a preference: 1e39 overflows float32 to inf
+# and the query to NaN, which used to come back as "no results". Ratios of 1000 are plenty.
+MAX_WEIGHT = 1e3
 EXACT_FILTER_LIMIT = 50_000  # filtered sets up to this size are scored exactly on approximate indexes
 # One query is a batch of a few texts or one image: torch's second thread costs more
 # in hand-offs than it saves (tiny model, busy 2-core machine: 300 ms vs 2 ms per
 # text batch), so queries run on one thread; None leaves torch's setting alone.
 QUERY_THREADS: int | None = 1
-_WEIGHT_SUFFIX = re.compile(r"^(?P<term>.*\S)\^(?P<weight>[0-9]*\.?[0-9]+)$")
+_WEIGHT_SUFFIX = re.compile(r"^(?P<term>.*\S)\^(?P<weight>[0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)$")
 _GLOB_CHARS = set("*?[")
 
 
@@ -67,12 +71,24 @@ class Term:
         return shown if self.weight == 1.0 else f"{self.weight:g}×{shown}"
 
 
+def check_weight(weight: float, what: str) -> float:
+    """A finite weight within +-MAX_WEIGHT, else a usage error (exit 2) naming the term."""
+    try:
+        value = float(weight)
+    except (TypeError, ValueError):
+        raise UsageError(f"the weight of {what} must be a number, not {weight!r}") from None
+    if not math.isfinite(value) or abs(value) > MAX_WEIGHT:
+        raise UsageError(f"the weight of {what} is {weight!r}; use a finite number between "
+                         f"-{MAX_WEIGHT:g} and {MAX_WEIGHT:g}")
+    return value
+
+
 def split_weight(term: str, default: float = 1.0) -> tuple[str, float]:
     """`beach^2` -> ("beach", 2.0): a Lucene-style per-term weight; plain terms get `default`."""
     match = _WEIGHT_SUFFIX.match(term)
     if match is None or os.path.exists(term):
         return term, default
-    return match["term"], float(match["weight"])
+    return match["term"], check_weight(float(match["weight"]), repr(match["term"]))
 
 
 @dataclass
@@ -94,6 +110,9 @@ class Query:
         `templates` is a template set name or file (read here, so a server in another
         folder sees the same templates) or the templates themselves.
         """
+        check_weight(image_weight, "--image terms")
+        check_weight(negative_weight, "the negative terms")
+
         def terms(kind: str, values, default: float) -> list[Term]:
             values = [values] if isinstance(values, (str, os.PathLike)) else list(values or ())
             out = []
@@ -256,6 +275,9 @@ class Searcher:
         self.cache = cache if cache is not None else TextCache(library.root / CACHE_NAME)
         self.query_threads = query_threads
         self._index_stamp: tuple[int, int] | None = None
+        # Held around the model, the text cache and FAISS only (none is thread-safe), never
+        # while a query image is read or decoded. A server shares it between its threads.
+        self.lock: contextlib.AbstractContextManager = contextlib.nullcontext()
 
     @property
     def model_label(self) -> str:
@@ -310,6 +332,7 @@ class Searcher:
     def image_vector(self, path: str, warnings: list[str]) -> tuple[np.ndarray, int | None]:
         """(unit vector, id of the row that *is* this file or None); stored vectors are reused."""
         from retrieval.media.images import ImageError, open_image
+        from retrieval.media.regular import file_kind
         from retrieval.media.scan import content_hash
 
         path = os.path.abspath(path)
@@ -324,6 +347,8 @@ class Searcher:
                     warnings.append(f"{path} is gone from disk; using its stored vector")
                     return self._unpack(row.embedding), row.id
                 raise InputError(f"cannot read query image {path}: {exc.strerror or exc}") from exc
+            if not stat.S_ISREG(st.st_mode):  # /dev/zero, a FIFO: reading would never end
+                raise InputError(f"query image {path} is not a regular file ({file_kind(st.st_mode)})")
             if row is not None and row.size == st.st_size and row.mtime_ns == st.st_mtime_ns:
                 return self._unpack(row.embedding), row.id
             try:
@@ -339,9 +364,10 @@ class Searcher:
             image = open_image(path)
         except ImageError as exc:
             raise ImageError(exc.kind, f"query image {exc}") from None
-        encoder = self.encoder()
-        with _torch_threads(self.query_threads):
-            return encoder.encode_images([image])[0], own_id
+        with self.lock:  # read and decoded above without it: a slow file stalls no other query
+            encoder = self.encoder()
+            with _torch_threads(self.query_threads):
+                return encoder.encode_images([image])[0], own_id
 
     def _unpack(self, blob: bytes) -> np.ndarray:
         return blobs_to_matrix([blob], int(self.record["embed_dim"]))[0].copy()
@@ -353,20 +379,24 @@ class Searcher:
         for term in query.positive + query.negative:
             if term.kind == "text" and not term.value.strip():
                 raise InputError("empty query text")
-            if not math.isfinite(term.weight):
-                raise InputError(f"bad weight {term.weight} for {term.describe()}")
-        if not math.isfinite(query.negative_weight) or query.negative_weight < 0:
-            raise InputError("the negative weight must be a number >= 0")
+            check_weight(term.weight, term.describe())
+        if check_weight(query.negative_weight, "the negative terms") < 0:
+            raise UsageError("the negative weight must be a number >= 0")
         terms = query.positive + query.negative
         texts = [t.value.strip() for t in terms if t.kind == "text"]
-        text_vecs = iter(self.text_vectors(texts, query.templates, warnings))
+        # Images first: a bad query file is refused before any wait for the model lock.
+        image_vecs = {position: self.image_vector(term.value, warnings)
+                      for position, term in enumerate(terms) if term.kind == "image"}
+        if texts:
+            with self.lock:
+                text_vecs = iter(self.text_vectors(texts, query.templates, warnings))
         self_ids: set[int] = set()
         combined = np.zeros(int(self.record["embed_dim"]), np.float32)
         for position, term in enumerate(terms):
             if term.kind == "text":
                 vector = next(text_vecs)
             else:
-                vector, own_id = self.image_vector(term.value, warnings)
+                vector, own_id = image_vecs[position]
                 if own_id is not None and position < len(query.positive):
                     self_ids.add(own_id)
             sign = 1.0 if position < len(query.positive) else -query.negative_weight
@@ -397,17 +427,19 @@ class Searcher:
         exclude = query_files if leave_out_query_files else set()
         timings = {"encode": _ms(started)}
         mark = time.perf_counter()
-        vectors = self.fresh_vectors()
-        timings["sync"] = _ms(mark)
-        total = int(vectors.index.ntotal) if vectors.index is not None else 0
-        if total == 0:
-            raise ClipfindError(f"the library at {self.library.root} is empty: run `clipfind index FOLDER` first")
-        mark = time.perf_counter()
         allowed = self.allowed_ids(filters) if filters.selects_rows else None
         timings["sql_filter"] = _ms(mark)
-        mark = time.perf_counter()
-        ids, scores = self._nearest(vectors, vector, k + len(exclude), allowed, filters)
-        timings["faiss"] = _ms(mark)
+        with self.lock:
+            mark = time.perf_counter()
+            vectors = self.fresh_vectors()
+            timings["sync"] = _ms(mark)
+            total = int(vectors.index.ntotal) if vectors.index is not None else 0
+            if total == 0:
+                raise ClipfindError(f"the library at {self.library.root} is empty: "
+                                    "run `clipfind index FOLDER` first")
+            mark = time.perf_counter()
+            ids, scores = self._nearest(vectors, vector, k + len(exclude), allowed, filters)
+            timings["faiss"] = _ms(mark)
         keep = [(i, s) for i, s in zip(ids, scores) if i not in exclude
                 and (filters.min_score is None or s >= filters.min_score)][:k]
         mark = time.perf_counter()

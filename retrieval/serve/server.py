@@ -6,8 +6,9 @@ file every time; the server pays once. While it runs it announces itself in
 0600), and `clipfind search` / `similar` send their queries there, so a
 cold CLI only parses flags, asks and prints. The token keeps other local
 users off a port that lists your photo paths. Stdlib only: ThreadingHTTPServer,
-one lock around the searcher (torch and the FAISS id selector are not
-thread-safe), JSON in and out.
+one lock shared with the searcher, held around the model and the index only
+(torch and the FAISS id selector are not thread-safe; reading and decoding a
+query image happen outside it), JSON in and out.
 
     POST /search   {"query": {...Query}, "filters": {...Filters}, "k": 10}
                    or shorthand {"text": "red circle", "k": 5}
@@ -42,7 +43,8 @@ if TYPE_CHECKING:
 SERVE_FILE = "serve.json"
 MAX_BODY = 1 << 20
 _ERRORS_BY_CODE = {cls.exit_code: cls for cls in
-                   (errors.ModelError, errors.LibraryError, errors.InputError, errors.VerifyError)}
+                   (errors.UsageError, errors.ModelError, errors.LibraryError, errors.InputError,
+                    errors.VerifyError)}
 
 
 class ServerUnavailable(Exception):
@@ -60,6 +62,7 @@ class QueryServer(ThreadingHTTPServer):
         self.searcher = searcher
         self.token = token or secrets.token_urlsafe(24)
         self.lock = threading.Lock()
+        searcher.lock = self.lock  # the searcher holds it only around model and index, not file reads
         self.log = log
         self.started = time.time()
         self.queries = 0
@@ -113,15 +116,13 @@ class QueryServer(ThreadingHTTPServer):
                                     body.get("not", ()), body.get("not_image", ()),
                                     raw=bool(body.get("raw", False)),
                                     templates=body.get("template", DEFAULT_TEMPLATES))
-            with self.lock:
-                self.queries += 1
-                response = self.searcher.search(query, k, filters)
+            self.queries += 1
+            response = self.searcher.search(query, k, filters)
         elif path == "/similar":
             if not body.get("path"):
                 raise InputError("similar needs a path")
-            with self.lock:
-                self.queries += 1
-                response = self.searcher.similar(str(body["path"]), k, filters)
+            self.queries += 1
+            response = self.searcher.similar(str(body["path"]), k, filters)
         else:
             raise _NotFound(path)
         out = response.to_dict()
@@ -210,6 +211,12 @@ def find_server(library_root: str | os.PathLike) -> dict | None:
     return info if isinstance(info.get("url"), str) and info.get("token") else None
 
 
+# How long the CLI waits on each step (connect, send, each read) of a server reply before
+# searching locally: a warm server answers in milliseconds, so a server stuck for longer is
+# busy or wedged and the user is better served here than after a minute of silence.
+ASK_TIMEOUT = 2.0
+
+
 def call(info: dict, endpoint: str, payload: dict | None = None, timeout: float = 60.0) -> dict:
     """POST (or GET without payload) to a server; ClipfindErrors come back as themselves."""
     data = None if payload is None else json.dumps(payload).encode("utf-8")
@@ -240,4 +247,4 @@ def ask(info: dict, kind: str, subject, filters, k: int) -> SearchResponse:
         payload["query"] = subject.to_dict()
     else:
         payload["path"] = os.path.abspath(subject)
-    return SearchResponse.from_dict(call(info, f"/{kind}", payload))
+    return SearchResponse.from_dict(call(info, f"/{kind}", payload, timeout=ASK_TIMEOUT))
