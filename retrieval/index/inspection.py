@@ -161,11 +161,11 @@ def _check_rows(library: Library, dim: int, report: VerifyReport, check_files: b
 
 
 def _check_index(library: Library, dim: int, ids: np.ndarray, report: VerifyReport, sample: int) -> None:
-    vectors = VectorIndex(library.root, dim)
+    vectors = VectorIndex(library.root, dim, library.identity)
     loaded = vectors.load()
     if not loaded and vectors.index_path.exists():
-        report.problems.append("index.faiss is unreadable or does not match the database "
-                               "(run `clipfind reindex`)")
+        report.problems.append("index.faiss is unreadable, was built from another database or does "
+                               "not match this one (run `clipfind reindex`; any search rebuilds it too)")
     elif not loaded and len(ids):
         report.notes.append("no FAISS index saved yet; it will be built on next use")
     action = vectors.sync(library.engine, save=False)

@@ -15,6 +15,7 @@ import fcntl
 import json
 import os
 import shutil
+import uuid
 from collections.abc import Iterator
 from importlib import resources
 from pathlib import Path
@@ -39,6 +40,7 @@ if TYPE_CHECKING:
 
 DB_NAME = "clipfind.db"
 LOCK_NAME = "write.lock"
+IDENTITY_KEY = "library_id"
 
 
 def default_library_path() -> Path:
@@ -104,6 +106,7 @@ class Library:
                 shutil.rmtree(root, ignore_errors=True)
             raise
         library = cls(root, engine)
+        library.ensure_identity()
         if model is not None:
             library.check_model_spec(model)
         return library
@@ -133,6 +136,27 @@ class Library:
     def set_meta(self, key: str, value) -> None:
         with self.session() as s, s.begin():
             s.merge(Meta(key=key, value=json.dumps(value)))
+
+    # -- identity --------------------------------------------------------------------
+    def ensure_identity(self) -> str | None:
+        """The uuid that binds caches (FAISS) to this database; written on first open.
+
+        A database made again at the same path gets a new one, so a cache built
+        from the old database can never pass for this one's.
+        """
+        identity = self.get_meta(IDENTITY_KEY)
+        if identity is None:
+            try:
+                self.set_meta(IDENTITY_KEY, uuid.uuid4().hex)
+            except (OperationalError, DatabaseError):  # a read-only library from before identities
+                return None
+            identity = self.get_meta(IDENTITY_KEY)
+        return str(identity)
+
+    @property
+    def identity(self) -> str | None:
+        identity = self.get_meta(IDENTITY_KEY)
+        return None if identity is None else str(identity)
 
     # -- the model -------------------------------------------------------------------
     @property
@@ -190,7 +214,7 @@ class Library:
     def vectors(self, sync: bool = True) -> VectorIndex:
         """The FAISS index, caught up with the database (built on first use)."""
         if self._vectors is None:
-            self._vectors = VectorIndex(self.root, self.dim)
+            self._vectors = VectorIndex(self.root, self.dim, self.identity)
         if sync:
             self._vectors.sync(self.engine)
         return self._vectors
