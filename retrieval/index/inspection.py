@@ -18,6 +18,7 @@ import numpy as np
 from sqlalchemy import select, text
 
 from retrieval.model.precision import auto_precision_here, mixed_precision_problem
+from retrieval.store.integrity import RESTORE_HINT, damage_of
 from retrieval.store.library import Library
 from retrieval.store.schema import Image, blobs_to_matrix, path_from_db
 from retrieval.store.vectors import VectorIndex
@@ -100,9 +101,10 @@ def verify_library(library: Library, wait: bool = False, sample: int = 1000,
     """Every row has a unit vector of the right size, FAISS holds exactly the rows' ids and
     vectors, every file is still on disk. Read-only: a stale cache is repaired in memory."""
     report = VerifyReport()
-    with library.write_lock(wait=wait):
-        if not library.integrity_ok():
-            report.problems.append("SQLite integrity check failed (restore the database from a backup)")
+    with library.write_lock(wait=wait, check=False):
+        damage = damage_of(library.engine)
+        if damage is not None:
+            report.problems.append(damaged_finding(damage))
             return report
         record = library.model_record
         count = library.image_count()
@@ -121,6 +123,11 @@ def verify_library(library: Library, wait: bool = False, sample: int = 1000,
         if mixed:
             report.problems.append(mixed)
     return report
+
+
+def damaged_finding(detail: str) -> str:
+    """How verify words damaged pages: the same sentence every other command refuses with."""
+    return f"the library database is damaged: {detail}; {RESTORE_HINT}"
 
 
 def _check_rows(library: Library, dim: int, report: VerifyReport, check_files: bool) -> np.ndarray:

@@ -25,13 +25,19 @@ from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import func, select, text
+from sqlalchemy import func, select
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import DatabaseError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from retrieval.errors import LibraryError
 from retrieval.model.spec import ModelSpec
+from retrieval.store.integrity import (
+    DamagedDatabase,
+    check_pages,
+    check_pages_if_small,
+    library_error_for,
+)
 from retrieval.store.schema import Image, Meta, Run, make_engine, utcnow
 from retrieval.store.vectors import VectorIndex
 
@@ -87,7 +93,9 @@ class Library:
     # -- opening ---------------------------------------------------------------------
     @classmethod
     def open(cls, path: str | Path | None = None, model: ModelSpec | None = None,
-             create: bool = True) -> Library:
+             create: bool = True, check: bool = True) -> Library:
+        """Open (or make) the library at `path`; `check` False skips the damaged-page check
+        (for `verify`, which reports damage as a finding instead of refusing)."""
         root = Path(path).expanduser() if path else default_library_path()
         db_path = root / DB_NAME
         if not db_path.exists() and not create:
@@ -99,6 +107,9 @@ class Library:
         except (OperationalError, DatabaseError) as exc:
             if created_dir:
                 shutil.rmtree(root, ignore_errors=True)
+            known = library_error_for(exc)
+            if isinstance(known, DamagedDatabase):
+                raise known from None
             reason = str(exc.orig) if getattr(exc, "orig", None) else str(exc)
             raise LibraryError(f"cannot use {db_path} as a library database: {reason}") from exc
         except LibraryError:
@@ -106,6 +117,8 @@ class Library:
                 shutil.rmtree(root, ignore_errors=True)
             raise
         library = cls(root, engine)
+        if check:
+            check_pages_if_small(engine, db_path)
         library.ensure_identity()
         if model is not None:
             library.check_model_spec(model)
@@ -225,10 +238,23 @@ class Library:
 
     # -- writing ---------------------------------------------------------------------
     @contextlib.contextmanager
-    def write_lock(self, wait: bool = False) -> Iterator[None]:
-        """One writer at a time (index, tag, remove, reindex); readers never wait."""
+    def write_lock(self, wait: bool = False, check: bool = True) -> Iterator[None]:
+        """One writer at a time (index, tag, remove, reindex); readers never wait.
+
+        Holding it, a writer first checks every page of the database (`check`):
+        writing into a damaged file spreads the damage.
+        """
         lock_path = self.root / LOCK_NAME
-        with open(lock_path, "a+") as fh:
+        for needed in (self.root, self.db_path):
+            if not os.access(needed, os.W_OK):
+                raise LibraryError(f"cannot write to {needed}: permission denied (commands that "
+                                   "change a library need write permission on its folder and files)")
+        try:
+            handle = open(lock_path, "a+")
+        except OSError as exc:
+            raise LibraryError(f"cannot take the write lock {lock_path}: {exc.strerror or exc} "
+                               "(commands that change a library need write permission on it)") from None
+        with handle as fh:
             try:
                 fcntl.flock(fh, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
             except BlockingIOError:
@@ -242,6 +268,8 @@ class Library:
             fh.write(f"pid {os.getpid()}")
             fh.flush()
             try:
+                if check:
+                    check_pages(self.engine)
                 yield
             finally:
                 fh.truncate(0)
@@ -258,10 +286,6 @@ class Library:
         with self.session() as s, s.begin():
             run = s.get(Run, run_id)
             run.status, run.finished_at, run.stats = status, utcnow(), stats
-
-    def integrity_ok(self) -> bool:
-        with self.engine.connect() as conn:
-            return conn.execute(text("PRAGMA quick_check")).scalar_one() == "ok"
 
     # -- tagging ---------------------------------------------------------------------
     def tag(self, labels, strategy: str = "template", **kwargs):
