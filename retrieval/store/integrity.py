@@ -30,16 +30,16 @@ from retrieval.errors import LibraryError
 
 READ_CHECK_LIMIT = 64 << 20  # bytes of database a read-only command checks before answering
 RESTORE_HINT = "run `clipfind verify`, or restore from a backup (`clipfind backup` makes one)"
-_DAMAGE = ("malformed", "not a database", "corrupt")
+_DAMAGE = ("malformed", "not a database", "corrupt")  # "not a database": page 1 overwritten
 _FULL_ERRNOS = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT}
 
 
 class DamagedDatabase(LibraryError):
     """The library's SQLite file has damaged pages: nothing may be trusted or written."""
 
-    def __init__(self, detail: str) -> None:
+    def __init__(self, detail: str, what: str = "the library database is damaged") -> None:
         self.detail = detail
-        super().__init__(f"the library database is damaged: {detail}; {RESTORE_HINT}")
+        super().__init__(f"{what}: {detail}; {RESTORE_HINT}")
 
 
 def damage_of(engine: Engine) -> str | None:

@@ -101,15 +101,19 @@ class Library:
         if not db_path.exists() and not create:
             raise LibraryError(f"no library at {root} (run `clipfind index` to make one)")
         created_dir = _make_dir(root)
+        # A library this user cannot write (a shared copy, a snapshot) is opened read-only:
+        # searching it works, and writing commands refuse in one line at the write lock.
+        readonly = db_path.exists() and not (os.access(root, os.W_OK | os.X_OK)
+                                             and os.access(db_path, os.W_OK))
         try:
-            engine = make_engine(str(db_path))
+            engine = make_engine(str(db_path), readonly=readonly)
             migrate(engine)
         except (OperationalError, DatabaseError) as exc:
             if created_dir:
                 shutil.rmtree(root, ignore_errors=True)
             known = library_error_for(exc)
-            if isinstance(known, DamagedDatabase):
-                raise known from None
+            if isinstance(known, DamagedDatabase):  # (or never a library: a stray file at that path)
+                raise DamagedDatabase(known.detail, f"cannot use {db_path} as a library database") from None
             reason = str(exc.orig) if getattr(exc, "orig", None) else str(exc)
             raise LibraryError(f"cannot use {db_path} as a library database: {reason}") from exc
         except LibraryError:
@@ -318,7 +322,7 @@ class Library:
 def _make_dir(root: Path) -> bool:
     """Create the library directory; True if we made it (so a failure can undo it)."""
     if root.is_dir():
-        if not os.access(root, os.W_OK | os.X_OK):
+        if not os.access(root, os.W_OK | os.X_OK) and not (root / DB_NAME).exists():
             raise LibraryError(f"cannot write to the library directory {root}")
         return False
     try:
