@@ -225,7 +225,8 @@ def status_command(library_path, as_json) -> None:
             s = run["stats"]
             detail = ", ".join(f"{k} {s[k]}" for k in ("indexed", "encoded", "removed", "skipped", "seconds")
                                if s.get(k))
-            click.echo(f"{label + ':':<10} {run['kind']} #{run['id']} {run['status']} at {run['started_at'][:19]}"
+            state = run["status"] + (f" ({run['note']})" if run.get("note") else "")
+            click.echo(f"{label + ':':<10} {run['kind']} #{run['id']} {state} at {run['started_at'][:19]}"
                        + (f" [{run['precision']} on {run['device']}]" if run["precision"] else "")
                        + (f": {detail}" if detail else ""))
     click.echo(f"skipped:   {info['skipped_last_index_run']} files in the last index run "

@@ -50,6 +50,10 @@ def library_status(library: Library) -> dict:
         state = None
     record = library.model_record
     last = [_run_dict(r) for r in runs]
+    if any(r["status"] == "running" for r in last) and not library.writer_active():
+        for r in last:  # nobody holds the write lock: those runs were killed (kill -9, power cut)
+            if r["status"] == "running":
+                r["status"], r["note"] = "interrupted", "its process is gone"
     last_index = next((r for r in last if r["kind"] == "index"), None)
     return {
         "library": str(root),

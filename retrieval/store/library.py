@@ -279,6 +279,21 @@ class Library:
                 fh.truncate(0)
                 fcntl.flock(fh, fcntl.LOCK_UN)
 
+    def writer_active(self) -> bool:
+        """Whether some process holds the write lock now (a run marked 'running' without one was
+        killed). Takes a shared lock for an instant, which works on a read-only library too."""
+        try:
+            fd = os.open(self.root / LOCK_NAME, os.O_RDONLY)
+        except OSError:
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        finally:
+            os.close(fd)  # closing releases the shared lock if we got it
+        return False
+
     def start_run(self, kind: str, precision: str | None = None, device: str | None = None) -> int:
         with self.session() as s, s.begin():
             run = Run(kind=kind, status="running", precision=precision, device=device, stats={})
