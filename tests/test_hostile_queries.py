@@ -21,7 +21,8 @@ from retrieval.errors import EXIT_INPUT, EXIT_USAGE, InputError, UsageError
 from retrieval.media import synthetic
 from retrieval.media.regular import NotRegularFile, open_regular
 from retrieval.media.scan import content_hash
-from retrieval.query.search import MAX_WEIGHT, Query, Searcher, split_weight
+from retrieval.query.search import Searcher
+from retrieval.query.types import MAX_WEIGHT, Query, split_weight
 from retrieval.serve.server import SERVE_FILE, ServerUnavailable, ask
 from retrieval.store.library import Library
 
@@ -161,7 +162,7 @@ def test_the_cli_gives_up_on_a_silent_server_within_seconds(setup, tmp_path):
     silent.listen(8)
     port = silent.getsockname()[1]
     info = {"url": f"http://127.0.0.1:{port}", "token": "t", "pid": os.getpid()}
-    from retrieval.query.search import Filters
+    from retrieval.query.types import Filters
 
     started = time.monotonic()
     try:
