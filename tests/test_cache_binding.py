@@ -16,11 +16,12 @@ from pathlib import Path
 
 import pytest
 
+from retrieval.facade import Library
 from retrieval.index.indexer import IndexOptions, index_paths
 from retrieval.index.inspection import verify_library
 from retrieval.media import synthetic
 from retrieval.model.encoder import ModelSpec
-from retrieval.store.library import DB_NAME, Library
+from retrieval.store.library import DB_NAME
 
 
 @pytest.fixture(scope="module")
@@ -88,7 +89,7 @@ def test_another_librarys_index_files_copied_in(tmp_path, folders, tiny_model_di
         shutil.copyfile(b / name, a / name)
     with Library.open(a, create=False) as library:  # verify names the wrong cache first
         report = verify_library(library)
-    assert not report.ok and any("another database" in p for p in report.problems)
+    assert not report.ok and any("another database" in p.message for p in report.problems)
     assert_finds_its_own_rows(a, y)
     assert saved_state(a)["library_id"] != saved_state(b)["library_id"]
 

@@ -17,10 +17,11 @@ from pathlib import Path
 import pytest
 
 from retrieval.errors import EXIT_LIBRARY
+from retrieval.facade import Library
 from retrieval.index.indexer import IndexOptions, index_paths
 from retrieval.media import synthetic
 from retrieval.model.encoder import ModelSpec
-from retrieval.store.library import DB_NAME, LOCK_NAME, Library
+from retrieval.store.library import DB_NAME, LOCK_NAME
 from tests.nonroot import other_user, shared_tmpdir
 
 READERS = [
