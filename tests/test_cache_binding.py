@@ -102,3 +102,16 @@ def test_identity_is_kept_across_opens_and_written_once(tmp_path, folders, tiny_
     with Library.open(lib, create=False) as library:
         assert library.identity == first and len(first) == 32
     assert os.path.getsize(lib / "index.json") > 0 and saved_state(lib)["library_id"] == first
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncated", "empty"])
+def test_a_damaged_index_file_is_rebuilt(tmp_path, folders, tiny_model_dir, damage):
+    lib = tmp_path / "a"
+    index(lib, folders[1], tiny_model_dir)
+    data = (lib / "index.faiss").read_bytes()
+    broken = {"garbage": os.urandom(len(data)), "truncated": data[: len(data) // 2], "empty": b""}[damage]
+    (lib / "index.faiss").write_bytes(broken)
+    with Library.open(lib, create=False) as library:
+        report = verify_library(library)
+    assert not report.ok and report.found("faiss_unreadable")
+    assert_finds_its_own_rows(lib, folders[1])
