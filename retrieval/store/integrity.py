@@ -28,7 +28,9 @@ from sqlalchemy.exc import DBAPIError
 
 from retrieval.errors import LibraryError
 
-READ_CHECK_LIMIT = 64 << 20  # bytes of database a read-only command checks before answering
+# Bytes of database a read-only command checks before answering: quick_check of a 16 MiB file
+# (4,000 rows of 2 KB vectors) took 55-184 ms at load 13.6 on 2 cores, a cost a query can carry.
+READ_CHECK_LIMIT = 16 << 20
 RESTORE_HINT = "run `clipfind verify`, or restore from a backup (`clipfind backup` makes one)"
 _DAMAGE = ("malformed", "not a database", "corrupt")  # "not a database": page 1 overwritten
 _FULL_ERRNOS = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT}
