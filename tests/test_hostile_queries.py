@@ -23,7 +23,7 @@ from retrieval.media.regular import NotRegularFile, open_regular
 from retrieval.media.scan import content_hash
 from retrieval.query.search import Searcher
 from retrieval.query.types import MAX_WEIGHT, Query, split_weight
-from retrieval.serve.server import SERVE_FILE, ServerUnavailable, ask
+from retrieval.serve.client import SERVE_FILE, ServerUnavailable, ask
 from retrieval.store.library import Library
 
 pytestmark = pytest.mark.timeout(120)  # a regression here is a hang: fail it, do not wait forever
