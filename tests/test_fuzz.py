@@ -9,10 +9,10 @@ database), label files, CuPL description files, and the image decoder over
 mutated JPEG/PNG/WebP/GIF bytes.
 
 Slow suite. Cases per property: $CLIPFIND_FUZZ_EXAMPLES, default 2,000: all eight
-properties took 52 s at 300 cases each with the load average at 15 on 2 cores,
+properties took 226 s at 2,000 cases each with the load average at 15 on 2 cores,
 so 10,000 each (`CLIPFIND_FUZZ_EXAMPLES=10000`, the issue's number) is about
-half an hour on a busy machine of that kind; $CLIPFIND_FUZZ_IMAGE_EXAMPLES sets
-the decoder's count alone.
+twenty minutes on a busy machine of that kind; $CLIPFIND_FUZZ_IMAGE_EXAMPLES
+sets the decoder's count alone.
 """
 
 from __future__ import annotations
