@@ -17,7 +17,7 @@ import faiss
 import numpy as np
 from sqlalchemy import select, text
 
-from retrieval.model.autoprecision import cached_choice
+from retrieval.model.precision_cache import cached_choice
 from retrieval.store.integrity import RESTORE_HINT, damage_of
 from retrieval.store.library import Library
 from retrieval.store.runs import mixed_precision_problem, vectors_by_precision
