@@ -20,6 +20,7 @@ from retrieval.cli.common import MODEL_HELP, library_option, model_options, pop_
 from retrieval.errors import ClipfindError
 from retrieval.query.types import (
     DEFAULT_TEMPLATES,
+    MAX_WEIGHT,
     NEGATIVE_WEIGHT,
     Filters,
     Query,
@@ -134,7 +135,7 @@ def _emit(response, fmt: str, html_file: str | None) -> None:
               help="Push results away from TEXT (repeatable).")
 @click.option("--not-image", "not_images", multiple=True, metavar="FILE",
               help="Push results away from this image (repeatable).")
-@click.option("--not-weight", type=click.FloatRange(0), default=NEGATIVE_WEIGHT, show_default=True,
+@click.option("--not-weight", type=click.FloatRange(0, MAX_WEIGHT), default=NEGATIVE_WEIGHT, show_default=True,
               help="L in the formula below: how hard --not terms push.")
 @click.option("--template", "-t", default=DEFAULT_TEMPLATES, show_default=True, metavar="NAME|FILE",
               help="Prompt templates for texts: single, photo, simple7, imagenet80, or a file with "

@@ -48,7 +48,7 @@ def build_auto(vectors: VectorIndex, engine: Engine, memory_budget: int, recall:
             raise
     state = IndexState(watermark=watermark, factory=plan.factory, nprobe=setting.nprobe, frozen=True,
                        on_disk=plan.on_disk, efsearch=setting.efsearch, refine=setting.refine,
-                       plan=plan.to_dict(), tuned=setting.to_dict())
+                       plan=plan.to_dict(), tuned=setting.to_dict(), library_id=vectors.library_id)
     vectors.install(built, state)
     return _stats(plan.to_dict(), setting.to_dict(), built.ntotal, started)
 

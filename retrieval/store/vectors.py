@@ -1,7 +1,8 @@
 """The FAISS index: a cache of `images.embedding`, keyed by image id.
 
-The index file (`index.faiss`) and its state (`index.json`: the last
-`vector_log` seq it covers, its factory string, size) are each written to a
+The index file (`index.faiss`) and its state (`index.json`: the database it
+was built from, the last `vector_log` seq it covers, its factory string, size)
+are each written to a
 temp file, fsynced and renamed, faiss first. A crash between the two leaves an
 older watermark than the index really covers; catching up is idempotent
 (remove the logged ids, re-add what the database still has), so that is safe.
@@ -9,6 +10,12 @@ older watermark than the index really covers; catching up is idempotent
 An index built by `clipfind reindex --index-type auto` is *frozen*: HNSW in RAM
 or IVF lists memory-mapped read-only (`index-*.ivfdata`), never edited in
 place; rows changed since its watermark are served by `index_delta.Delta`.
+
+The cache is bound to one database by the library's identity (a uuid written
+into `meta` when the database is made): a database deleted and made again, a
+zero-byte one, or another library's `index.*` files copied in all carry
+another identity (or none), so the saved index is discarded and rebuilt
+instead of answering for rows it never saw.
 """
 
 from __future__ import annotations
@@ -85,6 +92,7 @@ class IndexState:
     factory: str = "Flat"
     ntotal: int = 0
     nprobe: int = 16
+    library_id: str | None = None  # the database this index was built from
     frozen: bool = False  # built by index_builder: never edited; changes since `watermark` live in a Delta
     on_disk: bool = False  # IVF lists in a memory-mapped index-*.ivfdata beside index.faiss
     data_file: str | None = None  # its name (a new one per build, so a crash mid-build harms nothing)
@@ -101,9 +109,10 @@ class IndexState:
 class VectorIndex:
     """FAISS over the database's embeddings; `sync()` makes it agree with the database."""
 
-    def __init__(self, root: Path, dim: int) -> None:
+    def __init__(self, root: Path, dim: int, library_id: str | None = None) -> None:
         self.root = Path(root)
         self.dim = dim
+        self.library_id = library_id  # None (an old library opened read-only): not checked
         self.index_path = self.root / INDEX_FILE
         self.state_path = self.root / STATE_FILE
         self.index: faiss.Index | None = None
@@ -113,9 +122,12 @@ class VectorIndex:
 
     # -- persistence -----------------------------------------------------------------
     def load(self) -> bool:
-        """Read the saved index; False (and nothing loaded) if it is missing or unreadable."""
+        """Read the saved index; False (and nothing loaded) if it is missing, unreadable or
+        was built from another database."""
         try:
             state = IndexState(**json.loads(self.state_path.read_text()))
+            if self.library_id is not None and state.library_id != self.library_id:
+                return False
             index = open_index(self.index_path, state.on_disk)
         except (OSError, ValueError, TypeError, RuntimeError):
             return False
@@ -181,7 +193,8 @@ class VectorIndex:
                 index.add_with_ids(blobs_to_matrix([r[1] for r in rows], self.dim), ids)
                 last_id = int(ids[-1])
         self.index = index
-        self.state = IndexState(watermark=watermark, factory=factory, nprobe=self.state.nprobe)
+        self.state = IndexState(watermark=watermark, factory=factory, nprobe=self.state.nprobe,
+                                library_id=self.library_id)
         self.delta, self._delta_upto = Delta.empty(self.dim), -1
 
     def _training_sample(self, conn, factory: str, n: int) -> np.ndarray:
