@@ -26,8 +26,9 @@ from retrieval.cli.common import (
 from retrieval.errors import InputError, ModelError
 
 STRATEGY_HELP = (
-    "Prompt strategy: raw, template[:TEXT] (default 'a photo of a {}.'), ensemble[:imagenet80|simple7|FILE], "
-    "cupl[:FILE]; join parts with + (ensemble+cupl)."
+    "Prompt strategy: raw, template[:TEXT] (default 'a photo of a {}.'), "
+    "ensemble[:imagenet80|simple7|cifar10|FILE], cupl[:FILE|cifar10]; join parts with + "
+    "(ensemble+cupl, ensemble:cifar10+cupl:cifar10)."
 )
 LABELS_HELP = "Label file (one per line, `label: synonym, synonym`) or a built-in set: imagenet1k, cifar10, cifar100."
 
