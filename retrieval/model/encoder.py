@@ -223,6 +223,7 @@ def load_model(spec: ModelSpec, device: torch.device):
     own_cfg, base_dir = _own_config(spec)
     overrides: dict = {}
     if own_cfg is not None and hftext.is_hf_text(own_cfg):
+        hftext.require_transformers(spec.label)
         overrides["text_cfg"], needs_hub = hftext.resolve_text_cfg(own_cfg, base_dir, spec.label)
         needs_download = needs_download or needs_hub
     try:

@@ -87,9 +87,9 @@ def resolve_text_cfg(model_cfg: dict[str, Any], base_dir: Path | None, source: s
 
     The tower's weights come from the model's own checkpoint, so the folder
     supplies only its config and tokenizer (`hf_model_pretrained` off: the
-    tower's pretrained weights are not read twice).
+    tower's pretrained weights are not read twice).  Needs neither torch nor
+    transformers, so a torch-free query path can call it too.
     """
-    require_transformers(source)
     text_cfg = copy.deepcopy(model_cfg["text_cfg"])
     needs_hub = False
     for key in NAME_KEYS:
