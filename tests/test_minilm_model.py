@@ -21,9 +21,10 @@ from retrieval.prompting.cupl import load_descriptions
 from tests.models import cifar, minilm
 
 DATA = cifar.default_data_root()
-# Measured 0.XXX with "a photo of a {}." (bench/results/, see README); the bound leaves margin
-# for a rebuild on another machine's torch (one thread, so the same machine gives the same weights).
-TOP1_BOUND = 0.40
+# Measured 0.491 with "a photo of a {}." (build of 2026-12-01, key deac23a522fd; bench/results/);
+# the bound leaves margin for a rebuild on another processor (one thread gives the same weights
+# on the same machine, not necessarily bit for bit on another).
+TOP1_BOUND = 0.42
 
 
 def evaluated_templates() -> set[str]:
