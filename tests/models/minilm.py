@@ -42,10 +42,12 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
+from retrieval import config
 from retrieval.devmodels import training
-from retrieval.devmodels.tiny import WEIGHTS_FILE, build_cached, default_cache_root, write_config
+from retrieval.devmodels.tiny import WEIGHTS_FILE, build_cached, write_config
 from retrieval.model import hftext
 from retrieval.model.encoder import Encoder, ModelSpec
+from retrieval.model.runtime import torch_threads
 from tests.models import cifar
 
 MODEL_NAME = "cifar10-minilm"
@@ -223,7 +225,7 @@ def train_into(out: Path, data_root: Path, cache_root: Path | None, key: str, lo
     clip, tokenizer = build_clip(tower_folder())
     texts, per_class = captions(classes)
     started = time.perf_counter()
-    with training.torch_threads(train["threads"]):
+    with torch_threads(train["threads"]):
         pooled = pooled_captions(clip, tokenizer, texts)
     caption_seconds = time.perf_counter() - started
     if log is not None:
@@ -261,7 +263,7 @@ def train_into(out: Path, data_root: Path, cache_root: Path | None, key: str, lo
     test_images, test_labels, test_classes = cifar.load_split(data_root / "test", cache_root, log=log)
     if test_classes != classes:
         raise ValueError(f"test classes {test_classes} differ from train classes {classes}")
-    with training.torch_threads(training.cpu_threads()):
+    with torch_threads(config.usable_cores()):
         meta["test_zero_shot_top1"] = round(cifar.zero_shot_top1(
             encoder.model, encoder.tokenizer, test_images, test_labels, classes, DEFAULT_TEMPLATE), 4)
     meta["test_images"] = len(test_images)
@@ -272,7 +274,7 @@ def train_into(out: Path, data_root: Path, cache_root: Path | None, key: str, lo
 def ensure_minilm_model(cache_root: Path | None = None, log: Callable[[str], None] | None = None,
                         data_root: Path | None = None) -> Path:
     """Directory of the LiT MiniLM model, training it once if needed (see tiny.build_cached)."""
-    root = Path(cache_root).expanduser() if cache_root is not None else default_cache_root()
+    root = Path(cache_root).expanduser() if cache_root is not None else config.cache_root()
     data_root = Path(data_root) if data_root is not None else cifar.default_data_root()
     key = model_key(data_root)
     return build_cached(root / "models", MODEL_NAME, key,
