@@ -7,6 +7,7 @@ virtual environment, so what is checked is what pip would put on a user's machin
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import zipfile
@@ -44,8 +45,10 @@ def test_installed_into_a_fresh_venv_adds_only_retrieval(wheel, tmp_path):
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
     (site,) = venv.glob("lib/python*/site-packages")
     before = {p.name for p in site.iterdir()}
-    subprocess.run([sys.executable, "-m", "pip", "--python", str(venv / "bin" / "python"), "install",
-                    "--quiet", "--no-deps", "--no-index", str(wheel)], check=True, capture_output=True, text=True)
+    clean_env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # a checkout on the path
+    subprocess.run([sys.executable, "-m", "pip", "--python", str(venv / "bin" / "python"), "install",  # looks installed
+                    "--quiet", "--no-deps", "--no-index", str(wheel)], check=True, capture_output=True, text=True,
+                   env=clean_env)
     added = {p.name for p in site.iterdir()} - before
     assert {n for n in added if not n.endswith(".dist-info")} == {"retrieval"}
     assert (venv / "bin" / "clipfind").exists()
