@@ -58,12 +58,13 @@ _GLOB_CHARS = set("*?[")
 # -- the query ---------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Term:
-    kind: str  # "text" or "image"
+    kind: str  # "text", "image" or "concept" (a name from `clipfind concept learn`)
     value: str
     weight: float = 1.0
 
     def describe(self) -> str:
-        shown = f'"{self.value}"' if self.kind == "text" else f"image {os.path.basename(self.value)}"
+        shown = {"text": f'"{self.value}"', "concept": f"concept {self.value}"}.get(
+            self.kind, f"image {os.path.basename(self.value)}")
         return shown if self.weight == 1.0 else f"{self.weight:g}×{shown}"
 
 
@@ -83,12 +84,15 @@ class Query:
     negative: list[Term] = field(default_factory=list)
     templates: tuple[str, ...] | None = None  # prompt templates ("a photo of {}."); None: texts as typed
     negative_weight: float = NEGATIVE_WEIGHT
+    more_like: list[str] = field(default_factory=list)  # relevance feedback (Rocchio), absolute paths
+    less_like: list[str] = field(default_factory=list)
 
     @classmethod
     def build(cls, texts: str | Sequence[str] = (), images: str | Sequence[str] = (),
               not_texts: str | Sequence[str] = (), not_images: str | Sequence[str] = (),
               image_weight: float = 1.0, templates: str | Sequence[str] | None = DEFAULT_TEMPLATES,
-              raw: bool = False, negative_weight: float = NEGATIVE_WEIGHT) -> Query:
+              raw: bool = False, negative_weight: float = NEGATIVE_WEIGHT, concepts: str | Sequence[str] = (),
+              more_like: str | Sequence[str] = (), less_like: str | Sequence[str] = ()) -> Query:
         """Terms from plain strings; `term^W` sets one term's weight (texts default 1, images `image_weight`).
 
         `templates` is a template set name or file (read here, so a server in another
@@ -105,17 +109,22 @@ class Query:
             return out
 
         return cls(
-            positive=terms("text", texts, 1.0) + terms("image", images, image_weight),
+            positive=terms("text", texts, 1.0) + terms("image", images, image_weight)
+            + terms("concept", concepts, 1.0),
             negative=terms("text", not_texts, 1.0) + terms("image", not_images, 1.0),
             templates=None if raw or templates is None else _resolve_templates(templates),
             negative_weight=negative_weight,
+            more_like=[t.value for t in terms("image", more_like, 1.0)],
+            less_like=[t.value for t in terms("image", less_like, 1.0)],
         )
 
     def describe(self) -> str:
         out = " + ".join(t.describe() for t in self.positive)
         for term in self.negative:
             out += f" − {self.negative_weight:g}×{term.describe()}"
-        return out
+        if self.more_like or self.less_like:
+            out += f" (more like {len(self.more_like)}, less like {len(self.less_like)})"
+        return out.lstrip(" ")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -125,7 +134,8 @@ class Query:
         return cls(positive=[Term(**t) for t in data.get("positive", [])],
                    negative=[Term(**t) for t in data.get("negative", [])],
                    templates=tuple(data["templates"]) if data.get("templates") else None,
-                   negative_weight=float(data.get("negative_weight", NEGATIVE_WEIGHT)))
+                   negative_weight=float(data.get("negative_weight", NEGATIVE_WEIGHT)),
+                   more_like=list(data.get("more_like") or []), less_like=list(data.get("less_like") or []))
 
 
 def _resolve_templates(templates: str | Sequence[str]) -> tuple[str, ...]:
@@ -143,6 +153,8 @@ class Filters:
     before: datetime | None = None  # strictly before
     tags: tuple[str, ...] = ()  # every one of these tag labels
     min_score: float | None = None
+    min_relevance: float | None = None  # calibrated relevance in [0, 1]; see retrieval.query.relevance
+    until_irrelevant: bool = False  # stop the list where relevance falls below relevance.CUT
 
     @property
     def selects_rows(self) -> bool:
@@ -161,7 +173,9 @@ class Filters:
         for key in ("after", "before"):
             data[key] = datetime.fromisoformat(data[key]) if data.get(key) else None
         data["tags"] = tuple(data.get("tags") or ())
-        return cls(**{k: data.get(k) for k in ("path", "after", "before", "tags", "min_score")})
+        data["until_irrelevant"] = bool(data.get("until_irrelevant"))
+        return cls(**{k: data.get(k) for k in ("path", "after", "before", "tags", "min_score", "min_relevance",
+                                               "until_irrelevant")})
 
 
 def normalise_path_filter(value: str) -> str:
@@ -183,6 +197,7 @@ class SearchResult:
     width: int | None
     height: int | None
     taken_at: datetime | None
+    relevance: float | None = None  # calibrated per query, in [0, 1]; see retrieval.query.relevance
 
     def to_dict(self) -> dict:
         """JSON-ready; a file name that is not UTF-8 shows as \\xNN and keeps its bytes in path_b64."""
@@ -192,6 +207,7 @@ class SearchResult:
         if data["path"] != self.path:
             data["path_b64"] = base64.b64encode(raw).decode("ascii")
         data["score"] = round(float(self.score), 6)
+        data["relevance"] = None if self.relevance is None else round(float(self.relevance), 4)
         data["taken_at"] = self.taken_at.isoformat() if self.taken_at else None
         return data
 
@@ -256,6 +272,7 @@ class Searcher:
         self.cache = cache if cache is not None else TextCache(library.root / CACHE_NAME)
         self.query_threads = query_threads
         self._index_stamp: tuple[int, int] | None = None
+        self._background = None  # retrieval.query.relevance.Background, sampled on first query
 
     @property
     def model_label(self) -> str:
@@ -348,8 +365,8 @@ class Searcher:
 
     def query_vector(self, query: Query, warnings: list[str]) -> tuple[np.ndarray, set[int]]:
         """The combined unit query vector, and the ids of library rows that are query images."""
-        if not query.positive:
-            raise InputError("nothing to search for: give a text, --image FILE, or both")
+        if not query.positive and not query.more_like:
+            raise InputError("nothing to search for: give a text, --image FILE, --concept NAME or --more-like FILE")
         for term in query.positive + query.negative:
             if term.kind == "text" and not term.value.strip():
                 raise InputError("empty query text")
@@ -365,16 +382,39 @@ class Searcher:
         for position, term in enumerate(terms):
             if term.kind == "text":
                 vector = next(text_vecs)
+            elif term.kind == "concept":
+                vector = self.concept_vector(term.value)
             else:
                 vector, own_id = self.image_vector(term.value, warnings)
                 if own_id is not None and position < len(query.positive):
                     self_ids.add(own_id)
             sign = 1.0 if position < len(query.positive) else -query.negative_weight
             combined += sign * term.weight * vector
+        if query.more_like or query.less_like:
+            return self.feedback_vector(combined if terms else None, query, warnings, self_ids), self_ids
         norm = float(np.linalg.norm(combined))
         if norm < 1e-6:
             raise InputError("the query terms cancel out; change the weights or the negative terms")
         return (combined / norm).astype(np.float32), self_ids
+
+    def concept_vector(self, name: str) -> np.ndarray:
+        """A stored concept's unit direction (refused if another model learned it)."""
+        from retrieval.store.concepts import load_concept
+
+        return load_concept(self.library, name).direction
+
+    def feedback_vector(self, combined: np.ndarray | None, query: Query, warnings: list[str],
+                        self_ids: set[int]) -> np.ndarray:
+        """The query moved toward --more-like and away from --less-like images (Rocchio)."""
+        from retrieval.query.feedback import feedback_vector
+
+        def image_vector(path: str) -> np.ndarray:
+            vector, own_id = self.image_vector(path, warnings)
+            if own_id is not None and path in query.more_like:
+                self_ids.add(own_id)
+            return vector
+
+        return feedback_vector(combined, query.more_like, query.less_like, image_vector)
 
     # -- searching ---------------------------------------------------------------------
     def search(self, query: Query, k: int = 10, filters: Filters | None = None) -> SearchResponse:
@@ -411,7 +451,14 @@ class Searcher:
         keep = [(i, s) for i, s in zip(ids, scores) if i not in exclude
                 and (filters.min_score is None or s >= filters.min_score)][:k]
         mark = time.perf_counter()
+        relevances = self.relevances(vector, [s for _, s in keep], total)
+        keep, relevances = _cut_by_relevance(keep, relevances, filters)
+        timings["relevance"] = _ms(mark)
+        mark = time.perf_counter()
         results = self.fetch_results(keep)
+        by_id = {image_id: float(r) for (image_id, _), r in zip(keep, relevances)}
+        for result in results:
+            result.relevance = by_id[result.image_id]
         timings["sql_fetch"] = _ms(mark)
         timings["sql"] = round(timings.pop("sql_filter") + timings.pop("sql_fetch"), 3)
         timings["total"] = _ms(started)
@@ -422,6 +469,14 @@ class Searcher:
             warnings=warnings, timings=timings, library_size=total,
             text_cache={"hits": self.cache.hits - cache_before[0], "misses": self.cache.misses - cache_before[1]},
         )
+
+    def relevances(self, vector: np.ndarray, scores: list[float], total: int) -> np.ndarray:
+        """Calibrated relevance of each score at its rank (background sampled once per library size)."""
+        from retrieval.query.relevance import Background, calibrate
+
+        if self._background is None or self._background.library_size != total:
+            self._background = Background.sample(self.library.engine, int(self.record["embed_dim"]), total)
+        return calibrate(vector, self._background).relevance(np.asarray(scores), np.arange(1, len(scores) + 1))
 
     def fresh_vectors(self):
         """The index, caught up with the database; re-read first if another process saved a newer one.
@@ -482,6 +537,20 @@ class Searcher:
             out.append(SearchResult(len(out) + 1, float(score), image_id, path_from_db(row.path, row.path_bytes),
                                     row.size, row.width, row.height, row.taken_at))
         return out
+
+
+def _cut_by_relevance(pairs: list[tuple[int, float]], relevances: np.ndarray,
+                      filters: Filters) -> tuple[list[tuple[int, float]], np.ndarray]:
+    """Apply --until-irrelevant (stop at the first irrelevant result) and --min-relevance."""
+    from retrieval.query.relevance import cut_until_irrelevant
+
+    if filters.until_irrelevant:
+        n = cut_until_irrelevant(relevances)
+        pairs, relevances = pairs[:n], relevances[:n]
+    if filters.min_relevance is not None:
+        keep = relevances >= filters.min_relevance
+        pairs, relevances = [p for p, ok in zip(pairs, keep) if ok], relevances[keep]
+    return pairs, relevances
 
 
 @contextlib.contextmanager
@@ -574,15 +643,21 @@ def search(library: Library, text: str | Sequence[str] = (), *, image: str | Seq
            k: int = 10, templates: str | None = DEFAULT_TEMPLATES, raw: bool = False,
            image_weight: float = 1.0, negative_weight: float = NEGATIVE_WEIGHT,
            path: str | None = None, after: datetime | None = None, before: datetime | None = None,
-           tags: Sequence[str] = (), min_score: float | None = None) -> SearchResponse:
-    """Search `library` by text and/or example images; see the module docstring for the formula.
+           tags: Sequence[str] = (), min_score: float | None = None, concept: str | Sequence[str] = (),
+           more_like: str | Sequence[str] = (), less_like: str | Sequence[str] = (),
+           min_relevance: float | None = None, until_irrelevant: bool = False) -> SearchResponse:
+    """Search `library` by text, example images and/or learned concepts; see the module docstring.
 
         lib.search("a red circle", k=5)
         lib.search("circle", negative="red", path="/photos/2024")
+        lib.search(concept="my dog", until_irrelevant=True, k=1000)
+        lib.search("a dog", more_like=["good.jpg"], less_like=["bad.jpg"])
     """
-    query = Query.build(text, image, negative, negative_image, image_weight, templates, raw, negative_weight)
+    query = Query.build(text, image, negative, negative_image, image_weight, templates, raw, negative_weight,
+                        concept, more_like, less_like)
     filters = Filters(path=normalise_path_filter(path) if path else None, after=after, before=before,
-                      tags=tuple([tags] if isinstance(tags, str) else tags), min_score=min_score)
+                      tags=tuple([tags] if isinstance(tags, str) else tags), min_score=min_score,
+                      min_relevance=min_relevance, until_irrelevant=until_irrelevant)
     if library.model_record is None:
         raise ClipfindError(f"the library at {library.root} is empty: run `clipfind index FOLDER` first")
     return searcher_for(library).search(query, k, filters)
