@@ -10,24 +10,29 @@ differ. So each query is calibrated against the library's own images:
    is what "irrelevant" looks like *for this query*. Its centre and spread are
    estimated robustly (median and 1.4826 x MAD), so the relevant minority in the
    upper tail barely moves them: a Gaussian null N(mu, sigma).
-3. For a result with score s at rank r, the null predicts N * P0(score >= s)
-   irrelevant images at or above s in a library of N; at least
-   max(r, N * F(s)) images are there (F: the background's own fraction >= s).
-   Their ratio is the estimated share of false hits at that depth (the
-   Benjamini-Hochberg false-discovery estimate), and
+3. Around each result (between the results a few ranks above and below it,
+   s_hi and s_lo) the null predicts N * (P0(>= s_lo) - P0(>= s_hi)) images
+   of a library of N; the list (and, past its end, the background sample)
+   shows how many are really there. Their ratio is the local share of
+   noise at that score (Efron's local false-discovery rate), and
 
-       relevance(s) = 1 - min(1, N * P0(>= s) / max(r, N * F(s)))
+       relevance = 1 - min(1, expected under the null / observed)
 
-   A result far above the background is ~1; one inside it is ~0.
+   made non-increasing down the list by isotonic regression (the ranking is
+   by score, so a lower score cannot be more relevant). A result far above
+   the background is ~1; one inside it is ~0; 0.5 means about even odds.
 4. `--until-irrelevant` cuts the list before the first result whose relevance
-   falls below CUT (0.5: from there on, about every second result would be
-   noise); `--min-relevance R` keeps only results at or above R.
+   falls below CUT (0.5: from there on, results are more likely noise than
+   not; cutting where the local precision crosses 1/2 is also about where F1
+   peaks when the relevant set stands out well); `--min-relevance R` keeps
+   only results at or above R.
 
 Limits: the null is a Gaussian fitted to the bulk; a query that matches most
 of the library (the relevant set is no longer a minority) or a library of a
-few dozen images gives a poor null. The relevance is a false-discovery
-estimate for the ranking, not a probability that one image shows the thing;
-filters (path, dates, tags) shorten ranks, which only makes it more cautious.
+few dozen images gives a poor null. Relevance is read off the ranked list,
+so it is an estimate for the ranking, not a probability that one image shows
+the thing; filters (path, dates, tags) thin the list out, which only makes it
+more cautious.
 """
 
 from __future__ import annotations
@@ -36,11 +41,14 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
+from scipy.optimize import isotonic_regression
 from scipy.special import ndtr
 
 BACKGROUND_SIZE = 4096
 BACKGROUND_SEED = 20_261_201
 CUT = 0.5
+WINDOW = 1  # results either side of a result when counting how crowded its score is ...
+WINDOW_SHARE = 32  # ... or rank // WINDOW_SHARE deeper down (narrow, then PAV smooths: measured best)
 MAD_TO_SIGMA = 1.4826
 
 
@@ -67,16 +75,34 @@ class Calibration:
     scores: np.ndarray
     library_size: int
 
-    def relevance(self, scores: np.ndarray, ranks: np.ndarray) -> np.ndarray:
-        """Relevance of results with these scores at these 1-based ranks (see the module docstring)."""
+    def expected_above(self, scores: np.ndarray) -> np.ndarray:
+        """C0(s): how many library images at or above each score the null alone would put there."""
+        return self.library_size * ndtr(-(np.asarray(scores, np.float64) - self.mu) / self.sigma)
+
+    def observed_above(self, scores: np.ndarray, ranked: np.ndarray) -> np.ndarray:
+        """C(s): images at or above each score, from the ranked list and from the background sample."""
         scores = np.asarray(scores, np.float64)
-        n = self.library_size
-        null_tail = ndtr(-(scores - self.mu) / self.sigma)  # P0(score >= s)
-        seen = len(self.scores) - np.searchsorted(self.scores, scores, side="left")
-        above = np.maximum(np.asarray(ranks, np.float64), n * seen / max(1, len(self.scores)))
-        relevance = np.clip(1.0 - n * null_tail / above, 0.0, 1.0)
-        # As BH's q-values: a result is at least as relevant as any result ranked below it.
-        return np.maximum.accumulate(relevance[::-1])[::-1]
+        in_list = len(ranked) - np.searchsorted(ranked[::-1], scores, side="left")
+        in_sample = len(self.scores) - np.searchsorted(self.scores, scores, side="left")
+        return np.maximum(in_list, self.library_size * in_sample / max(1, len(self.scores)))
+
+    def relevance(self, scores: np.ndarray) -> np.ndarray:
+        """Relevance of each result in a list ranked by score, best first (see the module docstring)."""
+        scores = np.asarray(scores, np.float64)
+        k = len(scores)
+        if k == 0:
+            return np.zeros(0)
+        ranks = np.arange(k)
+        width = np.maximum(WINDOW, ranks // WINDOW_SHARE)
+        upper = scores[np.maximum(ranks - width, 0)]
+        lower = np.where(ranks + width < k, scores[np.minimum(ranks + width, k - 1)],
+                         2 * scores - upper)  # past the list's end: the same score width below
+        upper = np.maximum(upper, scores + 1e-9)  # rank 1 has no one above: the window starts at itself
+        null = self.expected_above(lower) - self.expected_above(upper)
+        seen = self.observed_above(lower, scores) - self.observed_above(upper, scores)
+        relevance = 1.0 - np.clip(null / np.maximum(seen, 1.0), 0.0, 1.0)
+        # The ranking is by score, so relevance may only fall down the list (least squares fit).
+        return np.clip(isotonic_regression(relevance, increasing=False).x, 0.0, 1.0)
 
 
 def calibrate(query: np.ndarray, background: Background) -> Calibration:

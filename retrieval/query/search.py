@@ -476,7 +476,7 @@ class Searcher:
 
         if self._background is None or self._background.library_size != total:
             self._background = Background.sample(self.library.engine, int(self.record["embed_dim"]), total)
-        return calibrate(vector, self._background).relevance(np.asarray(scores), np.arange(1, len(scores) + 1))
+        return calibrate(vector, self._background).relevance(np.asarray(scores))
 
     def fresh_vectors(self):
         """The index, caught up with the database; re-read first if another process saved a newer one.

@@ -60,7 +60,7 @@ def fine_tune_keys(keys: np.ndarray, targets: np.ndarray, class_matrix: np.ndarr
         loss.backward()
         optimiser.step()
         schedule.step()
-        loss_value = float(loss)
+        loss_value = float(loss.detach())
     return TipFResult(learned.detach().numpy().astype(np.float32), epochs, loss_value,
                       time.perf_counter() - started)
 
