@@ -52,7 +52,7 @@ def test_the_same_relevance_for_shifted_and_stretched_scores():
     """What raw thresholds cannot do: a query whose cosines sit higher and wider gets the same relevances."""
     query, vectors, truth = planted(4000, 50, seed=4)
     background = Background(vectors[:1024], 4000)
-    scores = np.sort(vectors @ query)[::-1]
+    scores = np.sort(vectors @ query)[::-1].astype(np.float64)  # float64: no ties made by rounding
     base = calibrate(query, background).relevance(scores)
     cal = calibrate(query, background)
     cal.mu, cal.sigma, cal.scores = 0.3 + 1.5 * cal.mu, 1.5 * cal.sigma, 0.3 + 1.5 * cal.scores
