@@ -11,7 +11,7 @@ from sqlalchemy import create_engine, text
 from retrieval.errors import LibraryError
 from retrieval.model.encoder import ModelSpec
 from retrieval.store.library import DB_NAME, Library, default_library_path, migrate
-from retrieval.store.schema import Image, vector_to_blob
+from retrieval.store.schema import Image, make_engine, vector_to_blob
 
 
 @pytest.fixture(scope="module")
@@ -80,8 +80,41 @@ def test_migrations_run_on_an_empty_file(tmp_path):
     with Library.open(root) as lib, lib.engine.connect() as conn:
         tables = {r[0] for r in conn.execute(text("SELECT name FROM sqlite_master WHERE type='table'"))}
         version = conn.execute(text("SELECT version_num FROM alembic_version")).scalar_one()
-    assert {"images", "runs", "errors", "vector_log", "tags", "tag_runs", "meta"} <= tables
-    assert version == "0001"
+    assert {"images", "runs", "errors", "vector_log", "tags", "tag_runs", "meta", "concepts"} <= tables
+    assert version == _head_revision()
+
+
+def _head_revision() -> str:
+    from importlib import resources
+
+    from alembic.config import Config
+    from alembic.script import ScriptDirectory
+
+    config = Config()
+    config.set_main_option("script_location", str(resources.files("retrieval.migrations")))
+    return ScriptDirectory.from_config(config).get_current_head()
+
+
+def test_a_library_from_before_concepts_gains_their_table(tmp_path):
+    """A library made at revision 0001 is upgraded on open, its rows kept."""
+    from importlib import resources
+
+    from alembic import command
+    from alembic.config import Config
+
+    root = tmp_path / "lib"
+    root.mkdir()
+    engine = make_engine(str(root / DB_NAME))
+    with engine.begin() as conn:
+        config = Config()
+        config.set_main_option("script_location", str(resources.files("retrieval.migrations")))
+        config.attributes["connection"] = conn
+        command.upgrade(config, "0001")
+        conn.execute(text("INSERT INTO meta (key, value) VALUES ('kept', '1')"))
+    engine.dispose()
+    with Library.open(root) as lib, lib.engine.connect() as conn:
+        tables = {r[0] for r in conn.execute(text("SELECT name FROM sqlite_master WHERE type='table'"))}
+        assert "concepts" in tables and lib.get_meta("kept") == 1
 
 
 def test_newer_schema_is_refused_and_left_alone(tmp_path):
