@@ -61,3 +61,17 @@ def test_gradient_matches_finite_differences():
     point = rng.standard_normal(9)
     error = check_grad(lambda p: fun(p)[0], lambda p: fun(p)[1], point)
     assert error < 1e-5, error
+
+
+def test_multiclass_probe_with_a_strong_prior_is_the_zero_shot_classifier():
+    from retrieval.learn.probe import fit_multiclass_probe
+
+    rng = np.random.default_rng(3)
+    centres = unit(rng.standard_normal((4, 16)))
+    targets = np.repeat(np.arange(4), 5)
+    shots = unit(centres[targets] + 0.2 * rng.standard_normal((20, 16)))
+    pinned = fit_multiclass_probe(shots, targets, centres, prior_scale=10.0, lam=1e3)
+    assert np.allclose(pinned.weight, 10.0 * centres, atol=0.05)
+    free = fit_multiclass_probe(shots, targets, None, lam=1e-3)
+    test = unit(centres[targets] + 0.2 * rng.standard_normal((20, 16)))
+    assert (free.logits(test).argmax(1) == targets).mean() >= 0.9

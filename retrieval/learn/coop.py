@@ -28,11 +28,16 @@ import torch
 import torch.nn.functional as F
 
 from retrieval.errors import InputError, ModelError
+from retrieval.model.threads import torch_threads
 
 DEFAULT_INIT = "a photo of a"
 DEFAULT_STEPS = 100
 DEFAULT_LR = 2e-3
 DEFAULT_ANCHOR = 0.1
+# One step is a few small matrices: a second thread costs more than it saves (see
+# retrieval.model.threads); None leaves torch's setting alone (a big text tower on a
+# quiet machine may gain from more).
+TRAIN_THREADS: int | None = 1
 
 
 @dataclass
@@ -93,6 +98,12 @@ def learn_prompts(model, tokenizer, class_texts: list[str], features: np.ndarray
 
     In concept mode `targets` are 1 for positives and 0 for negatives.
     """
+    with torch_threads(TRAIN_THREADS):
+        return _learn(model, tokenizer, class_texts, features, targets, logit_scale, init, steps, lr, anchor, seed)
+
+
+def _learn(model, tokenizer, class_texts, features, targets, logit_scale, init, steps, lr, anchor,
+           seed) -> CoopResult:
     import time
 
     started = time.perf_counter()

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from retrieval.errors import InputError
+from retrieval.model.threads import torch_threads
 
 DEFAULT_EPOCHS = 20
 DEFAULT_LR = 1e-3
@@ -42,6 +43,11 @@ def fine_tune_keys(keys: np.ndarray, targets: np.ndarray, class_matrix: np.ndarr
     """Fine-tune the cache keys on the shots themselves, leave-one-out; full batch (the shots are few)."""
     if len(keys) < 2:
         raise InputError("Tip-Adapter-F needs at least two example images")
+    with torch_threads(1):  # (shots x shots) products: a second thread only spins
+        return _fine_tune(keys, targets, class_matrix, logit_scale, alpha, beta, epochs, lr, seed)
+
+
+def _fine_tune(keys, targets, class_matrix, logit_scale, alpha, beta, epochs, lr, seed) -> TipFResult:
     started = time.perf_counter()
     torch.manual_seed(seed)
     x = torch.from_numpy(np.ascontiguousarray(keys, np.float32))
