@@ -15,13 +15,13 @@ import pytest
 from sqlalchemy import text
 
 from retrieval.errors import InputError, LibraryError
+from retrieval.facade import Library
 from retrieval.index.indexer import IndexOptions, index_paths
 from retrieval.learn.concepts import learn_concept
 from retrieval.learn.coop import PromptLearner, learn_prompts
 from retrieval.media import synthetic
 from retrieval.model.encoder import Encoder, ModelSpec
 from retrieval.store.concepts import list_concepts, load_concept, remove_concept
-from retrieval.store.library import Library
 from retrieval.tagging.autotag import query_tags
 from retrieval.tagging.concept_tags import tag_concepts
 
@@ -91,7 +91,7 @@ def test_one_example_with_a_prompt_does_no_worse_than_the_prompt(library, collec
 
 def test_concept_combines_with_text_and_weights(library, collection):
     _, labels = collection
-    learn_concept(library, "red", examples(labels, "red circle", 4))
+    library.learn_concept("red", examples(labels, "red circle", 4))  # the facade's door
     got = library.search("square", concept="red^0.5", k=5)
     assert "concept red" in got.query and len(got) == 5
 

@@ -15,11 +15,14 @@ from collections.abc import Callable
 
 import click
 
+from retrieval import config
 from retrieval.cli.common import MODEL_HELP, library_option, model_options, pop_model_options, warn
-from retrieval.query.search import (
+from retrieval.errors import ClipfindError
+from retrieval.query.types import (
     DEFAULT_TEMPLATES,
     NEGATIVE_WEIGHT,
     Filters,
+    Query,
     normalise_path_filter,
 )
 
@@ -99,17 +102,11 @@ def _format(as_json: bool, as_paths: bool, as_paths0: bool) -> str:
     return chosen[0] if chosen else "table"
 
 
-def _library_root(library_path: str | None) -> str:
-    from retrieval.store.library import default_library_path
-
-    return os.path.expanduser(library_path) if library_path else str(default_library_path())
-
-
 def _answer(kind: str, subject, k: int, filters: Filters, library_path, use_server: bool,
             model_kwargs: dict):
     """Searcher.search/similar: by the library's warm server if one runs (and no model flags), else here."""
     spec, device, precision = pop_model_options(model_kwargs)
-    root = _library_root(library_path)
+    root = config.library_path(library_path)
     if use_server and spec is None:
         from retrieval.serve.server import ServerUnavailable, ask, find_server
 
@@ -185,8 +182,6 @@ def search_command(texts, images, image_weight, not_texts, not_images, not_weigh
       clipfind search --concept my-dog --until-irrelevant --paths
       clipfind search "a dog" --more-like good.jpg --less-like wrong.jpg
     """
-    from retrieval.query.search import Query
-
     if not texts and not images and not concepts and not more_like:
         raise click.UsageError("give a text to search for, --image FILE, --concept NAME or --more-like FILE")
     fmt = _format(as_json, as_paths, as_paths0)
@@ -251,12 +246,13 @@ def serve_command(host, port, verbose, library_path, **model_kwargs) -> None:
     spec, device, precision = pop_model_options(model_kwargs)
     if not is_loopback(host):
         warn(f"listening on {host}: anyone who can reach it and has the token can list your images")
-    library = Library.open(_library_root(library_path), model=spec, create=False)
+    library = Library.open(config.library_path(library_path), model=spec, create=False)
     searcher = Searcher(library, spec, device, precision)
     try:
         server = QueryServer(searcher, host, port, log=(lambda m: click.echo(m, err=True)) if verbose else None)
     except OSError as exc:
-        raise click.ClickException(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+        library.close()
+        raise ClipfindError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
     server.warm_up()
     for message in ([f"using {searcher.model_label}"] if searcher.random_weights else []):
         warn(message)

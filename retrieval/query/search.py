@@ -16,242 +16,56 @@ FAISS searches only those (an id selector on an exact index; on an
 approximate index a filtered set small enough is scored exactly from the
 database's own vectors instead).
 
+Concept terms are stored directions (`clipfind concept learn`, weighted like
+any term); --more-like/--less-like then move q by Rocchio's rule
+(`retrieval.query.feedback`). Every result also gets a relevance in [0, 1],
+calibrated per query against a sample of the library (`retrieval.query.relevance`).
+
 Nothing here imports torch: the model is loaded only when a text is not in the
 cache or a query image is not in the library.
 """
 
 from __future__ import annotations
 
-import base64
-import contextlib
 import math
 import os
-import re
 import time
 import weakref
-from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Sequence
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from sqlalchemy import select, text
 
-from retrieval.errors import ClipfindError, InputError
+from retrieval.errors import InputError
+from retrieval.media.images import ImageError, open_image
+from retrieval.media.scan import content_hash
+from retrieval.model.runtime import torch_threads
+from retrieval.prompting.prompts import encode_prompted
 from retrieval.query.textcache import CACHE_NAME, CachedText, TextCache, cache_key
+from retrieval.query.types import (
+    DEFAULT_TEMPLATES,
+    NEGATIVE_WEIGHT,
+    Filters,
+    Query,
+    SearchResponse,
+    SearchResult,
+    Term,
+    normalise_path_filter,
+)
 from retrieval.store.schema import Image, blobs_to_matrix, path_from_db, path_to_db
+from retrieval.store.sql import under_folder
 
 if TYPE_CHECKING:
     from retrieval.store.library import Library
 
-DEFAULT_TEMPLATES = "photo"  # retrieval.prompting.prompts.PHOTO_TEMPLATES; see README for the measurement
-NEGATIVE_WEIGHT = 0.5  # lambda in the formula above
 EXACT_FILTER_LIMIT = 50_000  # filtered sets up to this size are scored exactly on approximate indexes
 # One query is a batch of a few texts or one image: torch's second thread costs more
 # in hand-offs than it saves (tiny model, busy 2-core machine: 300 ms vs 2 ms per
 # text batch), so queries run on one thread; None leaves torch's setting alone.
 QUERY_THREADS: int | None = 1
-_WEIGHT_SUFFIX = re.compile(r"^(?P<term>.*\S)\^(?P<weight>[0-9]*\.?[0-9]+)$")
-_GLOB_CHARS = set("*?[")
-
-
-# -- the query ---------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Term:
-    kind: str  # "text", "image" or "concept" (a name from `clipfind concept learn`)
-    value: str
-    weight: float = 1.0
-
-    def describe(self) -> str:
-        shown = {"text": f'"{self.value}"', "concept": f"concept {self.value}"}.get(
-            self.kind, f"image {os.path.basename(self.value)}")
-        return shown if self.weight == 1.0 else f"{self.weight:g}×{shown}"
-
-
-def split_weight(term: str, default: float = 1.0) -> tuple[str, float]:
-    """`beach^2` -> ("beach", 2.0): a Lucene-style per-term weight; plain terms get `default`."""
-    match = _WEIGHT_SUFFIX.match(term)
-    if match is None or os.path.exists(term):
-        return term, default
-    return match["term"], float(match["weight"])
-
-
-@dataclass
-class Query:
-    """What to look for. Image values should be absolute paths (the server has its own cwd)."""
-
-    positive: list[Term] = field(default_factory=list)
-    negative: list[Term] = field(default_factory=list)
-    templates: tuple[str, ...] | None = None  # prompt templates ("a photo of {}."); None: texts as typed
-    negative_weight: float = NEGATIVE_WEIGHT
-    more_like: list[str] = field(default_factory=list)  # relevance feedback (Rocchio), absolute paths
-    less_like: list[str] = field(default_factory=list)
-
-    @classmethod
-    def build(cls, texts: str | Sequence[str] = (), images: str | Sequence[str] = (),
-              not_texts: str | Sequence[str] = (), not_images: str | Sequence[str] = (),
-              image_weight: float = 1.0, templates: str | Sequence[str] | None = DEFAULT_TEMPLATES,
-              raw: bool = False, negative_weight: float = NEGATIVE_WEIGHT, concepts: str | Sequence[str] = (),
-              more_like: str | Sequence[str] = (), less_like: str | Sequence[str] = ()) -> Query:
-        """Terms from plain strings; `term^W` sets one term's weight (texts default 1, images `image_weight`).
-
-        `templates` is a template set name or file (read here, so a server in another
-        folder sees the same templates) or the templates themselves.
-        """
-        def terms(kind: str, values, default: float) -> list[Term]:
-            values = [values] if isinstance(values, (str, os.PathLike)) else list(values or ())
-            out = []
-            for value in values:
-                value, weight = split_weight(os.fspath(value), default)
-                if kind == "image":
-                    value = os.path.abspath(os.path.expanduser(value))
-                out.append(Term(kind, value, weight))
-            return out
-
-        return cls(
-            positive=terms("text", texts, 1.0) + terms("image", images, image_weight)
-            + terms("concept", concepts, 1.0),
-            negative=terms("text", not_texts, 1.0) + terms("image", not_images, 1.0),
-            templates=None if raw or templates is None else _resolve_templates(templates),
-            negative_weight=negative_weight,
-            more_like=[t.value for t in terms("image", more_like, 1.0)],
-            less_like=[t.value for t in terms("image", less_like, 1.0)],
-        )
-
-    def describe(self) -> str:
-        out = " + ".join(t.describe() for t in self.positive)
-        for term in self.negative:
-            out += f" − {self.negative_weight:g}×{term.describe()}"
-        if self.more_like or self.less_like:
-            out += f" (more like {len(self.more_like)}, less like {len(self.less_like)})"
-        return out.lstrip(" ")
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict) -> Query:
-        return cls(positive=[Term(**t) for t in data.get("positive", [])],
-                   negative=[Term(**t) for t in data.get("negative", [])],
-                   templates=tuple(data["templates"]) if data.get("templates") else None,
-                   negative_weight=float(data.get("negative_weight", NEGATIVE_WEIGHT)),
-                   more_like=list(data.get("more_like") or []), less_like=list(data.get("less_like") or []))
-
-
-def _resolve_templates(templates: str | Sequence[str]) -> tuple[str, ...]:
-    from retrieval.prompting.prompts import template_set
-
-    return template_set(templates) if isinstance(templates, str) else tuple(templates)
-
-
-@dataclass
-class Filters:
-    """Restrictions on which images may be returned; all of them must hold."""
-
-    path: str | None = None  # a folder or file prefix, or a glob over the full path (* ? [...])
-    after: datetime | None = None  # taken (EXIF) at or after, else file modified at or after
-    before: datetime | None = None  # strictly before
-    tags: tuple[str, ...] = ()  # every one of these tag labels
-    min_score: float | None = None
-    min_relevance: float | None = None  # calibrated relevance in [0, 1]; see retrieval.query.relevance
-    until_irrelevant: bool = False  # stop the list where relevance falls below relevance.CUT
-
-    @property
-    def selects_rows(self) -> bool:
-        return bool(self.path or self.after or self.before or self.tags)
-
-    def to_dict(self) -> dict:
-        data = asdict(self)
-        for key in ("after", "before"):
-            data[key] = data[key].isoformat() if data[key] else None
-        data["tags"] = list(self.tags)
-        return data
-
-    @classmethod
-    def from_dict(cls, data: dict | None) -> Filters:
-        data = dict(data or {})
-        for key in ("after", "before"):
-            data[key] = datetime.fromisoformat(data[key]) if data.get(key) else None
-        data["tags"] = tuple(data.get("tags") or ())
-        data["until_irrelevant"] = bool(data.get("until_irrelevant"))
-        return cls(**{k: data.get(k) for k in ("path", "after", "before", "tags", "min_score", "min_relevance",
-                                               "until_irrelevant")})
-
-
-def normalise_path_filter(value: str) -> str:
-    """A relative path or glob is taken from the current folder, like any path on a command line."""
-    value = os.path.expanduser(value)
-    if value.startswith(("/", "*")):
-        return value
-    return os.path.join(os.path.abspath("."), value)
-
-
-# -- results -----------------------------------------------------------------------------
-@dataclass
-class SearchResult:
-    rank: int
-    score: float
-    image_id: int
-    path: str  # as `open()` wants it (undecodable bytes as surrogates)
-    size: int
-    width: int | None
-    height: int | None
-    taken_at: datetime | None
-    relevance: float | None = None  # calibrated per query, in [0, 1]; see retrieval.query.relevance
-
-    def to_dict(self) -> dict:
-        """JSON-ready; a file name that is not UTF-8 shows as \\xNN and keeps its bytes in path_b64."""
-        data = asdict(self)
-        raw = os.fsencode(self.path)
-        data["path"] = raw.decode("utf-8", "backslashreplace")
-        if data["path"] != self.path:
-            data["path_b64"] = base64.b64encode(raw).decode("ascii")
-        data["score"] = round(float(self.score), 6)
-        data["relevance"] = None if self.relevance is None else round(float(self.relevance), 4)
-        data["taken_at"] = self.taken_at.isoformat() if self.taken_at else None
-        return data
-
-    @classmethod
-    def from_dict(cls, data: dict) -> SearchResult:
-        data = dict(data)
-        data["taken_at"] = datetime.fromisoformat(data["taken_at"]) if data.get("taken_at") else None
-        if data.get("path_b64"):
-            data["path"] = os.fsdecode(base64.b64decode(data["path_b64"]))
-        return cls(**{k: data.get(k) for k in cls.__dataclass_fields__})
-
-
-@dataclass
-class SearchResponse:
-    """Results plus what a person should know about them (warnings, model, timings in ms)."""
-
-    results: list[SearchResult]
-    query: str
-    model: str = ""
-    random_weights: bool = False
-    warnings: list[str] = field(default_factory=list)
-    timings: dict[str, float] = field(default_factory=dict)
-    text_cache: dict[str, int] = field(default_factory=lambda: {"hits": 0, "misses": 0})
-    library_size: int = 0
-
-    def __iter__(self):
-        return iter(self.results)
-
-    def __len__(self) -> int:
-        return len(self.results)
-
-    def __getitem__(self, index):
-        return self.results[index]
-
-    def to_dict(self) -> dict:
-        data = {k: v for k, v in self.__dict__.items() if k != "results"}
-        data["results"] = [r.to_dict() for r in self.results]
-        return data
-
-    @classmethod
-    def from_dict(cls, data: dict) -> SearchResponse:
-        data = dict(data)
-        results = [SearchResult.from_dict(r) for r in data.pop("results", [])]
-        return cls(results=results, **{k: v for k, v in data.items() if k in cls.__dataclass_fields__})
+GLOB_CHARS = set("*?[")  # a --path with any of these is a glob, else a folder
 
 
 # -- the searcher ------------------------------------------------------------------------
@@ -262,7 +76,7 @@ class Searcher:
                  cache: TextCache | None = None, query_threads: int | None = QUERY_THREADS) -> None:
         record = library.model_record
         if record is None:
-            raise ClipfindError(f"the library at {library.root} is empty: run `clipfind index FOLDER` first")
+            raise library.empty_error()
         if spec is not None:
             library.check_model_spec(spec)
         self.library = library
@@ -312,9 +126,7 @@ class Searcher:
         return np.stack([found[i].vector for i in range(len(texts))]) if texts else np.zeros((0, 0))
 
     def _encode_texts(self, encoder, texts: list[str], templates: tuple[str, ...] | None) -> np.ndarray:
-        from retrieval.prompting.prompts import encode_prompted
-
-        with _torch_threads(self.query_threads):
+        with torch_threads(self.query_threads):
             if templates is None:
                 return encoder.encode_texts(texts)
             return encode_prompted(encoder, texts, templates)
@@ -326,9 +138,6 @@ class Searcher:
 
     def image_vector(self, path: str, warnings: list[str]) -> tuple[np.ndarray, int | None]:
         """(unit vector, id of the row that *is* this file or None); stored vectors are reused."""
-        from retrieval.media.images import ImageError, open_image
-        from retrieval.media.scan import content_hash
-
         path = os.path.abspath(path)
         stored = path_to_db(path)[0]
         with self.library.engine.connect() as conn:
@@ -357,7 +166,7 @@ class Searcher:
         except ImageError as exc:
             raise ImageError(exc.kind, f"query image {exc}") from None
         encoder = self.encoder()
-        with _torch_threads(self.query_threads):
+        with torch_threads(self.query_threads):
             return encoder.encode_images([image])[0], own_id
 
     def _unpack(self, blob: bytes) -> np.ndarray:
@@ -441,7 +250,7 @@ class Searcher:
         timings["sync"] = _ms(mark)
         total = int(vectors.index.ntotal) if vectors.index is not None else 0
         if total == 0:
-            raise ClipfindError(f"the library at {self.library.root} is empty: run `clipfind index FOLDER` first")
+            raise self.library.empty_error()
         mark = time.perf_counter()
         allowed = self.allowed_ids(filters) if filters.selects_rows else None
         timings["sql_filter"] = _ms(mark)
@@ -452,7 +261,7 @@ class Searcher:
                 and (filters.min_score is None or s >= filters.min_score)][:k]
         mark = time.perf_counter()
         relevances = self.relevances(vector, [s for _, s in keep], total)
-        keep, relevances = _cut_by_relevance(keep, relevances, filters)
+        keep, relevances = cut_by_relevance(keep, relevances, filters)
         timings["relevance"] = _ms(mark)
         mark = time.perf_counter()
         results = self.fetch_results(keep)
@@ -471,7 +280,7 @@ class Searcher:
         )
 
     def relevances(self, vector: np.ndarray, scores: list[float], total: int) -> np.ndarray:
-        """Calibrated relevance of each score at its rank (background sampled once per library size)."""
+        """Calibrated relevance of each score down the list (background sampled once per library size)."""
         from retrieval.query.relevance import Background, calibrate
 
         if self._background is None or self._background.library_size != total:
@@ -539,35 +348,6 @@ class Searcher:
         return out
 
 
-def _cut_by_relevance(pairs: list[tuple[int, float]], relevances: np.ndarray,
-                      filters: Filters) -> tuple[list[tuple[int, float]], np.ndarray]:
-    """Apply --until-irrelevant (stop at the first irrelevant result) and --min-relevance."""
-    from retrieval.query.relevance import cut_until_irrelevant
-
-    if filters.until_irrelevant:
-        n = cut_until_irrelevant(relevances)
-        pairs, relevances = pairs[:n], relevances[:n]
-    if filters.min_relevance is not None:
-        keep = relevances >= filters.min_relevance
-        pairs, relevances = [p for p, ok in zip(pairs, keep) if ok], relevances[keep]
-    return pairs, relevances
-
-
-@contextlib.contextmanager
-def _torch_threads(n: int | None) -> Iterator[None]:
-    import torch
-
-    before = torch.get_num_threads()
-    if n is None or n == before:
-        yield
-        return
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 def _single_thread_search(vectors, vector: np.ndarray, k: int, allowed: np.ndarray | None):
     """One query vector: FAISS parallelises over queries, so extra OpenMP threads only spin.
 
@@ -594,13 +374,13 @@ def filter_sql(filters: Filters) -> tuple[list[str], dict[str, Any]]:
     params: dict[str, Any] = {}
     if filters.path:
         pattern = filters.path
-        if _GLOB_CHARS & set(pattern):
+        if GLOB_CHARS & set(pattern):
             clauses.append("path GLOB :glob")
             params["glob"] = pattern
         else:
-            prefix = pattern.rstrip("/") or "/"
-            clauses.append("(path = :exact OR substr(path, 1, :n) = :prefix)")
-            params.update(exact=prefix, prefix=prefix.rstrip("/") + "/", n=len(prefix.rstrip("/")) + 1)
+            clause, folder_params = under_folder(pattern)
+            clauses.append(clause)
+            params.update(folder_params)
     if filters.after:
         clauses.append(f"{_WHEN} >= julianday(:after)")
         params["after"] = filters.after.replace(tzinfo=None).isoformat(sep=" ")
@@ -611,6 +391,20 @@ def filter_sql(filters: Filters) -> tuple[list[str], dict[str, Any]]:
         clauses.append(f"id IN (SELECT image_id FROM tags WHERE label = :tag{i})")
         params[f"tag{i}"] = tag
     return clauses or ["1"], params
+
+
+def cut_by_relevance(pairs: list[tuple[int, float]], relevances: np.ndarray,
+                     filters: Filters) -> tuple[list[tuple[int, float]], np.ndarray]:
+    """Apply --until-irrelevant (stop at the first irrelevant result) and --min-relevance."""
+    from retrieval.query.relevance import cut_until_irrelevant
+
+    if filters.until_irrelevant:
+        n = cut_until_irrelevant(relevances)
+        pairs, relevances = pairs[:n], relevances[:n]
+    if filters.min_relevance is not None:
+        keep = relevances >= filters.min_relevance
+        pairs, relevances = [p for p, ok in zip(pairs, keep) if ok], relevances[keep]
+    return pairs, relevances
 
 
 def _stamp(path) -> tuple[int, int] | None:
@@ -659,5 +453,5 @@ def search(library: Library, text: str | Sequence[str] = (), *, image: str | Seq
                       tags=tuple([tags] if isinstance(tags, str) else tags), min_score=min_score,
                       min_relevance=min_relevance, until_irrelevant=until_irrelevant)
     if library.model_record is None:
-        raise ClipfindError(f"the library at {library.root} is empty: run `clipfind index FOLDER` first")
+        raise library.empty_error()
     return searcher_for(library).search(query, k, filters)

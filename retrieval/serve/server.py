@@ -35,9 +35,10 @@ from typing import TYPE_CHECKING, Any
 
 from retrieval import errors
 from retrieval.errors import ClipfindError, InputError
+from retrieval.query.types import DEFAULT_TEMPLATES, Filters, Query, SearchResponse
 
 if TYPE_CHECKING:
-    from retrieval.query.search import Searcher, SearchResponse
+    from retrieval.query.search import Searcher
 
 SERVE_FILE = "serve.json"
 MAX_BODY = 1 << 20
@@ -90,16 +91,12 @@ class QueryServer(ThreadingHTTPServer):
 
     def warm_up(self) -> None:
         """Load what the first query would: the index, the model, one text through the tower."""
-        from retrieval.query.search import Query
-
         self.searcher.fresh_vectors()
         self.searcher.encoder()
         self.searcher.search(Query.build("a photo"), k=1)
 
     # -- request handling ----------------------------------------------------------------
     def handle_json(self, method: str, path: str, params: dict, body: dict) -> dict:
-        from retrieval.query.search import DEFAULT_TEMPLATES, Filters, Query
-
         if path == "/health":
             return {"ok": True, "library": str(self.searcher.library.root), "model": self.searcher.model_label,
                     "uptime_s": round(time.time() - self.started, 1), "queries": self.queries}
@@ -233,8 +230,6 @@ def call(info: dict, endpoint: str, payload: dict | None = None, timeout: float 
 
 def ask(info: dict, kind: str, subject, filters, k: int) -> SearchResponse:
     """The server's answer to Searcher.search(query, ...) (kind "search") or .similar(path, ...)."""
-    from retrieval.query.search import SearchResponse
-
     payload = {"filters": filters.to_dict(), "k": k}
     if kind == "search":
         payload["query"] = subject.to_dict()

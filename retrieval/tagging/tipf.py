@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from retrieval.errors import InputError
-from retrieval.model.threads import torch_threads
+from retrieval.model.runtime import torch_threads
 
 DEFAULT_EPOCHS = 20
 DEFAULT_LR = 1e-3
