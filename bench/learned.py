@@ -127,7 +127,7 @@ def concept_search(test_x, test_y, class_matrix, scale, pools, ks, probe_lam) ->
                 for c in range(class_matrix.shape[0]):
                     positives = pool_x[pool_y == c][:k]
                     probe = fit_probe(positives, negatives, class_matrix[c] if with_prompt else None, scale,
-                                      probe_lam)
+                                      probe_lam if with_prompt else None)
                     p, ap = average_precision(test_x @ probe.direction, test_y == c)
                     p10.append(p)
                     aps.append(ap)

@@ -47,7 +47,7 @@ def _identical(vectors: np.ndarray) -> bool:
 
 
 def learn_concept(library, name: str, positive: list[str], negative: list[str] = (), prompt: str | None = None,
-                  method: str = "auto", replace: bool = False, lam: float = probe.DEFAULT_LAMBDA,
+                  method: str = "auto", replace: bool = False, lam: float | None = None,
                   searcher=None) -> LearnResult:
     """Learn concept `name` from example files/folders and store it in `library`."""
     from retrieval.query.search import Searcher
@@ -95,7 +95,8 @@ def learn_concept(library, name: str, positive: list[str], negative: list[str] =
     if chosen == "probe":
         fitted = probe.fit_probe(pos.vectors, negatives, text_vector, scale, lam)
         direction, weight_scale, bias = fitted.direction, fitted.scale, fitted.bias
-        params.update(lam=lam, prior_scale=scale if prompt else None, iterations=fitted.iterations)
+        params.update(lam=lam if lam is not None else probe.DEFAULT_LAMBDA if prompt else probe.NO_PRIOR_LAMBDA,
+                      prior_scale=scale if prompt else None, iterations=fitted.iterations)
     else:
         encoder = searcher.encoder()
         scale = logit_scale(encoder)
