@@ -208,3 +208,11 @@ def test_coop_starts_as_the_zero_shot_prompt_and_learns(encoder, library, collec
     longer = learn_prompts(encoder.model, encoder.tokenizer, ["red circle", "blue square"], features, targets,
                            1.0, steps=6, lr=1e-2)
     assert longer.loss < short.loss
+
+
+def test_a_coop_concept_is_a_learned_prompt_that_finds_its_class(library, collection):
+    _, labels = collection
+    result = learn_concept(library, "coop-bs", examples(labels, "blue square", 4), prompt="blue square",
+                           method="coop")
+    assert result.concept.method == "coop" and result.concept.params["steps"] > 0
+    assert precision(library, labels, "blue square", concept="coop-bs") >= 0.7
