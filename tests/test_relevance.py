@@ -56,5 +56,8 @@ def test_the_same_relevance_for_shifted_and_stretched_scores():
     base = calibrate(query, background).relevance(scores)
     cal = calibrate(query, background)
     cal.mu, cal.sigma, cal.scores = 0.3 + 1.5 * cal.mu, 1.5 * cal.sigma, 0.3 + 1.5 * cal.scores
+    if cal.mixture is not None:
+        mu0, s0, mu1, s1, p1 = cal.mixture
+        cal.mixture = (0.3 + 1.5 * mu0, 1.5 * s0, 0.3 + 1.5 * mu1, 1.5 * s1, p1)
     moved = cal.relevance(0.3 + 1.5 * scores)
     assert np.allclose(base, moved, atol=1e-3)

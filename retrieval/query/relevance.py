@@ -18,6 +18,11 @@ differ. So each query is calibrated against the library's own images:
 
        relevance = 1 - min(1, expected under the null / observed)
 
+   A second estimate covers relevant sets too big to stand out of the
+   background (a weak model, or a class that is a tenth of the library):
+   a two-Gaussian mixture fitted by EM to the background scores (kept only
+   when it beats one Gaussian by BIC), whose posterior P(relevant | s) is
+   taken where it is the larger of the two. The result is then
    made non-increasing down the list by isotonic regression (the ranking is
    by score, so a lower score cannot be more relevant). A result far above
    the background is ~1; one inside it is ~0; 0.5 means about even odds.
@@ -50,6 +55,8 @@ CUT = 0.5
 WINDOW = 1  # results either side of a result when counting how crowded its score is ...
 WINDOW_SHARE = 32  # ... or rank // WINDOW_SHARE deeper down (narrow, then PAV smooths: measured best)
 MAD_TO_SIGMA = 1.4826
+MIXTURE_STEPS = 50
+MIXTURE_SEPARATION = 1.0
 
 
 @dataclass
@@ -68,12 +75,22 @@ class Background:
 
 @dataclass
 class Calibration:
-    """One query's null (mu, sigma) and its background scores, sorted ascending."""
+    """One query's null (mu, sigma), its background scores (sorted ascending), and a two-part mixture."""
 
     mu: float
     sigma: float
     scores: np.ndarray
     library_size: int
+    mixture: tuple[float, float, float, float, float] | None = None  # (mu0, s0, mu1, s1, share of part 1)
+
+    def posterior(self, scores: np.ndarray) -> np.ndarray:
+        """P(relevant | score) under the two-Gaussian mixture fitted to the background (0 without one)."""
+        if self.mixture is None:
+            return np.zeros(len(scores))
+        mu0, s0, mu1, s1, p1 = self.mixture
+        low = (1 - p1) * np.exp(-0.5 * ((scores - mu0) / s0) ** 2) / s0
+        high = p1 * np.exp(-0.5 * ((scores - mu1) / s1) ** 2) / s1
+        return np.where(scores >= mu1, 1.0, high / np.maximum(low + high, 1e-300)) if p1 > 0 else 0 * scores
 
     def expected_above(self, scores: np.ndarray) -> np.ndarray:
         """C0(s): how many library images at or above each score the null alone would put there."""
@@ -101,6 +118,7 @@ class Calibration:
         null = self.expected_above(lower) - self.expected_above(upper)
         seen = self.observed_above(lower, scores) - self.observed_above(upper, scores)
         relevance = 1.0 - np.clip(null / np.maximum(seen, 1.0), 0.0, 1.0)
+        relevance = np.maximum(relevance, self.posterior(scores))
         # The ranking is by score, so relevance may only fall down the list (least squares fit).
         return np.clip(isotonic_regression(relevance, increasing=False).x, 0.0, 1.0)
 
@@ -116,7 +134,42 @@ def calibrate(query: np.ndarray, background: Background) -> Calibration:
     sigma = MAD_TO_SIGMA * float(np.median(np.abs(scores - mu)))
     if not math.isfinite(sigma) or sigma < 1e-6:
         sigma = max(float(scores.std()), 1e-3)
-    return Calibration(mu, sigma, scores, max(background.library_size, len(scores)))
+    return Calibration(mu, sigma, scores, max(background.library_size, len(scores)), fit_mixture(scores, mu, sigma))
+
+
+def fit_mixture(scores: np.ndarray, mu: float, sigma: float,
+                iterations: int = MIXTURE_STEPS) -> tuple[float, float, float, float, float] | None:
+    """EM for two Gaussians on the background scores: the bulk, and a relevant upper part.
+
+    Started from the robust null and the top 10%; kept only if the upper part ends up
+    above the bulk by at least MIXTURE_SEPARATION of the bulk's spread, is a minority,
+    and two parts fit better than one by BIC.
+    """
+    top = scores[scores >= np.quantile(scores, 0.9)]
+    mu0, s0, mu1, s1, p1 = mu, sigma, float(top.mean()), max(float(top.std()), 1e-3), 0.1
+    for _ in range(iterations):
+        low = (1 - p1) * np.exp(-0.5 * ((scores - mu0) / s0) ** 2) / s0
+        high = p1 * np.exp(-0.5 * ((scores - mu1) / s1) ** 2) / s1
+        r = high / np.maximum(low + high, 1e-300)
+        p1 = float(r.mean())
+        if not 1e-4 < p1 < 0.5:
+            return None
+        mu1 = float((r * scores).sum() / r.sum())
+        s1 = float(np.sqrt((r * (scores - mu1) ** 2).sum() / r.sum())) + 1e-6
+        mu0 = float(((1 - r) * scores).sum() / (1 - r).sum())
+        s0 = float(np.sqrt(((1 - r) * (scores - mu0) ** 2).sum() / (1 - r).sum())) + 1e-6
+    if mu1 - mu0 < MIXTURE_SEPARATION * s0:
+        return None
+    # Two parts must explain the scores better than one by more than their three extra
+    # parameters cost (BIC): a query matching nothing has one bell of scores, not two.
+    low = (1 - p1) * np.exp(-0.5 * ((scores - mu0) / s0) ** 2) / s0
+    high = p1 * np.exp(-0.5 * ((scores - mu1) / s1) ** 2) / s1
+    one = float(scores.std()) + 1e-9
+    gain = np.log(np.maximum(low + high, 1e-300)).sum() - (
+        -0.5 * (((scores - scores.mean()) / one) ** 2).sum() - len(scores) * np.log(one))
+    if 2 * gain < 3 * np.log(len(scores)):
+        return None
+    return mu0, s0, mu1, s1, p1
 
 
 def cut_until_irrelevant(relevances: np.ndarray, cut: float = CUT) -> int:
