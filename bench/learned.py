@@ -7,8 +7,8 @@ the sets are nested), never from the test split they are scored on.
 
 * few-shot top-1, mean and spread (population std) over the draws:
   zero-shot (the `template` classifier), Tip-Adapter (alpha/beta by
-  leave-one-out from 2 shots on), Tip-Adapter-F (keys fine-tuned, then the same
-  search), linear probe (softmax regression pulled toward the zero-shot
+  leave-one-out from 2 shots on), Tip-Adapter-F (keys fine-tuned at those
+  alpha/beta), linear probe (softmax regression pulled toward the zero-shot
   classifier, `retrieval.learn.probe`) and CoOp (`retrieval.learn.coop`);
 * concepts as search: per class, a probe concept from k train photos (with
   the class's template text as its prompt, and without), negatives sampled
@@ -88,9 +88,9 @@ def few_shot(encoder, test_x, test_y, class_matrix, scale, pools, shot_counts, p
             a, b = _alpha_beta(x, y, class_matrix, scale)
             acc["tip-adapter"].append(_top1(fewshot.tip_logits(test_x, class_matrix, scale, x, y, a, b), test_y))
             t1 = time.perf_counter()
-            keys = x if n < 2 else fine_tune_keys(x, y, class_matrix, scale, fewshot.DEFAULT_ALPHA,
-                                                  fewshot.DEFAULT_BETA).keys
-            a, b = _alpha_beta(keys, y, class_matrix, scale)
+            # As `clipfind tag --search-alpha-beta --train`: alpha/beta from the raw cache, then the keys
+            # fine-tuned at those values (a second search on tuned keys would reuse the shots).
+            keys = x if n < 2 else fine_tune_keys(x, y, class_matrix, scale, a, b).keys
             acc["tip-adapter-f"].append(_top1(fewshot.tip_logits(test_x, class_matrix, scale, keys, y, a, b), test_y))
             t2 = time.perf_counter()
             probe = fit_multiclass_probe(x, y, class_matrix, scale, probe_lam)

@@ -365,7 +365,12 @@ def auto_tag(library, labels, strategy: str = "template", *, name: str | None = 
     if shots:
         cache = fewshot.build_cache(encoder, shots, labels)
         notes.extend(cache.notes)
-        if train:
+        if search_alpha_beta:
+            found = fewshot.search_alpha_beta(cache, classes.matrix, scale)
+            alpha = found["alpha"] if alpha is None else alpha
+            beta = found["beta"] if beta is None else beta
+            params["alpha_beta_search"] = {k: found[k] for k in ("alpha", "beta", "accuracy", "zero_shot_accuracy")}
+        if train:  # after the search, on the raw cache: searching again on tuned keys would reuse the shots
             from retrieval.tagging.tipf import fine_tuned_cache
 
             cache, tuned = fine_tuned_cache(cache, classes.matrix, scale,
@@ -373,11 +378,6 @@ def auto_tag(library, labels, strategy: str = "template", *, name: str | None = 
                                             fewshot.DEFAULT_BETA if beta is None else beta)
             params["tip_adapter_f"] = {"epochs": tuned.epochs, "loss": round(tuned.loss, 4),
                                        "seconds": round(tuned.seconds, 3)}
-        if search_alpha_beta:
-            found = fewshot.search_alpha_beta(cache, classes.matrix, scale)
-            alpha = found["alpha"] if alpha is None else alpha
-            beta = found["beta"] if beta is None else beta
-            params["alpha_beta_search"] = {k: found[k] for k in ("alpha", "beta", "accuracy", "zero_shot_accuracy")}
         adapter = fewshot.TipAdapter(cache, fewshot.DEFAULT_ALPHA if alpha is None else alpha,
                                      fewshot.DEFAULT_BETA if beta is None else beta)
         params["tip_adapter"] = {**adapter.describe(), "shots_dir": str(shots)}
