@@ -7,11 +7,14 @@ documented exit code. The console script points at `main` here.
 
 from __future__ import annotations
 
+import sqlite3
 import sys
 
 import click
+from sqlalchemy.exc import DBAPIError
 
 from retrieval.errors import EXIT_CODES_HELP, ClipfindError
+from retrieval.store.integrity import library_error_for
 
 
 class ClipfindGroup(click.Group):
@@ -23,6 +26,12 @@ class ClipfindGroup(click.Group):
         except ClipfindError as exc:
             click.echo(f"error: {exc}", err=True)
             ctx.exit(exc.exit_code)
+        except (DBAPIError, sqlite3.Error, OSError) as exc:  # damaged, read-only or full storage
+            known = library_error_for(exc)
+            if known is None:
+                raise
+            click.echo(f"error: {known}", err=True)
+            ctx.exit(known.exit_code)
         except KeyboardInterrupt:
             click.echo("interrupted: everything committed so far is kept; run again to resume", err=True)
             ctx.exit(130)

@@ -20,6 +20,7 @@ from retrieval.cli.common import MODEL_HELP, library_option, model_options, pop_
 from retrieval.errors import ClipfindError
 from retrieval.query.types import (
     DEFAULT_TEMPLATES,
+    MAX_WEIGHT,
     NEGATIVE_WEIGHT,
     Filters,
     Query,
@@ -150,7 +151,7 @@ def _emit(response, fmt: str, html_file: str | None) -> None:
               help="Push results away from TEXT (repeatable).")
 @click.option("--not-image", "not_images", multiple=True, metavar="FILE",
               help="Push results away from this image (repeatable).")
-@click.option("--not-weight", type=click.FloatRange(0), default=NEGATIVE_WEIGHT, show_default=True,
+@click.option("--not-weight", type=click.FloatRange(0, MAX_WEIGHT), default=NEGATIVE_WEIGHT, show_default=True,
               help="L in the formula below: how hard --not terms push.")
 @click.option("--template", "-t", default=DEFAULT_TEMPLATES, show_default=True, metavar="NAME|FILE",
               help="Prompt templates for texts: single, photo, simple7, imagenet80, or a file with "
@@ -254,7 +255,7 @@ def serve_command(host, port, token, verbose, library_path, **model_kwargs) -> N
         from retrieval.serve.runner import WebServer, quiet_logging
         from retrieval.serve.state import ServeState
     except ImportError as exc:  # a partial install: say what is missing, not a traceback
-        raise click.ClickException(f"the web server needs {exc.name}: pip install 'clipfind[web]'") from None
+        raise ClipfindError(f"the web server needs {exc.name}: pip install 'clipfind[web]'") from None
 
     spec, device, precision = pop_model_options(model_kwargs)
     if token is not None and len(token) < 16:

@@ -56,6 +56,8 @@ def load_descriptions(path: str | Path) -> dict[str, list[str]]:
         raise InputError(
             f"descriptions file {path} is not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg})"
         ) from exc
+    except RecursionError:  # found by the fuzz suite: `[[[[...` deeper than Python's stack
+        raise InputError(f"descriptions file {path} nests too deeply to be a descriptions file") from None
     return validate_descriptions(doc, str(path))
 
 

@@ -27,8 +27,9 @@ cache or a query image is not in the library.
 
 from __future__ import annotations
 
-import math
+import contextlib
 import os
+import stat
 import time
 import weakref
 from collections.abc import Sequence
@@ -38,8 +39,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from sqlalchemy import select, text
 
-from retrieval.errors import InputError
+from retrieval.errors import InputError, UsageError
 from retrieval.media.images import ImageError, open_image
+from retrieval.media.regular import file_kind
 from retrieval.media.scan import content_hash
 from retrieval.model.runtime import torch_threads
 from retrieval.prompting.prompts import encode_prompted
@@ -52,6 +54,7 @@ from retrieval.query.types import (
     SearchResponse,
     SearchResult,
     Term,
+    check_weight,
     normalise_path_filter,
 )
 from retrieval.store.schema import Image, blobs_to_matrix, path_from_db, path_to_db
@@ -87,6 +90,9 @@ class Searcher:
         self.query_threads = query_threads
         self._index_stamp: tuple[int, int] | None = None
         self._background = None  # retrieval.query.relevance.Background, sampled on first query
+        # Held around the model, the text cache and FAISS only (none is thread-safe), never
+        # while a query image is read or decoded. A server shares it between its threads.
+        self.lock: contextlib.AbstractContextManager = contextlib.nullcontext()
 
     @property
     def model_label(self) -> str:
@@ -150,6 +156,8 @@ class Searcher:
                     warnings.append(f"{path} is gone from disk; using its stored vector")
                     return self._unpack(row.embedding), row.id
                 raise InputError(f"cannot read query image {path}: {exc.strerror or exc}") from exc
+            if not stat.S_ISREG(st.st_mode):  # /dev/zero, a FIFO: reading would never end
+                raise InputError(f"query image {path} is not a regular file ({file_kind(st.st_mode)})")
             if row is not None and row.size == st.st_size and row.mtime_ns == st.st_mtime_ns:
                 return self._unpack(row.embedding), row.id
             try:
@@ -165,9 +173,10 @@ class Searcher:
             image = open_image(path)
         except ImageError as exc:
             raise ImageError(exc.kind, f"query image {exc}") from None
-        encoder = self.encoder()
-        with torch_threads(self.query_threads):
-            return encoder.encode_images([image])[0], own_id
+        with self.lock:  # read and decoded above without it: a slow file stalls no other query
+            encoder = self.encoder()
+            with torch_threads(self.query_threads):
+                return encoder.encode_images([image])[0], own_id
 
     def _unpack(self, blob: bytes) -> np.ndarray:
         return blobs_to_matrix([blob], int(self.record["embed_dim"]))[0].copy()
@@ -179,13 +188,17 @@ class Searcher:
         for term in query.positive + query.negative:
             if term.kind == "text" and not term.value.strip():
                 raise InputError("empty query text")
-            if not math.isfinite(term.weight):
-                raise InputError(f"bad weight {term.weight} for {term.describe()}")
-        if not math.isfinite(query.negative_weight) or query.negative_weight < 0:
-            raise InputError("the negative weight must be a number >= 0")
+            check_weight(term.weight, term.describe())
+        if check_weight(query.negative_weight, "the negative terms") < 0:
+            raise UsageError("the negative weight must be a number >= 0")
         terms = query.positive + query.negative
         texts = [t.value.strip() for t in terms if t.kind == "text"]
-        text_vecs = iter(self.text_vectors(texts, query.templates, warnings))
+        # Images first: a bad query file is refused before any wait for the model lock.
+        image_vecs = {position: self.image_vector(term.value, warnings)
+                      for position, term in enumerate(terms) if term.kind == "image"}
+        if texts:
+            with self.lock:
+                text_vecs = iter(self.text_vectors(texts, query.templates, warnings))
         self_ids: set[int] = set()
         combined = np.zeros(int(self.record["embed_dim"]), np.float32)
         for position, term in enumerate(terms):
@@ -194,7 +207,7 @@ class Searcher:
             elif term.kind == "concept":
                 vector = self.concept_vector(term.value)
             else:
-                vector, own_id = self.image_vector(term.value, warnings)
+                vector, own_id = image_vecs[position]
                 if own_id is not None and position < len(query.positive):
                     self_ids.add(own_id)
             sign = 1.0 if position < len(query.positive) else -query.negative_weight
@@ -246,17 +259,18 @@ class Searcher:
         exclude = query_files if leave_out_query_files else set()
         timings = {"encode": _ms(started)}
         mark = time.perf_counter()
-        vectors = self.fresh_vectors()
-        timings["sync"] = _ms(mark)
-        total = int(vectors.index.ntotal) if vectors.index is not None else 0
-        if total == 0:
-            raise self.library.empty_error()
-        mark = time.perf_counter()
         allowed = self.allowed_ids(filters) if filters.selects_rows else None
         timings["sql_filter"] = _ms(mark)
-        mark = time.perf_counter()
-        ids, scores = self._nearest(vectors, vector, k + len(exclude), allowed, filters)
-        timings["faiss"] = _ms(mark)
+        with self.lock:
+            mark = time.perf_counter()
+            vectors = self.fresh_vectors()
+            timings["sync"] = _ms(mark)
+            total = int(vectors.index.ntotal) if vectors.index is not None else 0
+            if total == 0:
+                raise self.library.empty_error()
+            mark = time.perf_counter()
+            ids, scores = self._nearest(vectors, vector, k + len(exclude), allowed, filters)
+            timings["faiss"] = _ms(mark)
         keep = [(i, s) for i, s in zip(ids, scores) if i not in exclude
                 and (filters.min_score is None or s >= filters.min_score)][:k]
         mark = time.perf_counter()

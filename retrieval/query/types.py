@@ -9,15 +9,21 @@ starts without importing any of them. Stdlib only.
 from __future__ import annotations
 
 import base64
+import math
 import os
 import re
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 
+from retrieval.errors import UsageError
+
 DEFAULT_TEMPLATES = "photo"  # retrieval.prompting.prompts.PHOTO_TEMPLATES; see README for the measurement
 NEGATIVE_WEIGHT = 0.5  # lambda in `retrieval.query.search`'s formula: how hard negative terms push
-_WEIGHT_SUFFIX = re.compile(r"^(?P<term>.*\S)\^(?P<weight>[0-9]*\.?[0-9]+)$")
+# A weight past this is a typo or an attack, not a preference: 1e39 overflows float32 to inf
+# and the query to NaN, which used to come back as "no results". Ratios of 1000 are plenty.
+MAX_WEIGHT = 1e3
+_WEIGHT_SUFFIX = re.compile(r"^(?P<term>.*\S)\^(?P<weight>[0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)$")
 
 
 # -- the query ---------------------------------------------------------------------------
@@ -33,12 +39,24 @@ class Term:
         return shown if self.weight == 1.0 else f"{self.weight:g}×{shown}"
 
 
+def check_weight(weight: float, what: str) -> float:
+    """A finite weight within +-MAX_WEIGHT, else a usage error (exit 2) naming the term."""
+    try:
+        value = float(weight)
+    except (TypeError, ValueError):
+        raise UsageError(f"the weight of {what} must be a number, not {weight!r}") from None
+    if not math.isfinite(value) or abs(value) > MAX_WEIGHT:
+        raise UsageError(f"the weight of {what} is {weight!r}; use a finite number between "
+                         f"-{MAX_WEIGHT:g} and {MAX_WEIGHT:g}")
+    return value
+
+
 def split_weight(term: str, default: float = 1.0) -> tuple[str, float]:
     """`beach^2` -> ("beach", 2.0): a Lucene-style per-term weight; plain terms get `default`."""
     match = _WEIGHT_SUFFIX.match(term)
     if match is None or os.path.exists(term):
         return term, default
-    return match["term"], float(match["weight"])
+    return match["term"], check_weight(float(match["weight"]), repr(match["term"]))
 
 
 @dataclass
@@ -63,6 +81,9 @@ class Query:
         `templates` is a template set name or file (read here, so a server in another
         folder sees the same templates) or the templates themselves.
         """
+        check_weight(image_weight, "--image terms")
+        check_weight(negative_weight, "the negative terms")
+
         def terms(kind: str, values, default: float) -> list[Term]:
             values = [values] if isinstance(values, (str, os.PathLike)) else list(values or ())
             out = []

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 from datetime import datetime, timezone
+from urllib.parse import quote
 
 import numpy as np
 from sqlalchemy import (
@@ -187,10 +188,22 @@ def path_from_db(path: str, path_bytes: bytes | None) -> str:
     return os.fsdecode(path_bytes) if path_bytes is not None else path
 
 
-def make_engine(db_path: str) -> Engine:
-    """A SQLite engine in WAL mode with foreign keys on and a patient busy timeout."""
+def make_engine(db_path: str, readonly: bool = False) -> Engine:
+    """A SQLite engine in WAL mode with foreign keys on and a patient busy timeout.
+
+    `readonly` opens the file for reading only (a shared copy, a mounted
+    snapshot). A WAL database needs its `-shm` file to be read; when there is
+    none and the folder cannot hold one, the file is opened as immutable, which
+    is what a read-only copy is.
+    """
+    url = f"sqlite:///{db_path}"
+    if readonly:
+        folder = os.path.dirname(os.path.abspath(db_path))
+        immutable = not os.access(folder, os.W_OK) and not os.path.exists(f"{db_path}-shm")
+        url = f"sqlite:///file:{quote(os.path.abspath(db_path))}?mode=ro" + (
+            "&immutable=1" if immutable else "") + "&uri=true"
     engine = create_engine(
-        f"sqlite:///{db_path}",
+        url,
         connect_args={"timeout": 30},
         json_serializer=lambda obj: json.dumps(obj, default=str),
     )
@@ -198,8 +211,9 @@ def make_engine(db_path: str) -> Engine:
     @event.listens_for(engine, "connect")
     def _sqlite_pragmas(dbapi_conn, _record) -> None:  # pragma: no cover - trivial
         cur = dbapi_conn.cursor()
-        cur.execute("PRAGMA journal_mode=WAL")
-        cur.execute("PRAGMA synchronous=FULL")
+        if not readonly:
+            cur.execute("PRAGMA journal_mode=WAL")
+            cur.execute("PRAGMA synchronous=FULL")
         cur.execute("PRAGMA foreign_keys=ON")
         cur.close()
 
