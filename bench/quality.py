@@ -144,7 +144,8 @@ def spread(rows: list[dict]) -> dict:
 
 
 def run(encoder, data_root: Path, per_class: int | None, descriptions: str | None, shots: tuple[int, ...],
-        seed: int, search_alpha_beta: bool, batch_size: int, workers: int, progress: bool) -> dict:
+        seed: int, search_alpha_beta: bool, batch_size: int, workers: int, progress: bool,
+        learned: dict | None = None) -> dict:
     from retrieval.prompting.cupl import load_descriptions
     from retrieval.prompting.prompts import class_vectors
     from retrieval.tagging import evaluate, fewshot
@@ -161,7 +162,7 @@ def run(encoder, data_root: Path, per_class: int | None, descriptions: str | Non
     if desc is not None:
         strategies += [("cupl", "cupl"), ("ensemble+cupl", "ensemble+cupl"),
                        ("ensemble:cifar10+cupl", "ensemble:cifar10+cupl")]
-    rows, notes, template_matrix = [], [], None
+    rows, notes, template_matrix, search_matrix = [], [], None, None
 
     def score(name: str, strategy: str) -> dict:
         classes = class_vectors(encoder, labels, strategy, desc)
@@ -176,6 +177,8 @@ def run(encoder, data_root: Path, per_class: int | None, descriptions: str | Non
         row = score(name, strategy)
         if name == "template":
             template_matrix = row["matrix"]
+        if name == "search-default":
+            search_matrix = row["matrix"]
         rows.append({k: v for k, v in row.items() if k != "matrix"})
     held_in = held_in_templates(encoder.spec)
     singles = []
@@ -196,9 +199,17 @@ def run(encoder, data_root: Path, per_class: int | None, descriptions: str | Non
             rows.append({"strategy": f"template + tip-adapter ({n}-shot)", "spec": "template", "shots": n,
                          "alpha": alpha, "beta": beta, "alpha_beta": how, "top1": acc[1], "top5": acc[5],
                          "t2i_p@10": None, "t2i_map": None})
+    learned_result = None
+    if learned is not None:
+        from bench.learned import run_learned
+
+        learned_result = run_learned(encoder, data_root, dataset.classes, features, dataset.targets, template_matrix,
+                                     search_matrix, scale, batch_size=batch_size, workers=workers,
+                                     progress=progress, **learned)
     started = time.perf_counter()
     i2i = image_to_image(features, dataset.targets)
     return {
+        "learned": learned_result,
         "model": encoder.spec.label,
         "spec": json.loads(encoder.spec.to_json()),
         "fingerprint": encoder.fingerprint,
@@ -250,6 +261,10 @@ def table(result: dict) -> str:
         lines.append(f"{title:<{width}}  {sp['n']:>3}  {cols}  best {sp['best']['template']!r}")
     lines += ["", f"image→image p@10: {result['image_to_image_p@10']:.3f} "
                   f"(each of {result['images']} photos querying the others)"]
+    if result.get("learned"):
+        from bench.learned import learned_table
+
+        lines += learned_table(result["learned"])
     lines += [f"note: {n}" for n in result["notes"]]
     if result.get("command"):
         lines.append(f"command: {result['command']}")
@@ -278,6 +293,11 @@ def save(result: dict, text: str, out_dir: Path) -> Path:
               help="Tip-Adapter rows: examples per class from the train split, comma-separated ('' for none).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Which train photos become the shots.")
 @click.option("--search-alpha-beta", is_flag=True, help="Tip-Adapter alpha/beta by leave-one-out on the shots.")
+@click.option("--learned", is_flag=True, help="Add the learned-from-examples tables (bench/learned.py): "
+              "few-shot methods, concepts as search, the --until-irrelevant cut-off.")
+@click.option("--learned-shots", default="1,2,4,8,16", show_default=True, help="Shot counts for --learned.")
+@click.option("--draws", type=click.IntRange(1), default=3, show_default=True, help="Shot draws for --learned.")
+@click.option("--probe-lambda", type=float, help="Probe regularisation (default: retrieval.learn.probe's).")
 @click.option("--batch-size", type=click.IntRange(1), default=256, show_default=True)
 @click.option("--workers", type=click.IntRange(0), default=2, show_default=True, help="Decode worker processes.")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=RESULTS,
@@ -285,8 +305,8 @@ def save(result: dict, text: str, out_dir: Path) -> Path:
 @click.option("--no-save", is_flag=True, help="Print only; save nothing.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON instead of a table.")
 @model_options
-def main(data_root, per_class, descriptions, test_model, shots_spec, seed, search_alpha_beta, batch_size, workers,
-         out_dir, no_save, as_json, **model_kwargs) -> None:
+def main(data_root, per_class, descriptions, test_model, shots_spec, seed, search_alpha_beta, learned, learned_shots,
+         draws, probe_lambda, batch_size, workers, out_dir, no_save, as_json, **model_kwargs) -> None:
     """Zero-shot, few-shot and retrieval quality of a model on the CIFAR-10 test photos.
 
     Default model: the CIFAR-10 test model (tests.models.cifar, trained and cached on first use);
@@ -317,8 +337,15 @@ def main(data_root, per_class, descriptions, test_model, shots_spec, seed, searc
         ensure = cifar_model.ensure_cifar_model if test_model == "cifar10" else minilm_model.ensure_minilm_model
         spec = ModelSpec(model_dir=str(ensure(log=lambda m: click.echo(m, err=True), data_root=data_root)))
     encoder = Encoder(spec, device=device, precision=precision)
+    learned_options = None
+    if learned:
+        from retrieval.learn.probe import DEFAULT_LAMBDA
+
+        learned_options = {"shot_counts": tuple(int(s) for s in learned_shots.split(",") if s.strip()),
+                           "draws": draws, "concept_ks": (1, 4, 16),
+                           "probe_lam": DEFAULT_LAMBDA if probe_lambda is None else probe_lambda}
     result = run(encoder, data_root, per_class, descriptions, shots, seed, search_alpha_beta, batch_size,
-                 workers, progress=sys.stderr.isatty())
+                 workers, progress=sys.stderr.isatty(), learned=learned_options)
     result["command"] = " ".join(["bench/quality.py", *sys.argv[1:]])
     result["descriptions"] = descriptions
     text = table(result)
