@@ -29,12 +29,13 @@ _WEIGHT_SUFFIX = re.compile(r"^(?P<term>.*\S)\^(?P<weight>[0-9]*\.?[0-9]+(?:[eE]
 # -- the query ---------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Term:
-    kind: str  # "text" or "image"
+    kind: str  # "text", "image" or "concept" (a name from `clipfind concept learn`)
     value: str
     weight: float = 1.0
 
     def describe(self) -> str:
-        shown = f'"{self.value}"' if self.kind == "text" else f"image {os.path.basename(self.value)}"
+        shown = {"text": f'"{self.value}"', "concept": f"concept {self.value}"}.get(
+            self.kind, f"image {os.path.basename(self.value)}")
         return shown if self.weight == 1.0 else f"{self.weight:g}×{shown}"
 
 
@@ -66,12 +67,15 @@ class Query:
     negative: list[Term] = field(default_factory=list)
     templates: tuple[str, ...] | None = None  # prompt templates ("a photo of {}."); None: texts as typed
     negative_weight: float = NEGATIVE_WEIGHT
+    more_like: list[str] = field(default_factory=list)  # relevance feedback (Rocchio), absolute paths
+    less_like: list[str] = field(default_factory=list)
 
     @classmethod
     def build(cls, texts: str | Sequence[str] = (), images: str | Sequence[str] = (),
               not_texts: str | Sequence[str] = (), not_images: str | Sequence[str] = (),
               image_weight: float = 1.0, templates: str | Sequence[str] | None = DEFAULT_TEMPLATES,
-              raw: bool = False, negative_weight: float = NEGATIVE_WEIGHT) -> Query:
+              raw: bool = False, negative_weight: float = NEGATIVE_WEIGHT, concepts: str | Sequence[str] = (),
+              more_like: str | Sequence[str] = (), less_like: str | Sequence[str] = ()) -> Query:
         """Terms from plain strings; `term^W` sets one term's weight (texts default 1, images `image_weight`).
 
         `templates` is a template set name or file (read here, so a server in another
@@ -91,17 +95,22 @@ class Query:
             return out
 
         return cls(
-            positive=terms("text", texts, 1.0) + terms("image", images, image_weight),
+            positive=terms("text", texts, 1.0) + terms("image", images, image_weight)
+            + terms("concept", concepts, 1.0),
             negative=terms("text", not_texts, 1.0) + terms("image", not_images, 1.0),
             templates=None if raw or templates is None else _resolve_templates(templates),
             negative_weight=negative_weight,
+            more_like=[t.value for t in terms("image", more_like, 1.0)],
+            less_like=[t.value for t in terms("image", less_like, 1.0)],
         )
 
     def describe(self) -> str:
         out = " + ".join(t.describe() for t in self.positive)
         for term in self.negative:
             out += f" − {self.negative_weight:g}×{term.describe()}"
-        return out
+        if self.more_like or self.less_like:
+            out += f" (more like {len(self.more_like)}, less like {len(self.less_like)})"
+        return out.lstrip(" ")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -111,7 +120,8 @@ class Query:
         return cls(positive=[Term(**t) for t in data.get("positive", [])],
                    negative=[Term(**t) for t in data.get("negative", [])],
                    templates=tuple(data["templates"]) if data.get("templates") else None,
-                   negative_weight=float(data.get("negative_weight", NEGATIVE_WEIGHT)))
+                   negative_weight=float(data.get("negative_weight", NEGATIVE_WEIGHT)),
+                   more_like=list(data.get("more_like") or []), less_like=list(data.get("less_like") or []))
 
 
 def _resolve_templates(templates: str | Sequence[str]) -> tuple[str, ...]:
@@ -131,6 +141,8 @@ class Filters:
     before: datetime | None = None  # strictly before
     tags: tuple[str, ...] = ()  # every one of these tag labels
     min_score: float | None = None
+    min_relevance: float | None = None  # calibrated relevance in [0, 1]; see retrieval.query.relevance
+    until_irrelevant: bool = False  # stop the list where relevance falls below relevance.CUT
 
     @property
     def selects_rows(self) -> bool:
@@ -149,7 +161,9 @@ class Filters:
         for key in ("after", "before"):
             data[key] = datetime.fromisoformat(data[key]) if data.get(key) else None
         data["tags"] = tuple(data.get("tags") or ())
-        return cls(**{k: data.get(k) for k in ("path", "after", "before", "tags", "min_score")})
+        data["until_irrelevant"] = bool(data.get("until_irrelevant"))
+        return cls(**{k: data.get(k) for k in ("path", "after", "before", "tags", "min_score", "min_relevance",
+                                               "until_irrelevant")})
 
 
 def normalise_path_filter(value: str) -> str:
@@ -171,6 +185,7 @@ class SearchResult:
     width: int | None
     height: int | None
     taken_at: datetime | None
+    relevance: float | None = None  # calibrated per query, in [0, 1]; see retrieval.query.relevance
 
     def to_dict(self) -> dict:
         """JSON-ready; a file name that is not UTF-8 shows as \\xNN and keeps its bytes in path_b64."""
@@ -180,6 +195,7 @@ class SearchResult:
         if data["path"] != self.path:
             data["path_b64"] = base64.b64encode(raw).decode("ascii")
         data["score"] = round(float(self.score), 6)
+        data["relevance"] = None if self.relevance is None else round(float(self.relevance), 4)
         data["taken_at"] = self.taken_at.isoformat() if self.taken_at else None
         return data
 

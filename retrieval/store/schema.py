@@ -136,6 +136,29 @@ class Tag(Base):
     rank: Mapped[int] = mapped_column(Integer)
 
 
+class Concept(Base):
+    """A concept learned from example images: a direction in the image-embedding space.
+
+    Every method stores what search needs to use it as one more query term and
+    tagging as one more label: a unit `direction`, and `scale` and `bias` so that
+    sigmoid(scale * cosine + bias) is the probability an image shows the concept.
+    It is only meaningful with the weights that made it (`fingerprint`).
+    """
+
+    __tablename__ = "concepts"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String, unique=True)
+    method: Mapped[str] = mapped_column(String)
+    fingerprint: Mapped[str] = mapped_column(String)
+    embed_dim: Mapped[int] = mapped_column(Integer)
+    direction: Mapped[bytes] = mapped_column(LargeBinary)
+    scale: Mapped[float] = mapped_column(Float)
+    bias: Mapped[float] = mapped_column(Float)
+    prompt: Mapped[str | None] = mapped_column(Text, nullable=True)
+    params: Mapped[dict] = mapped_column(JSON, default=dict)
+    created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+
+
 def vector_to_blob(vector: np.ndarray) -> bytes:
     return np.ascontiguousarray(vector, dtype=EMBEDDING_DTYPE).tobytes()
 
