@@ -15,7 +15,14 @@ from collections.abc import Callable
 
 import click
 
-from retrieval.cli.common import MODEL_HELP, library_option, model_options, pop_model_options, warn
+from retrieval.cli.common import (
+    MODEL_HELP,
+    library_option,
+    model_options,
+    pop_model_options,
+    runtime_option,
+    warn,
+)
 from retrieval.query.search import (
     DEFAULT_TEMPLATES,
     NEGATIVE_WEIGHT,
@@ -90,7 +97,7 @@ def _library_root(library_path: str | None) -> str:
 
 
 def _answer(kind: str, subject, k: int, filters: Filters, library_path, use_server: bool,
-            model_kwargs: dict):
+            model_kwargs: dict, runtime: str = "auto"):
     """Searcher.search/similar: by the library's warm server if one runs (and no model flags), else here."""
     spec, device, precision = pop_model_options(model_kwargs)
     root = _library_root(library_path)
@@ -107,7 +114,8 @@ def _answer(kind: str, subject, k: int, filters: Filters, library_path, use_serv
     from retrieval.store.library import Library
 
     with Library.open(root, model=spec, create=False) as library:
-        return getattr(Searcher(library, spec, device, precision), kind)(subject, k, filters)
+        searcher = Searcher(library, spec, device, precision, runtime=runtime)
+        return getattr(searcher, kind)(subject, k, filters)
 
 
 def _emit(response, fmt: str, html_file: str | None) -> None:
@@ -146,10 +154,11 @@ def _emit(response, fmt: str, html_file: str | None) -> None:
 @filter_options
 @output_options
 @library_option
+@runtime_option
 @model_options
 def search_command(texts, images, image_weight, not_texts, not_images, not_weight, template, raw,
                    path_filter, after, before, tags, min_score, k, as_json, as_paths, as_paths0,
-                   html_file, use_server, library_path, **model_kwargs) -> None:
+                   html_file, use_server, library_path, runtime, **model_kwargs) -> None:
     """Find images by TEXTS, example images, or both.
 
     \b
@@ -168,7 +177,8 @@ def search_command(texts, images, image_weight, not_texts, not_images, not_weigh
     query = Query.build(texts, images, not_texts, not_images, image_weight=image_weight,
                         templates=template, raw=raw, negative_weight=not_weight)
     filters = _filters(path_filter, after, before, tags, min_score)
-    _emit(_answer("search", query, k, filters, library_path, use_server, model_kwargs), fmt, html_file)
+    _emit(_answer("search", query, k, filters, library_path, use_server, model_kwargs, runtime), fmt,
+          html_file)
 
 
 @click.command("similar", epilog=MODEL_HELP)
@@ -176,9 +186,10 @@ def search_command(texts, images, image_weight, not_texts, not_images, not_weigh
 @filter_options
 @output_options
 @library_option
+@runtime_option
 @model_options
 def similar_command(path, path_filter, after, before, tags, min_score, k, as_json, as_paths, as_paths0,
-                    html_file, use_server, library_path, **model_kwargs) -> None:
+                    html_file, use_server, library_path, runtime, **model_kwargs) -> None:
     """Images most like PATH, best first; PATH itself is left out.
 
     Exact copies score 1.0, re-encoded or resized copies a little less, so
@@ -192,7 +203,8 @@ def similar_command(path, path_filter, after, before, tags, min_score, k, as_jso
     """
     fmt = _format(as_json, as_paths, as_paths0)
     filters = _filters(path_filter, after, before, tags, min_score)
-    _emit(_answer("similar", path, k, filters, library_path, use_server, model_kwargs), fmt, html_file)
+    _emit(_answer("similar", path, k, filters, library_path, use_server, model_kwargs, runtime), fmt,
+          html_file)
 
 
 @click.command("serve", epilog=MODEL_HELP)
@@ -202,8 +214,9 @@ def similar_command(path, path_filter, after, before, tags, min_score, k, as_jso
               help="Port (0: any free one; the chosen URL is printed and written to serve.json).")
 @click.option("--verbose", "-v", is_flag=True, help="Log every request to stderr.")
 @library_option
+@runtime_option
 @model_options
-def serve_command(host, port, verbose, library_path, **model_kwargs) -> None:
+def serve_command(host, port, verbose, library_path, runtime, **model_kwargs) -> None:
     """Keep the model and index warm and answer queries over HTTP (JSON).
 
     While it runs, `clipfind search` and `similar` on the same library ask it
@@ -224,13 +237,12 @@ def serve_command(host, port, verbose, library_path, **model_kwargs) -> None:
     if not is_loopback(host):
         warn(f"listening on {host}: anyone who can reach it and has the token can list your images")
     library = Library.open(_library_root(library_path), model=spec, create=False)
-    searcher = Searcher(library, spec, device, precision)
+    searcher = Searcher(library, spec, device, precision, runtime=runtime)
     try:
         server = QueryServer(searcher, host, port, log=(lambda m: click.echo(m, err=True)) if verbose else None)
     except OSError as exc:
         raise click.ClickException(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
-    server.warm_up()
-    for message in ([f"using {searcher.model_label}"] if searcher.random_weights else []):
+    for message in dict.fromkeys(server.warm_up()):  # once each, in order
         warn(message)
     signal.signal(signal.SIGTERM, _stop)  # `kill PID` cleans up serve.json like Ctrl-C does
     server.announce()

@@ -19,6 +19,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from sqlalchemy import delete, insert, select, text, update
 
@@ -33,10 +34,13 @@ from retrieval.index.planner import (
     stored_ids,
 )
 from retrieval.media.images import DEFAULT_MAX_PIXELS
-from retrieval.model.encoder import Encoder, ModelSpec
+from retrieval.model.spec import ModelSpec
 from retrieval.store.library import LOCK_NAME, Library
 from retrieval.store.schema import ErrorRow, Image, Run, path_to_db, utcnow, vector_to_blob
 from retrieval.store.vectors import EXACT_LIMIT, choose_factory
+
+if TYPE_CHECKING:  # torch loads only when something needs encoding: an unchanged re-run never does
+    from retrieval.model.encoder import Encoder
 
 NO_MODEL = "no model given: pass --model-dir DIR, or --model NAME --pretrained TAG"
 
@@ -107,7 +111,8 @@ class _Run:
         started = time.perf_counter()
         mark_stale_runs(self.library)
         if self.library.model_record is None:  # a new library: record the model before anything
-            self.library.encoder(self.spec, device=self.device, precision=self.precision)
+            encoder = self.library.encoder(self.spec, device=self.device, precision=self.precision)
+            self._export_onnx(encoder)
         self.run_id = self.library.start_run("index")
         status, plan = "failed", Plan()
         try:
@@ -135,6 +140,15 @@ class _Run:
             self.library.finish_run(self.run_id, status, stats)
         return IndexResult(os.path.abspath(self.library.root), plan, stats, self.skipped, self.run_id,
                            status, warnings=self.warnings)
+
+    def _export_onnx(self, encoder: Encoder) -> None:
+        """Export the towers for torch-free queries now, while the model is loaded anyway."""
+        from retrieval.store.onnx_exports import ExportError, ensure_export
+
+        try:
+            ensure_export(self.library, "fp32", encoder)
+        except ExportError as exc:
+            self.warnings.append(f"could not export the model to ONNX ({exc}); queries will use torch")
 
     # -- the first transaction: everything that needs no encoder -----------------------
     def _apply_plan(self, plan: Plan) -> None:

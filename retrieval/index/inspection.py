@@ -19,6 +19,7 @@ from sqlalchemy import select, text
 
 from retrieval.model.precision import auto_precision_here, mixed_precision_problem
 from retrieval.store.library import Library
+from retrieval.store.onnx_exports import export_problems
 from retrieval.store.schema import Image, blobs_to_matrix, path_from_db
 from retrieval.store.vectors import VectorIndex
 
@@ -120,6 +121,9 @@ def verify_library(library: Library, wait: bool = False, sample: int = 1000,
         mixed = mixed_precision_problem(library)
         if mixed:
             report.problems.append(mixed)
+        exported, notes = export_problems(library, full=True)
+        report.problems += exported
+        report.notes += notes
     return report
 
 

@@ -17,19 +17,19 @@ approximate index a filtered set small enough is scored exactly from the
 database's own vectors instead).
 
 Nothing here imports torch: the model is loaded only when a text is not in the
-cache or a query image is not in the library.
+cache or a query image is not in the library, and then through ONNX Runtime
+when the library has an export (`retrieval.query.runtime`), one tower at a time.
 """
 
 from __future__ import annotations
 
 import base64
-import contextlib
 import math
 import os
 import re
 import time
 import weakref
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
@@ -38,6 +38,7 @@ import numpy as np
 from sqlalchemy import select, text
 
 from retrieval.errors import ClipfindError, InputError
+from retrieval.query.runtime import QueryRuntimes
 from retrieval.query.textcache import CACHE_NAME, CachedText, TextCache, cache_key
 from retrieval.store.schema import Image, blobs_to_matrix, path_from_db, path_to_db
 
@@ -243,7 +244,8 @@ class Searcher:
     """Answers queries on one library; keeps the model (once needed), index and text cache warm."""
 
     def __init__(self, library: Library, spec=None, device: str = "auto", precision: str = "auto",
-                 cache: TextCache | None = None, query_threads: int | None = QUERY_THREADS) -> None:
+                 cache: TextCache | None = None, query_threads: int | None = QUERY_THREADS,
+                 runtime: str = "auto") -> None:
         record = library.model_record
         if record is None:
             raise ClipfindError(f"the library at {library.root} is empty: run `clipfind index FOLDER` first")
@@ -256,6 +258,8 @@ class Searcher:
         self.cache = cache if cache is not None else TextCache(library.root / CACHE_NAME)
         self.query_threads = query_threads
         self._index_stamp: tuple[int, int] | None = None
+        self.runtimes = QueryRuntimes(library, runtime, device, query_threads,
+                                      torch_encoder=self.encoder)
 
     @property
     def model_label(self) -> str:
@@ -280,8 +284,8 @@ class Searcher:
                 found[i] = entry
         missing = [i for i in range(len(texts)) if i not in found]
         if missing:
-            encoder = self.encoder()
-            vectors = self._encode_texts(encoder, [texts[i] for i in missing], template_list)
+            encoder = self.runtimes.for_tower("text", warnings)
+            vectors = self._encode_texts(encoder, [texts[i] for i in missing], template_list, warnings)
             for i, vector in zip(missing, vectors):
                 entry = CachedText(vector, self._tokens(encoder, texts[i], template_list),
                                    encoder.context_length)
@@ -294,13 +298,17 @@ class Searcher:
                                 f"reads only {found[i].context}, so the rest was cut off")
         return np.stack([found[i].vector for i in range(len(texts))]) if texts else np.zeros((0, 0))
 
-    def _encode_texts(self, encoder, texts: list[str], templates: tuple[str, ...] | None) -> np.ndarray:
+    def _encode_texts(self, encoder, texts: list[str], templates: tuple[str, ...] | None,
+                      warnings: list[str]) -> np.ndarray:
         from retrieval.prompting.prompts import encode_prompted
 
-        with _torch_threads(self.query_threads):
-            if templates is None:
-                return encoder.encode_texts(texts)
-            return encode_prompted(encoder, texts, templates)
+        def encode(encoder):
+            with self.runtimes.thread_limit(encoder):
+                if templates is None:
+                    return encoder.encode_texts(texts)
+                return encode_prompted(encoder, texts, templates)
+
+        return self.runtimes.run("text", encoder, encode, warnings)
 
     @staticmethod
     def _tokens(encoder, phrase: str, templates: tuple[str, ...] | None) -> int:
@@ -339,9 +347,11 @@ class Searcher:
             image = open_image(path)
         except ImageError as exc:
             raise ImageError(exc.kind, f"query image {exc}") from None
-        encoder = self.encoder()
-        with _torch_threads(self.query_threads):
-            return encoder.encode_images([image])[0], own_id
+        def encode(encoder):
+            with self.runtimes.thread_limit(encoder):
+                return encoder.encode_images([image])[0]
+
+        return self.runtimes.run("image", self.runtimes.for_tower("image", warnings), encode, warnings), own_id
 
     def _unpack(self, blob: bytes) -> np.ndarray:
         return blobs_to_matrix([blob], int(self.record["embed_dim"]))[0].copy()
@@ -482,21 +492,6 @@ class Searcher:
             out.append(SearchResult(len(out) + 1, float(score), image_id, path_from_db(row.path, row.path_bytes),
                                     row.size, row.width, row.height, row.taken_at))
         return out
-
-
-@contextlib.contextmanager
-def _torch_threads(n: int | None) -> Iterator[None]:
-    import torch
-
-    before = torch.get_num_threads()
-    if n is None or n == before:
-        yield
-        return
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def _single_thread_search(vectors, vector: np.ndarray, k: int, allowed: np.ndarray | None):

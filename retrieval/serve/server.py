@@ -88,13 +88,17 @@ class QueryServer(ThreadingHTTPServer):
         except (OSError, ValueError):
             pass
 
-    def warm_up(self) -> None:
-        """Load what the first query would: the index, the model, one text through the tower."""
+    def warm_up(self) -> list[str]:
+        """Load what the first queries would: the index, both towers, one text through its tower.
+
+        Returns the runtime notices (e.g. ONNX unavailable, torch used) for the log."""
         from retrieval.query.search import Query
 
         self.searcher.fresh_vectors()
-        self.searcher.encoder()
-        self.searcher.search(Query.build("a photo"), k=1)
+        notices: list[str] = []
+        self.searcher.runtimes.warm_up(notices)
+        notices += self.searcher.search(Query.build("a photo"), k=1).warnings
+        return notices
 
     # -- request handling ----------------------------------------------------------------
     def handle_json(self, method: str, path: str, params: dict, body: dict) -> dict:
