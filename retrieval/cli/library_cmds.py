@@ -104,7 +104,7 @@ def index_command(paths, library_path, workers, threads, batch_size, index_type,
     from retrieval.errors import ModelError
     from retrieval.index.indexer import NO_MODEL, IndexOptions, IndexResult, index_paths
     from retrieval.index.planner import check_roots, plan_index
-    from retrieval.model.encoder import ModelSpec
+    from retrieval.model.spec import ModelSpec
     from retrieval.store.library import DB_NAME, Library, default_library_path
 
     spec, device, precision = pop_model_options(model_kwargs)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import os
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator
@@ -61,7 +60,10 @@ def machine_export(fingerprint: str, precision: str) -> Path:
 
 
 def _share(source: Path, target: Path) -> None:
-    """Put a copy of the export folder `source` at `target` (hard links where possible), atomically."""
+    """Put a copy of the export folder `source` at `target`, atomically.
+
+    Copies, not hard links: a file damaged in place in one library must not damage
+    the machine's copy and every library made from it."""
     from retrieval.model.onnx_export import swap_into_place
 
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -69,10 +71,7 @@ def _share(source: Path, target: Path) -> None:
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{target.name}-", dir=target.parent))
     try:
         for entry in source.iterdir():
-            try:
-                os.link(entry, tmp / entry.name)
-            except OSError:
-                shutil.copyfile(entry, tmp / entry.name)
+            shutil.copyfile(entry, tmp / entry.name)
         swap_into_place(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -107,7 +106,7 @@ def ensure_export(library: Library, precision: str = "fp32", encoder: Encoder | 
                 if other.is_dir() and other.name != fingerprint and not other.name.startswith("."):
                     shutil.rmtree(other, ignore_errors=True)
             shared = machine_export(fingerprint, precision)
-            if problems(shared, fingerprint, precision):
+            if problems(shared, fingerprint, precision, full=True):  # hashed: shared widely
                 if encoder is None:
                     encoder = library.encoder()
                 export_towers(encoder, folder, precision)
