@@ -144,6 +144,7 @@ def export_towers(encoder: Encoder, dest: str | os.PathLike, precision: str = "f
     tokenizer = tokenizer_settings(encoder.tokenizer)
     pre = PreprocessConfig.from_open_clip(open_clip.get_model_preprocess_cfg(encoder.model))
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{dest.name}-", dir=dest.parent))
+    os.chmod(tmp, 0o755)  # mkdtemp's 0700 would hide the export from other users of the library
     try:
         model = encoder.model if encoder.device.type == "cpu" else copy.deepcopy(encoder.model).float().cpu()
         text_tower, image_tower = _towers(model)

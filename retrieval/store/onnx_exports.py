@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import os
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator
@@ -69,6 +70,7 @@ def _share(source: Path, target: Path) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     remove_leftovers(target.parent)
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{target.name}-", dir=target.parent))
+    os.chmod(tmp, 0o755)  # mkdtemp's 0700 would hide the export from other users of the library
     try:
         for entry in source.iterdir():
             shutil.copyfile(entry, tmp / entry.name)
