@@ -79,7 +79,8 @@ def test_onnx_agrees_with_torch_fp32(tiny_encoder, tiny_export):
 def test_int8_image_tower_agrees_and_is_smaller(tiny_encoder, tiny_export, tmp_path):
     manifest = export_towers(tiny_encoder, tmp_path / "int8", "int8")
     assert set(manifest["files"]) == {"image"}
-    assert manifest["files"]["image"]["bytes"] < read_manifest(tiny_export)["files"]["image"]["bytes"] / 2
+    fp32_bytes = sum(read_manifest(tiny_export)["files"][role]["bytes"] for role in ("image", "image_data"))
+    assert manifest["files"]["image"]["bytes"] < fp32_bytes / 2
     images = pictures(tiny_encoder.image_size)
     ref, got = tiny_encoder.encode_images(images), OnnxEncoder(tmp_path / "int8").encode_images(images)
     cos = np.sum(ref * got, axis=1)
@@ -93,6 +94,8 @@ def test_manifest_records_what_a_query_needs(tiny_encoder, tiny_export):
     assert manifest["fingerprint"] == tiny_encoder.fingerprint and manifest["embed_dim"] == tiny_encoder.embed_dim
     assert manifest["tokenizer"] == {"kind": "clip-bpe", "clean": "lower", "context_length": 16}
     assert manifest["preprocess"]["size"] == [32, 32] and manifest["preprocess_supported"]
+    assert set(manifest["files"]) == {"text", "text_data", "image", "image_data", "vocab"}
+    assert manifest["files"]["text_data"]["bytes"] > 10 * manifest["files"]["text"]["bytes"]  # weights outside
     assert problems(tiny_export, tiny_encoder.fingerprint, "fp32", full=True) == []
     assert problems(tiny_export, "other-weights", "fp32")  # stale
 
@@ -173,7 +176,7 @@ def test_damaged_export_is_rebuilt_with_a_notice(library, damage):
     with Library.open(library / "lib", create=False) as lib:
         folder = export_folder(lib)
     if damage == "truncate":
-        path = folder / "text.onnx"
+        path = folder / "text.onnx.data"
         path.write_bytes(path.read_bytes()[:1000])
     elif damage == "stale":
         manifest = json.loads((folder / MANIFEST).read_text())

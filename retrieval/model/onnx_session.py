@@ -38,11 +38,14 @@ def normalise(features: np.ndarray) -> np.ndarray:
 
 
 class OnnxEncoder:
-    """The query side of `Encoder` (encode_texts, encode_images, token_count) on ONNX Runtime."""
+    """The query side of `Encoder` (encode_texts, encode_images, token_count) on ONNX Runtime.
+
+    `low_memory` (queries) keeps the memory-mapped weights shared with the page cache;
+    indexing passes False so that ONNX Runtime may pre-pack them for speed."""
 
     runtime = "onnx"
 
-    def __init__(self, folder: str | Path, threads: int | None = 1) -> None:
+    def __init__(self, folder: str | Path, threads: int | None = 1, low_memory: bool = True) -> None:
         self.folder = Path(folder)
         manifest = read_manifest(self.folder)
         if manifest is None:
@@ -52,6 +55,7 @@ class OnnxEncoder:
         self.precision = manifest["precision"]
         self.embed_dim = int(manifest["embed_dim"])
         self.threads = threads
+        self.low_memory = low_memory
         self.preprocess_cfg = PreprocessConfig.from_dict(manifest["preprocess"])
         self.image_size = self.preprocess_cfg.size[0]
         tokenizer = manifest.get("tokenizer") or {}
@@ -91,6 +95,12 @@ class OnnxEncoder:
             options.intra_op_num_threads = self.threads
             options.inter_op_num_threads = 1
         options.log_severity_level = 3  # errors only: its warnings are about graph rewrites
+        if self.low_memory:
+            # A query encodes a few texts or one image: weight pre-packing and the memory
+            # arena would copy the memory-mapped weights for no measurable gain (peak RSS of
+            # ViT-B-32's text tower: 230 MB, 222 MB of it file-backed pages).
+            options.enable_cpu_mem_arena = False
+            options.add_session_config_entry("session.disable_prepacking", "1")
         path = self.folder / self.manifest["files"][tower]["name"] if tower in self.manifest["files"] \
             else self.folder / TOWER_FILES[tower]
         try:
