@@ -28,3 +28,4 @@ test-all: $(STAMP)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check retrieval tests bench cli.py
+	$(VENV)/bin/lint-imports

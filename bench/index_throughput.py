@@ -30,7 +30,10 @@ from multiprocessing import Pool
 from pathlib import Path
 
 HERE = Path(__file__).resolve()
-DEFAULT_CACHE = Path(os.environ.get("CLIPFIND_CACHE", Path.home() / ".cache" / "clipfind")) / "bench" / "photos"
+sys.path.insert(0, str(HERE.parent.parent))
+from retrieval import config  # noqa: E402
+
+DEFAULT_CACHE = config.cache_root() / "bench" / "photos"
 
 
 # -- photos ---------------------------------------------------------------------------------
@@ -125,12 +128,11 @@ def phase_decode(args, folder: Path) -> dict:
 def phase_encode(args, folder: Path) -> dict:
     import torch
 
-    from retrieval.media.pipeline import encoder_threads
     from retrieval.model.encoder import Encoder
 
     encoder = Encoder(_spec(args), device=args.device, precision=args.precision)
     if encoder.device.type == "cpu":  # the indexer's own choice, so (b) and (c) compare
-        torch.set_num_threads(args.threads or encoder_threads())
+        torch.set_num_threads(args.threads or config.encoder_threads())
     paths = sorted(str(p) for p in folder.iterdir())
     batch = next(iter(_loader(args, encoder, paths[: args.batch_size or 32])))
     pixels = batch.pixels
@@ -160,7 +162,7 @@ def phase_runtimes(args, folder: Path) -> dict:
     from retrieval.model.encoder import Encoder
     from retrieval.model.onnx_export import export_towers
     from retrieval.model.onnx_session import OnnxEncoder
-    from retrieval.model.precision import image_model_at
+    from retrieval.model.runtime import image_model_at
 
     encoder = Encoder(_spec(args), device="cpu", precision="fp32")
     threads = args.threads or len(os.sched_getaffinity(0))
@@ -235,7 +237,6 @@ def _peak_mb() -> dict:
 
 # -- driver ---------------------------------------------------------------------------------
 def parse(argv=None) -> argparse.Namespace:
-    from retrieval.media.pipeline import default_workers
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--count", type=int, default=2000, help="photos in the collection (default 2000)")
@@ -244,7 +245,7 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--model-dir", help="an open_clip model folder instead of --model")
     p.add_argument("--device", default="auto")
     p.add_argument("--precision", default="auto")
-    p.add_argument("--workers", type=int, default=default_workers())
+    p.add_argument("--workers", type=int, default=config.decode_workers())
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--threads", type=int, default=None, help="encoder threads (default: as the indexer)")
     p.add_argument("--encode-images", type=int, default=320, help="images for (b) (default 320)")
@@ -325,5 +326,4 @@ def print_runtimes(results: dict, default_run: dict) -> None:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(HERE.parent.parent))
     raise SystemExit(main())

@@ -33,7 +33,10 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve()
-CACHE = Path(os.environ.get("CLIPFIND_CACHE", Path.home() / ".cache" / "clipfind"))
+sys.path.insert(0, str(HERE.parent.parent))
+from retrieval import config  # noqa: E402
+
+CACHE = config.cache_root()
 DEFAULT_PHOTOS = CACHE / "bench" / "photos-500x375"
 CIFAR_TEST = HERE.parent.parent.parent / "shared" / "data" / "cifar10" / "test"
 
@@ -93,14 +96,14 @@ def phase_encode(args) -> dict:
     import torch
 
     from retrieval.media.images import open_image
-    from retrieval.media.pipeline import encoder_threads
-    from retrieval.model import precision
+    from retrieval.model import autoprecision as precision
     from retrieval.model.encoder import Encoder, ModelSpec
+    from retrieval.model.runtime import image_model_at
 
     encoder = Encoder(ModelSpec(model=args.model, random_weights=True), device="cpu", precision="fp32")
-    torch.set_num_threads(args.threads or encoder_threads())  # what the indexer would use now
+    torch.set_num_threads(args.threads or config.encoder_threads())  # what the indexer would use now
     modes = precision.candidates("cpu")
-    models = {m: encoder.model if m == "fp32" else precision.image_model_at(encoder.model, m) for m in modes}
+    models = {m: encoder.model if m == "fp32" else image_model_at(encoder.model, m) for m in modes}
     paths = sorted(Path(args.folder).iterdir())
     batches = []
     for start in range(0, args.rounds * args.batch_size, args.batch_size):
@@ -184,7 +187,7 @@ def phase_agree(args) -> dict:
     """Top-10 overlap and cosine on aligned models: tiny (drawings), CIFAR-10 model (real photos)."""
     from retrieval.devmodels.tiny import ensure_tiny_model, heldout_images
     from retrieval.media import synthetic
-    from retrieval.model import precision
+    from retrieval.model import autoprecision as precision
     from retrieval.model.encoder import Encoder, ModelSpec
 
     out = {}
@@ -260,9 +263,8 @@ def main(argv=None) -> int:
     ensure_photos(args.photos_dir, args.count)
     folder = str(collection(args.photos_dir, args.count))
     results: dict = {"count": args.count, "cpu": None, "models": {}}
-    from retrieval.model.precision import cpu_model_name
 
-    results["cpu"] = cpu_model_name()
+    results["cpu"] = config.cpu_model_name()
     for model in args.models:
         print(f"{model}: encoder alone ...", file=sys.stderr)
         enc = run_phase("encode", [*_common(args), "--model", model, "--folder", folder])
@@ -329,5 +331,4 @@ def print_tables(results: dict, args) -> None:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(HERE.parent.parent))
     raise SystemExit(main())

@@ -35,7 +35,9 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve()
 sys.path.insert(0, str(HERE.parent.parent))
-DEFAULT_WORK = Path(os.environ.get("CLIPFIND_CACHE", Path.home() / ".cache" / "clipfind")) / "bench" / "query"
+from retrieval import config  # noqa: E402
+
+DEFAULT_WORK = config.cache_root() / "bench" / "query"
 WORDS = ["red", "green", "blue", "yellow", "purple", "small", "large", "noisy", "bright", "dark"]
 SHAPES = ["circle", "square", "triangle", "star", "shape", "thing"]
 
@@ -83,8 +85,9 @@ def build_library(root: Path, n: int, encoder) -> Path:
 # -- warm -------------------------------------------------------------------------------------
 def warm_runs(library_root: Path, encoder, queries: int, image_file: Path) -> dict[str, dict]:
     from retrieval.query.render import table
-    from retrieval.query.search import Query, Searcher
+    from retrieval.query.search import Searcher
     from retrieval.query.textcache import TextCache
+    from retrieval.query.types import Query
     from retrieval.store.library import Library
 
     rng = random.Random(1)
@@ -121,14 +124,14 @@ def vit_encode(image_file: Path, repeats: int) -> dict[str, dict]:
     from PIL import Image
 
     from retrieval.model.encoder import Encoder, ModelSpec
+    from retrieval.model.runtime import torch_threads
     from retrieval.prompting.prompts import PHOTO_TEMPLATES, encode_prompted
-    from retrieval.query.search import _torch_threads
 
     encoder = Encoder(ModelSpec(model="ViT-B-32", random_weights=True))
     image = Image.open(image_file).convert("RGB")
     out = {}
     for threads in (1, 2):
-        with _torch_threads(threads):
+        with torch_threads(threads):
             for kind, run in (("text (5 prompts)", lambda i: encode_prompted(encoder, [f"a dog no. {i}"],
                                                                               PHOTO_TEMPLATES)),
                               ("image", lambda i: encoder.encode_images([image]))):

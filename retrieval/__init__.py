@@ -11,8 +11,8 @@ __all__ = ["ClipfindError", "Encoder", "Library", "ModelSpec"]
 _HOMES = {
     "ClipfindError": "retrieval.errors",
     "Encoder": "retrieval.model.encoder",
-    "ModelSpec": "retrieval.model.encoder",
-    "Library": "retrieval.store.library",
+    "ModelSpec": "retrieval.model.spec",
+    "Library": "retrieval.facade",
 }
 
 

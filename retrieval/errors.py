@@ -7,19 +7,29 @@ without parsing text. Anything else escaping is a bug and keeps its traceback.
 
 from __future__ import annotations
 
+EXIT_OK = 0
 EXIT_FAILURE = 1  # the command ran but could not do its job (e.g. nothing indexed)
 EXIT_USAGE = 2  # bad flags or arguments (click's own code)
 EXIT_MODEL = 3  # model spec unknown, weights missing or not matching
-EXIT_LIBRARY = 4  # library unusable: unwritable, newer schema, other model, locked
+EXIT_LIBRARY = 4  # library unusable: missing or empty, unwritable, newer schema, other model, locked
 EXIT_INPUT = 5  # bad input data: unreadable query image, bad label file, bad dataset
 EXIT_VERIFY = 6  # `verify` found the library inconsistent
+EXIT_INTERRUPTED = 130  # Ctrl-C / SIGTERM: what was committed is kept
 
-EXIT_CODES_HELP = (
-    "Exit codes: 0 ok; 1 failed; 2 usage error; 3 model error (unknown model, weights "
-    "missing or not matching); 4 library error (unwritable, newer schema, other model, "
-    "locked); 5 bad input (unreadable image, bad label file or dataset); 6 verify found "
-    "problems; 130 interrupted."
-)
+# One line per code, in the words of the README's exit-code table; a test keeps the two equal.
+EXIT_CODES: dict[int, str] = {
+    EXIT_OK: "ok",
+    EXIT_FAILURE: "failed: the command ran but could not do its job",
+    EXIT_USAGE: "usage error: bad flags or arguments",
+    EXIT_MODEL: "model error: unknown model, weights missing or not matching",
+    EXIT_LIBRARY: "library error: missing, empty, unwritable, damaged, newer schema, another model, locked",
+    EXIT_INPUT: "bad input: unreadable image, bad label file or dataset",
+    EXIT_VERIFY: "`verify` found problems",
+    EXIT_INTERRUPTED: "interrupted: everything committed so far is kept; run again to resume",
+}
+
+EXIT_CODES_HELP = "Exit codes: " + "; ".join(
+    f"{code} {meaning.split(':')[0]}" for code, meaning in EXIT_CODES.items()) + "."
 
 
 class ClipfindError(Exception):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 
 import pytest
 from click.testing import CliRunner
@@ -186,7 +187,12 @@ def test_empty_library_and_oversized_k(setup, tmp_path):
     with Library.open(setup["lib"], create=False) as full, Library.open(tmp_path / "empty") as empty:
         empty.set_meta("model", full.model_record)
     result = clipfind("search", "x", "-L", tmp_path / "empty", "--no-server")
-    assert result.exit_code == EXIT_FAILURE and "is empty: run `clipfind index" in result.output
+    assert result.exit_code == EXIT_LIBRARY and "is empty: run `clipfind index" in result.output
+    for args in (("reindex",), ("tag", "--labels", "cifar10"), ("search", "x", "--no-server")):
+        for where in ("empty", "no-model"):  # rows missing, or even the model record
+            Library.open(tmp_path / where).close()
+            result = clipfind(*args, "-L", tmp_path / where)
+            assert result.exit_code == EXIT_LIBRARY and "is empty" in result.output, (args, where, result.output)
     everything = lines(clipfind("search", "x", "-L", setup["lib"], "--paths", "-k", "100000", "--no-server"))
     assert len(everything) == len(setup["labels"])
 
@@ -210,3 +216,13 @@ def test_random_weights_are_announced(tmp_path, tiny_model_dir):
     result = clipfind("search", "red circle", "-L", lib, "--json", "--html", sheet, "--no-server")
     assert result.exit_code == 0 and len(lines(result)) == 3
     assert "RANDOM weights" in result.stderr and "RANDOM weights" in sheet.read_text()
+
+
+def test_serve_on_a_port_in_use_is_one_line_error(setup):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = clipfind("serve", "--port", port, "-L", setup["lib"])
+    assert result.exit_code == EXIT_FAILURE, result.output
+    assert result.output.startswith("error: cannot listen on 127.0.0.1:") and len(result.output.splitlines()) == 1

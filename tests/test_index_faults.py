@@ -288,7 +288,7 @@ def test_broken_files_are_skipped_reported_and_remembered(tmp_path, tiny_model_d
     with Library.open(tmp_path / "lib") as lib:
         again = index_paths(lib, [str(root)], options=IndexOptions(workers=0))
         assert again.stats["encoded"] == 0 and again.plan.known_bad == 5  # 2 corrupt, truncated, empty, bomb
-        assert lib._encoder is None  # broken files alone never load the model again
+        assert lib.loaded_encoder is None  # broken files alone never load the model again
 
 
 def test_pixel_limit_and_nothing_indexable_exit_codes(tmp_path, tiny_model_dir):

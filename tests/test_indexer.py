@@ -11,12 +11,13 @@ from PIL import Image as PILImage
 from sqlalchemy import select
 
 from retrieval.errors import InputError, LibraryError, ModelError
-from retrieval.index.indexer import IndexOptions, index_paths, rebuild_index, remove_paths
+from retrieval.facade import Library
+from retrieval.index.indexer import IndexOptions, index_paths, remove_paths
 from retrieval.index.inspection import library_status, verify_library
+from retrieval.index.refresh import rebuild_index
 from retrieval.media import synthetic
 from retrieval.media.images import open_image
 from retrieval.model.encoder import ModelSpec
-from retrieval.store.library import Library
 from retrieval.store.schema import Image, Run, blobs_to_matrix, path_from_db
 
 
@@ -89,7 +90,7 @@ def test_unchanged_rerun_encodes_nothing_and_does_not_load_the_model(tmp_path, p
         run(lib, [photos], spec)
     with Library.open(tmp_path / "lib") as lib:  # a fresh process would start like this
         stats = lib.index(photos, workers=0).stats
-        assert stats["encoded"] == 0 and stats["unchanged"] == 12 and lib._encoder is None
+        assert stats["encoded"] == 0 and stats["unchanged"] == 12 and lib.loaded_encoder is None
         assert stats["faiss"] == "ok"
 
 
@@ -194,14 +195,14 @@ def test_index_types_and_reindex(library, photos, spec):
 
 
 def test_flat_index_grows_into_ivf(library, photos, spec, monkeypatch):
-    import retrieval.index.indexer as indexer
+    import retrieval.index.refresh as refresh
     import retrieval.store.vectors as vectors
 
     run(library, [photos], spec)
-    monkeypatch.setattr(indexer, "EXACT_LIMIT", 10)
+    monkeypatch.setattr(refresh, "EXACT_LIMIT", 10)
     monkeypatch.setattr(vectors, "EXACT_LIMIT", 10)
     monkeypatch.setattr(vectors, "choose_factory", lambda n, dim: "IVF2,Flat")
-    monkeypatch.setattr(indexer, "choose_factory", lambda n, dim: "IVF2,Flat")
+    monkeypatch.setattr(refresh, "choose_factory", lambda n, dim: "IVF2,Flat")
     shutil.copyfile(sorted(rows(library))[0], photos / "one-more.jpg")
     assert run(library, [photos])["faiss"] == "rebuilt"
     assert library_status(library)["index"]["type"] == "IVF2,Flat"
@@ -247,7 +248,7 @@ def test_verify_finds_missing_files_bad_vectors_and_a_wrong_index(library, photo
                                np.array([10_000], dtype=np.int64))
     vectors.save()
     report = verify_library(library, check_files=False)
-    assert any("FAISS ids differ" in p for p in report.problems)
+    assert report.found("faiss_ids") and "FAISS ids differ" in str(report.problems[0])
 
     rebuild_index(library)
     vectors = library.vectors()
@@ -256,11 +257,12 @@ def test_verify_finds_missing_files_bad_vectors_and_a_wrong_index(library, photo
     vectors.index.add_with_ids(wrong[None, :], np.array([got[sorted(got)[2]][0]], dtype=np.int64))
     vectors.save()
     report = verify_library(library, check_files=False)
-    assert any("sampled FAISS vectors differ" in p for p in report.problems)
+    assert report.found("faiss_vectors") and not report.found("faiss_ids")
     assert faiss.vector_to_array(vectors.index.id_map).size == 12
 
     rebuild_index(library)
     with library.engine.begin() as conn:
         conn.exec_driver_sql("UPDATE images SET embedding = x'00000000' WHERE id = ?",
                              (got[sorted(got)[3]][0],))
-    assert any("no vector of" in p for p in verify_library(library, check_files=False).problems)
+    report = verify_library(library, check_files=False)
+    assert report.found("bad_vectors") and "FAISS not checked" in report.notes[-1]

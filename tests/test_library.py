@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 from sqlalchemy import create_engine, text
 
+from retrieval.config import library_home
 from retrieval.errors import LibraryError
 from retrieval.model.encoder import ModelSpec
-from retrieval.store.library import DB_NAME, Library, default_library_path, migrate
+from retrieval.store.library import DB_NAME, Library, migrate
 from retrieval.store.schema import Image, vector_to_blob
 
 
@@ -33,10 +34,10 @@ def _unit(n: int, dim: int, seed: int = 0) -> np.ndarray:
 
 def test_default_path_follows_env(monkeypatch, tmp_path):
     monkeypatch.setenv("CLIPFIND_HOME", str(tmp_path / "home"))
-    assert default_library_path() == tmp_path / "home"
+    assert library_home() == tmp_path / "home"
     monkeypatch.delenv("CLIPFIND_HOME")
     monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "xdg"))
-    assert default_library_path() == tmp_path / "xdg" / "clipfind"
+    assert library_home() == tmp_path / "xdg" / "clipfind"
 
 
 def test_create_records_model_and_reopen_checks_it(tmp_path, tiny_spec):
@@ -67,7 +68,7 @@ def test_same_spec_other_weights_is_refused(tmp_path, tiny_spec):
 
 
 def test_library_without_model_says_index_first(tmp_path):
-    with Library.open(tmp_path / "lib") as lib, pytest.raises(LibraryError, match="index some images"):
+    with Library.open(tmp_path / "lib") as lib, pytest.raises(LibraryError, match="is empty: run `clipfind index"):
         lib.encoder()
     with pytest.raises(LibraryError, match="no library"):
         Library.open(tmp_path / "absent", create=False)
@@ -111,9 +112,24 @@ def test_unwritable_path_leaves_nothing_behind(tmp_path):
 
 
 def test_migrate_is_idempotent(tmp_path):
+    """A second upgrade of an up-to-date database changes nothing: same version, schema and rows."""
     engine = create_engine(f"sqlite:///{tmp_path / 'x.db'}")
     migrate(engine)
+
+    def state() -> tuple:
+        with engine.connect() as conn:
+            version = conn.exec_driver_sql("SELECT version_num FROM alembic_version").scalars().all()
+            schema = conn.exec_driver_sql("SELECT type, name, sql FROM sqlite_master ORDER BY name").all()
+            meta = conn.exec_driver_sql("SELECT key, value FROM meta").all()
+        return version, schema, meta
+
+    with engine.begin() as conn:
+        conn.exec_driver_sql("INSERT INTO meta (key, value) VALUES ('probe', '1')")
+    first = state()
+    assert len(first[0]) == 1 and {"images", "runs", "meta", "tags"} <= {row[1] for row in first[1]}
     migrate(engine)
+    assert state() == first
+    engine.dispose()
 
 
 def test_vectors_catch_up_after_adds_and_deletes_without_a_save(tmp_path, tiny_spec):

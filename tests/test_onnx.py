@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from retrieval.media import synthetic
+from retrieval.model.autoprecision import topk_overlap
 from retrieval.model.onnx_export import (
     MANIFEST,
     export_towers,
@@ -20,7 +21,6 @@ from retrieval.model.onnx_export import (
     read_manifest,
 )
 from retrieval.model.onnx_session import OnnxEncoder
-from retrieval.model.precision import topk_overlap
 from retrieval.model.spec import ModelSpec
 from retrieval.store.library import Library
 from retrieval.store.onnx_exports import ensure_export, export_folder

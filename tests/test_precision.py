@@ -16,10 +16,15 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from retrieval import config
+from retrieval.config import cpu_has_native_bf16
 from retrieval.errors import ModelError
+from retrieval.index.reembed import reembed
 from retrieval.media import synthetic
-from retrieval.model import precision
-from retrieval.model.encoder import Encoder, ModelSpec, cpu_has_native_bf16, resolve_precision
+from retrieval.model import autoprecision as precision
+from retrieval.model import runtime
+from retrieval.model.encoder import Encoder, ModelSpec, resolve_precision
+from retrieval.store import runs as run_sql
 
 CPU_MODES = ["int8", *(["bf16"] if cpu_has_native_bf16() else [])]
 QUERIES = [f"a photo of a {label}." for label in synthetic.LABELS]
@@ -75,17 +80,17 @@ def broken_int8_dir(tiny_model_dir, tmp_path_factory):
 
 def test_split_attention_is_the_same_maths(encoder):
     """The nn.Linear form of self-attention (what lets int8 reach q/k/v) changes nothing in fp32."""
-    clone = precision.image_model_at(encoder.model, "fp32")
-    precision._split_self_attention(clone.visual)
-    assert any(isinstance(m, precision.SelfAttention) for m in clone.visual.modules())
-    assert not any(isinstance(m, precision.SelfAttention) for m in encoder.model.modules())  # original kept
+    clone = runtime.image_model_at(encoder.model, "fp32")
+    runtime.split_self_attention(clone.visual)
+    assert any(isinstance(m, runtime.SelfAttention) for m in clone.visual.modules())
+    assert not any(isinstance(m, runtime.SelfAttention) for m in encoder.model.modules())  # original kept
     x = torch.randn(5, 3, encoder.image_size, encoder.image_size)
     with torch.inference_mode():
         torch.testing.assert_close(clone.encode_image(x), encoder.model.encode_image(x), atol=1e-5, rtol=1e-4)
 
 
 def test_int8_tower_quantises_attention_and_mlp_and_shares_the_text_tower(encoder):
-    int8 = precision.image_model_at(encoder.model, "int8")
+    int8 = runtime.image_model_at(encoder.model, "int8")
     from torch.ao.nn.quantized.dynamic import Linear as DynamicQuantizedLinear
 
     layers = list(int8.visual.modules())
@@ -94,7 +99,7 @@ def test_int8_tower_quantises_attention_and_mlp_and_shares_the_text_tower(encode
     assert int8.transformer is encoder.model.transformer  # the text tower is not copied
     assert type(encoder.model.visual.transformer.resblocks[0].mlp.c_fc) is torch.nn.Linear
     before = {k: v.clone() for k, v in encoder.model.state_dict().items()}
-    bf16 = precision.image_model_at(encoder.model, "bf16")
+    bf16 = runtime.image_model_at(encoder.model, "bf16")
     assert {p.dtype for p in bf16.visual.parameters()} == {torch.bfloat16} and bf16.input_dtype == torch.bfloat16
     after = encoder.model.state_dict()  # building towers never touches the fp32 model
     assert all(after[k].dtype == v.dtype and torch.equal(after[k], v) for k, v in before.items())
@@ -133,7 +138,7 @@ def test_bf16_refused_on_a_cpu_without_it():  # pragma: no cover - depends on th
 def test_bad_modes_for_the_device_are_clear_errors_and_auto_skips_them(monkeypatch):
     with pytest.raises(ModelError, match="CPU only"):
         resolve_precision("int8", torch.device("cuda"))
-    monkeypatch.setattr("retrieval.model.encoder.cpu_has_native_bf16", lambda: False)
+    monkeypatch.setattr("retrieval.config.cpu_has_native_bf16", lambda: False)
     with pytest.raises(ModelError, match="needs a CPU with AVX512-BF16 or AMX"):
         resolve_precision("bf16", torch.device("cpu"))
     assert precision.candidates("cpu") == ["fp32", "int8"]  # auto just leaves bf16 out
@@ -207,7 +212,7 @@ def test_cache_hit_miss_on_other_torch_or_cpu_and_atomic_file(encoder, cache, mo
     doc = json.loads(cache.read_text())
     (entry,) = doc["entries"].values()
     assert entry["key"] == precision.machine_key(encoder.fingerprint)
-    assert entry["key"]["torch"] == torch.__version__ and entry["key"]["cpu"] == precision.cpu_model_name()
+    assert entry["key"]["torch"] == torch.__version__ and entry["key"]["cpu"] == config.cpu_model_name()
     assert set(entry["rates"]) == set(precision.candidates()) and entry["chosen"] in entry["rates"]
     assert [p.name for p in cache.parent.iterdir() if p.name.endswith(".tmp")] == []
 
@@ -216,7 +221,7 @@ def test_cache_hit_miss_on_other_torch_or_cpu_and_atomic_file(encoder, cache, mo
 
     monkeypatch.setattr(precision, "torch_version", lambda: "9.9.9+other")
     assert precision.settle(encoder, "auto")["source"] == "measured" and len(calls) == 2
-    monkeypatch.setattr(precision, "cpu_model_name", lambda: "Some Other CPU @ 3.0GHz")
+    monkeypatch.setattr("retrieval.config.cpu_model_name", lambda: "Some Other CPU @ 3.0GHz")
     assert precision.settle(encoder, "auto")["source"] == "measured" and len(calls) == 3
     assert len(json.loads(cache.read_text())["entries"]) == 3  # one per machine key, none lost
 
@@ -283,7 +288,7 @@ def test_mixed_precision_library_is_reported_by_verify_and_made_uniform_by_reind
 
     with Library.open(lib_dir, model=tiny_spec) as library:
         index_paths(library, [str(photos / "a")], tiny_spec, "cpu", "fp32", IndexOptions(workers=0))
-        assert precision.mixed_precision_runs(library) == [] and verify_library(library).ok
+        assert run_sql.mixed_precision_runs(library.engine) == [] and verify_library(library).ok
         before = _vectors(library)
     result = clipfind("index", photos / "b", "-L", lib_dir, "--precision", "int8", "--device", "cpu",
                       "--workers", "0", "-v")
@@ -291,10 +296,10 @@ def test_mixed_precision_library_is_reported_by_verify_and_made_uniform_by_reind
     assert "precision: int8 (forced; auto would choose " in result.output  # --verbose shows the report
     assert "vectors were made at fp32 precision" in result.output  # the indexer's own warning
     with Library.open(lib_dir) as library:
-        runs = precision.mixed_precision_runs(library)
+        runs = run_sql.mixed_precision_runs(library.engine)
         assert sorted((r["precision"], r["images"]) for r in runs) == [("fp32", 4), ("int8", 4)]
         report = verify_library(library)
-        assert not report.ok and any("different precisions (4 at fp32, 4 at int8)" in p for p in report.problems)
+        assert not report.ok and any("different precisions (4 at fp32, 4 at int8)" in p.message for p in report.problems)
 
     verify = clipfind("verify", "-L", lib_dir, "--no-files")
     assert verify.exit_code == 6 and "different precisions" in verify.output
@@ -308,7 +313,7 @@ def test_mixed_precision_library_is_reported_by_verify_and_made_uniform_by_reind
     assert clipfind("verify", "-L", lib_dir).exit_code == 0
     with Library.open(lib_dir) as library:
         after = _vectors(library)
-        assert precision.mixed_precision_runs(library) == []
+        assert run_sql.mixed_precision_runs(library.engine) == []
     for path, vector in before.items():  # fp32 again: the same vectors as the first fp32 run
         np.testing.assert_allclose(after[path], vector, atol=1e-5)
 
@@ -322,10 +327,10 @@ def test_reembed_keeps_changed_files_for_index_and_says_so(tmp_path, tiny_spec, 
     with Library.open(tmp_path / "lib", model=tiny_spec) as library:
         index_paths(library, [str(photos)], tiny_spec, "cpu", "int8", IndexOptions(workers=0))
         files[0][0].unlink()
-        stats = precision.reembed(library, "fp32", "cpu")
+        stats = reembed(library, "fp32", "cpu")
         assert (stats["reembedded"], stats["stale"]) == (2, 1)
-        assert precision.vectors_by_precision(library) == {"fp32": 2, "int8": 1}
-        assert precision.mixed_precision_problem(library) is not None
+        assert run_sql.vectors_by_precision(library.engine) == {"fp32": 2, "int8": 1}
+        assert run_sql.mixed_precision_problem(library.engine) is not None
 
 
 def _vectors(library) -> dict[str, np.ndarray]:

@@ -12,7 +12,7 @@ import pytest
 
 from retrieval.media import synthetic
 from retrieval.query import render
-from retrieval.query.search import SearchResponse, SearchResult
+from retrieval.query.types import SearchResponse, SearchResult
 
 CHROMIUM = "/usr/bin/chromium"
 

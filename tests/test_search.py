@@ -16,15 +16,16 @@ import numpy as np
 import pytest
 from sqlalchemy import select, text
 
-from retrieval.errors import ClipfindError, InputError
+from retrieval.errors import InputError, LibraryError
+from retrieval.facade import Library
 from retrieval.index.indexer import IndexOptions, index_paths
 from retrieval.media import synthetic
 from retrieval.media.images import ImageError
 from retrieval.model.encoder import Encoder, ModelSpec
 from retrieval.prompting.prompts import PHOTO_TEMPLATES, encode_prompted, normalise
-from retrieval.query.search import DEFAULT_TEMPLATES, Filters, Query, Searcher, split_weight
+from retrieval.query.search import Searcher
 from retrieval.query.textcache import CACHE_NAME
-from retrieval.store.library import Library
+from retrieval.query.types import DEFAULT_TEMPLATES, Filters, Query, split_weight
 from retrieval.store.schema import Image, Tag, TagRun, blobs_to_matrix, path_from_db, vector_to_blob
 
 PER_CLASS = 30  # precision@10 with 30 relevant images per class, not recall of all 10
@@ -164,20 +165,28 @@ def test_similar_leaves_out_the_file_itself(library, collection):
 
 
 def test_negative_terms_demote_what_they_name(library, collection):
-    """'circle' minus its most frequent colour: those circles leave the top, the other circles stay."""
+    """Circles of every colour minus the colour most found: those circles leave the top, the others stay.
+
+    Every term is a phrase the tiny model was trained on ("<colour> <shape>"). Its
+    captions never hold a bare colour or shape, so where a bare word lands is an
+    accident of training: retrained with torch 2.14, "circle" sits next to "yellow"
+    (cosine 0.92 through the photo templates) and retrieves only yellow circles, so
+    "circle" minus 0.5 x "yellow" still meant yellow circles. That measured the
+    model's reading of out-of-vocabulary words, not the negative-term arithmetic.
+    """
     _, labels = collection
-    before = labels_of(library.search("circle", k=20), labels)
-    colour = max(synthetic.COLOURS, key=lambda c: before.count(f"{c} circle"))
-    named = f"{colour} circle"
-    after = labels_of(library.search("circle", negative=colour, k=20), labels)
+    circles = [f"{colour} circle" for colour in synthetic.COLOURS]
+    before = labels_of(library.search(circles, k=20), labels)
+    named = max(circles, key=before.count)
+    after = labels_of(library.search(circles, negative=named, k=20), labels)
 
     def mean_rank_of_named(options) -> float:
-        found = labels_of(library.search("circle", k=len(labels), **options), labels)
+        found = labels_of(library.search(circles, k=len(labels), **options), labels)
         return float(np.mean([i for i, lab in enumerate(found) if lab == named]))
 
-    rank_before, rank_after = mean_rank_of_named({}), mean_rank_of_named({"negative": colour})
-    print(f"\n{named}s in the top 20 of 'circle': {before.count(named)} -> {after.count(named)} "
-          f"with --not {colour}; their mean rank {rank_before:.1f} -> {rank_after:.1f}")
+    rank_before, rank_after = mean_rank_of_named({}), mean_rank_of_named({"negative": named})
+    print(f"\n{named}s in the top 20 of all circles: {before.count(named)} -> {after.count(named)} "
+          f"with --not '{named}'; their mean rank {rank_before:.1f} -> {rank_after:.1f}")
     assert before.count(named) >= 3
     assert after.count(named) <= before.count(named) // 4
     assert rank_after > rank_before + 25
@@ -327,7 +336,7 @@ def test_stale_index_catches_up_before_searching(library):
 
 def test_long_lived_searcher_reads_an_index_saved_by_another_process(library, monkeypatch):
     """After the indexer saves and prunes the change log, a warm searcher reloads, never rebuilds."""
-    from retrieval.index.indexer import refresh_vectors
+    from retrieval.index.refresh import refresh_vectors
 
     searcher = Searcher(library)
     vector, _ = searcher.query_vector(Query.build("orange star"), [])
@@ -346,11 +355,11 @@ def test_long_lived_searcher_reads_an_index_saved_by_another_process(library, mo
 
 def test_empty_library_is_a_clear_error(tmp_path, library):
     with Library.open(tmp_path / "nomodel") as empty:
-        with pytest.raises(ClipfindError, match="is empty"):
+        with pytest.raises(LibraryError, match="is empty"):
             empty.search("anything")
     with Library.open(tmp_path / "norows") as empty:
         empty.set_meta("model", library.model_record)
-        with pytest.raises(ClipfindError, match="is empty"):
+        with pytest.raises(LibraryError, match="is empty"):
             empty.search("anything")
 
 

@@ -20,7 +20,8 @@ from retrieval.errors import InputError
 from retrieval.index.indexer import IndexOptions, index_paths
 from retrieval.media import synthetic
 from retrieval.model.encoder import ModelSpec
-from retrieval.query.search import Filters, Query, Searcher
+from retrieval.query.search import Searcher
+from retrieval.query.types import Filters, Query
 from retrieval.serve.server import (
     SERVE_FILE,
     QueryServer,

@@ -17,10 +17,10 @@ import numpy as np
 import pytest
 
 from retrieval.errors import InputError, LibraryError
+from retrieval.facade import Library
 from retrieval.index.indexer import IndexOptions, index_paths
 from retrieval.media import synthetic
 from retrieval.model.encoder import ModelSpec
-from retrieval.store.library import Library
 from retrieval.tagging import autotag as tagging
 from retrieval.tagging.autotag import TagOptions
 
@@ -236,7 +236,7 @@ def test_busy_library_and_empty_library(library, labels_file, tmp_path, tiny_mod
     spec = ModelSpec(model_dir=str(tiny_model_dir))
     with Library.open(tmp_path / "empty", model=spec) as empty:
         empty.encoder(spec)
-        with pytest.raises(LibraryError, match="no images to tag"):
+        with pytest.raises(LibraryError, match="is empty"):
             empty.tag(labels_file, "template")
 
 

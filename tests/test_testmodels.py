@@ -19,6 +19,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
+from retrieval import config
 from retrieval.devmodels import tiny as testmodels
 from retrieval.devmodels import training
 from retrieval.media import synthetic
@@ -131,9 +132,9 @@ def test_failed_training_leaves_nothing(tmp_path: Path, monkeypatch) -> None:
 
 def test_cache_root_from_environment(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setenv("CLIPFIND_CACHE", str(tmp_path / "c"))
-    assert testmodels.default_cache_root() == tmp_path / "c"
+    assert config.cache_root() == tmp_path / "c"
     monkeypatch.delenv("CLIPFIND_CACHE")
-    assert testmodels.default_cache_root() == Path.home() / ".cache" / "clipfind"
+    assert config.cache_root() == Path.home() / ".cache" / "clipfind"
 
 
 # --- the trainer, on its own -------------------------------------------------

@@ -7,6 +7,7 @@ from collections.abc import Callable
 
 import click
 
+from retrieval import config
 from retrieval.errors import ModelError
 from retrieval.model.spec import PRECISIONS, RUNTIMES, ModelSpec
 
@@ -19,7 +20,7 @@ MODEL_HELP = (
 
 def library_option(func: Callable) -> Callable:
     return click.option(
-        "--library", "-L", "library_path", type=click.Path(file_okay=False), envvar="CLIPFIND_LIBRARY",
+        "--library", "-L", "library_path", type=click.Path(file_okay=False), envvar=config.ENV_LIBRARY,
         help="Library directory (default: $CLIPFIND_HOME, else ~/.local/share/clipfind).",
     )(func)
 

@@ -18,9 +18,9 @@ from retrieval.errors import LibraryError
 
 
 def default_demo_dir() -> Path:
-    from retrieval.devmodels.tiny import default_cache_root
+    from retrieval import config
 
-    return default_cache_root() / "demo"
+    return config.cache_root() / "demo"
 
 
 def _make_collection(folder: Path, per_class: int) -> None:
@@ -40,7 +40,7 @@ def _make_query_image(target: Path, label: str) -> Path:
 
 def _open_library(root: Path, spec):
     """Open the demo library; if it was made with another model (say real weights appeared), start over."""
-    from retrieval.store.library import Library
+    from retrieval.facade import Library
 
     try:
         return Library.open(root, model=spec)

@@ -14,6 +14,7 @@ from collections.abc import Iterator
 
 import click
 
+from retrieval import config
 from retrieval.cli.common import (
     MODEL_HELP,
     PRECISIONS,
@@ -26,11 +27,7 @@ from retrieval.cli.common import (
     warn,
 )
 from retrieval.errors import ClipfindError, VerifyError
-
-
-def _shown(path: str) -> str:
-    """A path that prints: names that are not UTF-8 show their bad bytes as \\xNN."""
-    return os.fsencode(path).decode("utf-8", "backslashreplace")
+from retrieval.query.render import human_size, shown_path
 
 
 def _reason(path: str, message: str) -> str:
@@ -105,13 +102,13 @@ def index_command(paths, library_path, workers, threads, batch_size, index_type,
     from retrieval.index.indexer import NO_MODEL, IndexOptions, IndexResult, index_paths
     from retrieval.index.planner import check_roots, plan_index
     from retrieval.model.spec import ModelSpec
-    from retrieval.store.library import DB_NAME, Library, default_library_path
+    from retrieval.store.library import DB_NAME, Library
 
     spec, device, precision = pop_model_options(model_kwargs)
     options = IndexOptions(workers=workers, threads=threads, batch_size=batch_size, follow_symlinks=follow_symlinks,
                            max_pixels=max_pixels, index_type=index_type, progress=not quiet,
                            wait=wait, dry_run=dry_run, retry_failed=retry_failed)
-    root = os.path.expanduser(library_path) if library_path else str(default_library_path())
+    root = str(config.library_path(library_path))
     roots = check_roots(paths)  # mistakes first, before a library directory is made
     exists = os.path.exists(os.path.join(root, DB_NAME))
     if spec is None and not exists:
@@ -125,9 +122,9 @@ def index_command(paths, library_path, workers, threads, batch_size, index_type,
         note_random(spec or (ModelSpec(**record["spec"]) if record else None))
         with library, _sigterm_as_interrupt():
             result = index_paths(library, roots, spec, device, precision, options)
-        encoder = library._encoder  # loaded only if something was encoded
+        encoder = library.loaded_encoder  # loaded only if something was encoded
         if verbose and not as_json and encoder is not None and encoder.precision_report:
-            from retrieval.model.precision import describe
+            from retrieval.model.autoprecision import describe
 
             click.echo(describe(encoder.precision_report), err=True)
     _report_index(result, as_json, verbose, quiet)
@@ -143,7 +140,7 @@ def _report_index(result, as_json: bool, verbose: bool, quiet: bool) -> None:
     if as_json:
         out = {"library": result.library, "run_id": result.run_id, "status": result.status,
                "dry_run": result.dry_run, **stats,
-               "skipped_files": [{"path": _shown(s.path), "kind": s.kind, "message": _shown(s.message)}
+               "skipped_files": [{"path": shown_path(s.path), "kind": s.kind, "message": shown_path(s.message)}
                                  for s in result.skipped]}
         if result.dry_run:
             out["changes"] = _dry_run_changes(plan)
@@ -169,7 +166,7 @@ def _report_index(result, as_json: bool, verbose: bool, quiet: bool) -> None:
                    + ("" if verbose else " (--verbose lists them)"), err=not verbose and quiet)
         if verbose:
             for s in result.skipped:
-                click.echo(f"  {s.kind:<11} {_shown(s.path)}: {_shown(_reason(s.path, s.message))}")
+                click.echo(f"  {s.kind:<11} {shown_path(s.path)}: {shown_path(_reason(s.path, s.message))}")
     if not result.dry_run and c["scanned"] == 0 and not result.skipped:
         warn("no image files found there")
 
@@ -180,16 +177,7 @@ def _dry_run_changes(plan) -> list[tuple[str, str]]:
     out += [("move", w.entry.path) for w in plan.moves]
     out += [("touch", w.entry.path) for w in plan.touches]
     out += [("remove", path) for _, path in plan.gone]
-    return [(kind, _shown(path)) for kind, path in out]
-
-
-def _human(n: int) -> str:
-    size = float(n)
-    for unit in ("B", "KB", "MB", "GB"):
-        if size < 1024 or unit == "GB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-    return f"{n} B"
+    return [(kind, shown_path(path)) for kind, path in out]
 
 
 @click.command("status")
@@ -214,12 +202,12 @@ def status_command(library_path, as_json) -> None:
         made = ", ".join(f"{k} {v}" for k, v in sorted(info["vectors_by_precision"].items()))
         click.echo(f"vectors:   {made}")
     if info["model"]:
-        from retrieval.model.precision import status_line
+        from retrieval.model.autoprecision import status_line
 
         click.echo(f"precision: {status_line(info['auto_precision_here'])}")
     click.echo("index:     " + (f"{index['type']}, {index['vectors']} vectors" if index else "not built yet")
                + (f" ({info['log_entries']} changes to catch up)" if info["log_entries"] and index else ""))
-    click.echo(f"on disk:   database {_human(sizes['database'])}, index {_human(sizes['index'])}")
+    click.echo(f"on disk:   database {human_size(sizes['database'])}, index {human_size(sizes['index'])}")
     for label, run in (("last run", info["last_run"]), ("last index", info["last_index_run"])):
         if run and (label == "last run" or run["id"] != info["last_run"]["id"]):
             s = run["stats"]
@@ -248,7 +236,7 @@ def verify_command(library_path, no_files, sample, wait, verbose, as_json) -> No
         report = verify_library(library, wait=wait, sample=sample, check_files=not no_files)
     if as_json:
         out = report.as_dict()
-        out["missing_files"] = [_shown(p) for p in report.missing]
+        out["missing_files"] = [shown_path(p) for p in report.missing]
         emit_json(out)
     else:
         checked = report.checked
@@ -259,7 +247,7 @@ def verify_command(library_path, no_files, sample, wait, verbose, as_json) -> No
         for problem in report.problems:
             click.echo(f"PROBLEM: {problem}")
         for path in report.missing if verbose else report.missing[:10]:
-            click.echo(f"  missing {_shown(path)}")
+            click.echo(f"  missing {shown_path(path)}")
         if len(report.missing) > 10 and not verbose:
             click.echo(f"  ... and {len(report.missing) - 10} more (--verbose lists all)")
         if report.ok:
@@ -284,11 +272,11 @@ def remove_command(paths, library_path, dry_run, wait, verbose, as_json) -> None
         n = remove_paths(library, paths, dry_run=dry_run, wait=wait, on_match=matched.append)
     if as_json:
         emit_json({"removed": 0 if dry_run else n, "matched": n, "dry_run": dry_run,
-                   "paths": [_shown(p) for p in matched]})
+                   "paths": [shown_path(p) for p in matched]})
         return
     if verbose:
         for path in matched:
-            click.echo(f"  {_shown(path)}")
+            click.echo(f"  {shown_path(path)}")
     if not n:
         click.echo("no indexed images there; nothing removed")
     else:
@@ -318,12 +306,12 @@ def reindex_command(library_path, index_type, precision, device, wait, quiet, as
       clipfind reindex --index-type HNSW32
       clipfind reindex --precision fp32      # re-embed everything at fp32
     """
-    from retrieval.index.indexer import rebuild_index
+    from retrieval.index.refresh import rebuild_index
 
     redone = None
     with _open(library_path) as library:
         if precision:
-            from retrieval.model.precision import reembed
+            from retrieval.index.reembed import reembed
 
             redone = reembed(library, precision, device, wait=wait, progress=not quiet)
         stats = rebuild_index(library, index_type, wait=wait)

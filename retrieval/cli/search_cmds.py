@@ -15,6 +15,7 @@ from collections.abc import Callable
 
 import click
 
+from retrieval import config
 from retrieval.cli.common import (
     MODEL_HELP,
     library_option,
@@ -23,10 +24,12 @@ from retrieval.cli.common import (
     runtime_option,
     warn,
 )
-from retrieval.query.search import (
+from retrieval.errors import ClipfindError
+from retrieval.query.types import (
     DEFAULT_TEMPLATES,
     NEGATIVE_WEIGHT,
     Filters,
+    Query,
     normalise_path_filter,
 )
 
@@ -90,17 +93,11 @@ def _format(as_json: bool, as_paths: bool, as_paths0: bool) -> str:
     return chosen[0] if chosen else "table"
 
 
-def _library_root(library_path: str | None) -> str:
-    from retrieval.store.library import default_library_path
-
-    return os.path.expanduser(library_path) if library_path else str(default_library_path())
-
-
 def _answer(kind: str, subject, k: int, filters: Filters, library_path, use_server: bool,
             model_kwargs: dict, runtime: str = "auto"):
     """Searcher.search/similar: by the library's warm server if one runs (and no model flags), else here."""
     spec, device, precision = pop_model_options(model_kwargs)
-    root = _library_root(library_path)
+    root = config.library_path(library_path)
     if use_server and spec is None:
         from retrieval.serve.server import ServerUnavailable, ask, find_server
 
@@ -169,8 +166,6 @@ def search_command(texts, images, image_weight, not_texts, not_images, not_weigh
       clipfind search cat --path ~/Pictures/2023 --paths0 | xargs -0 ls -l
       clipfind search "red car" -k 50 --html cars.html
     """
-    from retrieval.query.search import Query
-
     if not texts and not images:
         raise click.UsageError("give a text to search for, --image FILE, or both")
     fmt = _format(as_json, as_paths, as_paths0)
@@ -236,12 +231,13 @@ def serve_command(host, port, verbose, library_path, runtime, **model_kwargs) ->
     spec, device, precision = pop_model_options(model_kwargs)
     if not is_loopback(host):
         warn(f"listening on {host}: anyone who can reach it and has the token can list your images")
-    library = Library.open(_library_root(library_path), model=spec, create=False)
+    library = Library.open(config.library_path(library_path), model=spec, create=False)
     searcher = Searcher(library, spec, device, precision, runtime=runtime)
     try:
         server = QueryServer(searcher, host, port, log=(lambda m: click.echo(m, err=True)) if verbose else None)
     except OSError as exc:
-        raise click.ClickException(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+        library.close()
+        raise ClipfindError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
     for message in dict.fromkeys(server.warm_up()):  # once each, in order
         warn(message)
     signal.signal(signal.SIGTERM, _stop)  # `kill PID` cleans up serve.json like Ctrl-C does

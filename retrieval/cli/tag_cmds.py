@@ -13,6 +13,7 @@ import sys
 
 import click
 
+from retrieval import config
 from retrieval.cli.common import (
     MODEL_HELP,
     emit_json,
@@ -24,6 +25,7 @@ from retrieval.cli.common import (
     warn,
 )
 from retrieval.errors import InputError, ModelError
+from retrieval.query.render import shown_path
 
 STRATEGY_HELP = (
     "Prompt strategy: raw, template[:TEXT] (default 'a photo of a {}.'), ensemble[:imagenet80|simple7|FILE], "
@@ -88,7 +90,7 @@ def tag_command(library_path, labels_spec, strategy, descriptions, shots, alpha,
       clipfind tag --labels cifar10 --shots ./examples --search-alpha-beta
       clipfind tag --labels scenes.txt --multi-label --calibrate
     """
-    from retrieval.store.library import Library
+    from retrieval.facade import Library
     from retrieval.tagging.autotag import TagOptions
 
     spec, device, precision = pop_model_options(model_kwargs)
@@ -144,17 +146,13 @@ def tags_command(library_path, run, label, list_runs, limit, as_csv, as_json) ->
             writer = csv.writer(sys.stdout, lineterminator="\n")
             writer.writerow(["run", "image_id", "path", "label", "score", "rank"])
             for r in rows:
-                writer.writerow([r["run"], r["image_id"], _shown(r["path"]), r["label"], repr(r["score"]), r["rank"]])
+                writer.writerow([r["run"], r["image_id"], shown_path(r["path"]), r["label"], repr(r["score"]), r["rank"]])
         elif as_json:
             for r in rows:
-                emit_json({**r, "path": _shown(r["path"])})
+                emit_json({**r, "path": shown_path(r["path"])})
         else:
             for r in rows:
-                click.echo(f"{_shown(r['path'])}\t{r['label']}\t{r['score']:.4f}\t{r['run']}")
-
-
-def _shown(path: str) -> str:
-    return os.fsencode(path).decode("utf-8", "backslashreplace")
+                click.echo(f"{shown_path(r['path'])}\t{r['label']}\t{r['score']:.4f}\t{r['run']}")
 
 
 # -- eval ------------------------------------------------------------------------------------
@@ -166,14 +164,14 @@ def eval_group() -> None:
 def _eval_encoder(library_path, model_kwargs):
     """The model the flags name, else the library's model."""
     from retrieval.model.encoder import Encoder
-    from retrieval.store.library import DB_NAME, Library, default_library_path
+    from retrieval.store.library import DB_NAME, Library
 
     spec, device, precision = pop_model_options(model_kwargs)
     if spec is not None:
         note_random(spec)
         return Encoder(spec, device=device, precision=precision)
-    root = os.path.expanduser(library_path) if library_path else str(default_library_path())
-    if not os.path.exists(os.path.join(root, DB_NAME)):
+    root = config.library_path(library_path)
+    if not (root / DB_NAME).exists():
         raise ModelError("name a model (--model-dir DIR, or --model NAME --checkpoint FILE) or a --library")
     library = Library.open(root, create=False)
     return library.encoder(None, device, precision)
@@ -182,7 +180,7 @@ def _eval_encoder(library_path, model_kwargs):
 def _workers(workers: int | None, n: int) -> int:
     if workers is not None:
         return workers
-    return 0 if n < 512 else max(1, min(4, (os.cpu_count() or 2) - 1))
+    return 0 if n < 512 else max(1, min(4, config.usable_cores() - 1))
 
 
 @eval_group.command("zeroshot", epilog=MODEL_HELP)
@@ -258,7 +256,7 @@ def prompts_group() -> None:
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="Descriptions JSON to write.")
 @click.option("--api-base", envvar="OPENAI_BASE_URL", default="http://127.0.0.1:8000/v1", show_default=True,
               help="OpenAI-compatible API base (…/v1); env OPENAI_BASE_URL.")
-@click.option("--model", "llm_model", envvar="CLIPFIND_LLM_MODEL", required=True,
+@click.option("--model", "llm_model", envvar=config.ENV_LLM_MODEL, required=True,
               help="Chat model name the endpoint serves; env CLIPFIND_LLM_MODEL.")
 @click.option("--api-key-env", default="OPENAI_API_KEY", show_default=True,
               help="Environment variable holding the API key (none needed for local servers).")

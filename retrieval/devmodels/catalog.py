@@ -6,10 +6,10 @@ already in the Hugging Face cache (or named by $CLIPFIND_MODEL_DIR).
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
-from retrieval.model.encoder import ModelSpec
+from retrieval import config
+from retrieval.model.spec import ModelSpec
 
 # Good general-purpose weights, best first; any of them found in the cache wins.
 PREFERRED_PRETRAINED = (
@@ -38,7 +38,7 @@ def cached_pretrained(model: str, tag: str) -> bool:
 
 def best_offline_spec(log=None) -> tuple[ModelSpec, str]:
     """(spec, why): the best model usable with no network, training the tiny one if needed."""
-    env_dir = os.environ.get("CLIPFIND_MODEL_DIR")
+    env_dir = config.model_dir_override()
     if env_dir:
         return ModelSpec(model_dir=env_dir), "named by $CLIPFIND_MODEL_DIR"
     for model, tag in PREFERRED_PRETRAINED:

@@ -40,8 +40,10 @@ import torch.nn.functional as F
 from PIL import Image
 from safetensors.torch import save_file
 
+from retrieval import config
 from retrieval.devmodels import training
 from retrieval.media import synthetic
+from retrieval.model.runtime import torch_threads
 
 MODEL_NAME = "tiny-shapes"
 CONFIG_FILE = "open_clip_config.json"
@@ -54,7 +56,7 @@ TINY_MODEL_CFG: dict[str, Any] = {
     "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2, "mlp_ratio": 2.0},
 }
 # OpenAI CLIP statistics, written into the config so open_clip's transform
-# and our training normalisation cannot disagree.
+# and the training normalisation cannot disagree (the CIFAR-10 test model uses it too).
 PREPROCESS_CFG: dict[str, Any] = {
     "mean": [0.48145466, 0.4578275, 0.40821073],
     "std": [0.26862954, 0.26130258, 0.27577711],
@@ -64,12 +66,6 @@ PREPROCESS_CFG: dict[str, Any] = {
 TRAIN = {"steps": 600, "batch_size": 64, "lr": 2e-3, "warmup": 50, "seed": 1234}
 HELDOUT_SEED = 987_654  # never used for training pictures
 HELDOUT_PER_CLASS = 30
-
-
-def default_cache_root() -> Path:
-    """$CLIPFIND_CACHE, else ~/.cache/clipfind."""
-    env = os.environ.get("CLIPFIND_CACHE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "clipfind"
 
 
 def model_key() -> str:
@@ -211,7 +207,7 @@ def _train_into(out: Path, key: str, log: Callable[[str], None] | None) -> None:
     write_config(out, TINY_MODEL_CFG, PREPROCESS_CFG, meta)
     # Measure through the same loading path as the product (proves the layout).
     loaded, preprocess, tok = load_model(out)
-    with training.torch_threads(1):  # tiny batches: 1 thread is never slow, 2 can be
+    with torch_threads(1):  # tiny batches: 1 thread is never slow, 2 can be
         for field, size, jpeg, hard in (
             ("heldout_zero_shot_top1", 32, False, False),
             ("heldout_zero_shot_top1_128px_jpeg", 128, True, False),
@@ -254,7 +250,7 @@ def build_cached(models: Path, name: str, key: str, train: Callable[[Path], None
 
 def ensure_tiny_model(cache_root: Path | None = None, log: Callable[[str], None] | None = None) -> Path:
     """Return the directory of the tiny shapes model, training it once if needed (see build_cached)."""
-    root = Path(cache_root).expanduser() if cache_root is not None else default_cache_root()
+    root = Path(cache_root).expanduser() if cache_root is not None else config.cache_root()
     key = model_key()
     return build_cached(root / "models", MODEL_NAME, key, lambda tmp: _train_into(tmp, key, log))
 

@@ -10,12 +10,10 @@ matters when a batch of 128 holds ten captions of the same class.
 from __future__ import annotations
 
 import math
-import os
 import random
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -23,27 +21,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from retrieval import config
+
 SampleBatch = Callable[[int], tuple[Tensor, list[str], list[int]]]
-
-
-def cpu_threads() -> int:
-    """Cores this process may use (affinity-aware), at least 1."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # pragma: no cover - not Linux
-        return max(1, os.cpu_count() or 1)
-
-
-@contextmanager
-def torch_threads(n: int | None) -> Iterator[None]:
-    """Temporarily set torch's intra-op thread count (restored afterwards)."""
-    old = torch.get_num_threads()
-    if n:
-        torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
 
 
 def seed_everything(seed: int) -> None:
@@ -188,7 +168,7 @@ def train_clip(
     device = next(model.parameters()).device
     optimizer = _make_optimizer(model, lr, weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, steps, warmup))
-    tuner = ThreadTuner([threads] if threads else sorted({1, cpu_threads()}))
+    tuner = ThreadTuner([threads] if threads else sorted({1, config.usable_cores()}))
     history: list[tuple[int, float]] = []
     first_loss = last_loss = math.nan
     start, cpu_start = time.perf_counter(), time.process_time()

@@ -18,12 +18,12 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING
 
-from sqlalchemy import delete, insert, select, text, update
+from sqlalchemy import insert, select, update
 
-from retrieval.errors import InputError, LibraryError, ModelError
+from retrieval import config
+from retrieval.errors import ModelError
 from retrieval.index.planner import (
     Plan,
     Skipped,
@@ -33,14 +33,16 @@ from retrieval.index.planner import (
     plan_index,
     stored_ids,
 )
+from retrieval.index.refresh import check_factory, refresh_vectors
 from retrieval.index.threads import ThreadTuner
 from retrieval.media.images import DEFAULT_MAX_PIXELS
 from retrieval.model.spec import ModelSpec
 from retrieval.store.library import LOCK_NAME, Library
-from retrieval.store.schema import ErrorRow, Image, Run, path_to_db, utcnow, vector_to_blob
-from retrieval.store.vectors import EXACT_LIMIT, choose_factory
+from retrieval.store.runs import vectors_by_precision
+from retrieval.store.schema import ErrorRow, Image, Run, path_to_db, vector_to_blob
+from retrieval.store.sql import delete_images, in_chunks
 
-if TYPE_CHECKING:  # torch loads only when something needs encoding: an unchanged re-run never does
+if TYPE_CHECKING:  # torch loads in the encoding stage only, so planning and dry runs stay light
     from retrieval.model.encoder import Encoder
 
 NO_MODEL = "no model given: pass --model-dir DIR, or --model NAME --pretrained TAG"
@@ -48,7 +50,7 @@ NO_MODEL = "no model given: pass --model-dir DIR, or --model NAME --pretrained T
 
 @dataclass
 class IndexOptions:
-    workers: int | None = None  # None: pipeline.default_workers()
+    workers: int | None = None  # None: config.decode_workers()
     threads: int | None = None  # encoder torch threads; None: measured (index/threads.py)
     batch_size: int | None = None  # None: 32 on CPU, 256 on GPU
     follow_symlinks: bool = False
@@ -82,7 +84,12 @@ class IndexResult:
 def index_paths(library: Library, roots: Iterable[str | os.PathLike], spec: ModelSpec | None = None,
                 device: str = "auto", precision: str = "auto",
                 options: IndexOptions | None = None) -> IndexResult:
-    """Bring the library up to date with `roots`; see the module docstring for how."""
+    """Bring the library up to date with `roots`; see the module docstring for how.
+
+    The stages, in order: `plan_index`, then `IndexStages.apply`, `.encode` (which
+    commits each batch), `.copy_late`, and finally `refresh_vectors`, inside one
+    recorded run (`Library.run`) under the write lock.
+    """
     options = options or IndexOptions()
     roots = check_roots(roots)
     if spec is None and library.model_record is None:
@@ -93,71 +100,69 @@ def index_paths(library: Library, roots: Iterable[str | os.PathLike], spec: Mode
         return IndexResult(os.path.abspath(library.root), plan, plan.counts(), plan.skipped,
                            dry_run=True)
     with library.write_lock(wait=options.wait):
-        return _Run(library, roots, spec, device, precision, options).run()
+        export_warning = None
+        if library.model_record is None:  # a new library: record the model before anything
+            export_warning = export_onnx(library, library.encoder(spec, device=device, precision=precision))
+        started = time.perf_counter()
+        plan = Plan()
+        with library.run("index") as run:
+            stages = IndexStages(library, run.id, options, spec, device, precision)
+            stages.warnings += [export_warning] if export_warning else []
+            try:
+                plan = plan_index(library, roots, options.follow_symlinks, options.retry_failed,
+                                  options.max_pixels)
+                stages.skipped.extend(plan.skipped)
+                stages.apply(plan)
+                stages.encode(plan)
+                stages.copy_late(plan)
+            finally:  # what was committed is reported and reaches FAISS, whatever stopped us
+                run.stats = stages.summary(plan, started)
+                run.stats["faiss"] = refresh_vectors(library, options.index_type)
+    return IndexResult(os.path.abspath(library.root), plan, run.stats, stages.skipped, run.id,
+                       run.status, warnings=stages.warnings)
 
 
-class _Run:
-    """One locked indexing run; the steps share the run id, the stats and the skip list."""
+def export_onnx(library: Library, encoder: Encoder) -> str | None:
+    """Export the towers for torch-free queries while the model is loaded anyway; a warning if not."""
+    from retrieval.store.onnx_exports import ExportError, ensure_export
 
-    def __init__(self, library: Library, roots: list[str], spec: ModelSpec | None, device: str,
-                 precision: str, options: IndexOptions) -> None:
-        self.library, self.roots, self.spec, self.options = library, roots, spec, options
-        self.device, self.precision = device, precision
+    try:
+        ensure_export(library, "fp32", encoder)
+    except ExportError as exc:
+        return f"could not export the model to ONNX ({exc}); queries will use torch"
+    return None
+
+
+class IndexStages:
+    """The writing stages of one recorded run; they share its id, stats, warnings and skip list.
+
+    Call them in order under the write lock: `apply` (moves, touches, copies, removals:
+    one transaction, no encoder), `encode` (decode in workers, encode, one transaction
+    per batch), `copy_late` (duplicates of files first encoded in this run).
+    `retrieval.index.reembed` drives `encode` and `copy_late` with a plan of its own.
+    """
+
+    def __init__(self, library: Library, run_id: int, options: IndexOptions,
+                 spec: ModelSpec | None = None, device: str = "auto", precision: str = "auto") -> None:
+        self.library, self.run_id, self.options = library, run_id, options
+        self.spec, self.device, self.precision = spec, device, precision
         self.stats: Counter = Counter(indexed=0, encoded=0)
         self.warnings: list[str] = []
         self.failed_digests: dict[str, Skipped] = {}
         self.skipped: list[Skipped] = []
 
-    def run(self) -> IndexResult:
-        started = time.perf_counter()
-        mark_stale_runs(self.library)
-        if self.library.model_record is None:  # a new library: record the model before anything
-            encoder = self.library.encoder(self.spec, device=self.device, precision=self.precision)
-            self._export_onnx(encoder)
-        self.run_id = self.library.start_run("index")
-        status, plan = "failed", Plan()
-        try:
-            plan = plan_index(self.library, self.roots, self.options.follow_symlinks,
-                              self.options.retry_failed, self.options.max_pixels)
-            self.skipped.extend(plan.skipped)
-            self._apply_plan(plan)
-            self._encode(plan)
-            self._late_copies(plan)
-            status = "done"
-        except KeyboardInterrupt:
-            status = "interrupted"
-            raise
-        finally:
-            self.stats["skipped"] = len(self.skipped)
-            self.stats["seconds"] = round(time.perf_counter() - started, 3)
-            stats = {**plan.counts(), **self.stats,
-                     "skipped_by_kind": dict(Counter(s.kind for s in self.skipped))}
-            try:
-                stats["faiss"] = refresh_vectors(self.library, self.options.index_type)
-            except BaseException as exc:
-                cut = isinstance(exc, KeyboardInterrupt)
-                self.library.finish_run(self.run_id, "interrupted" if cut else "failed", stats)
-                raise
-            self.library.finish_run(self.run_id, status, stats)
-        return IndexResult(os.path.abspath(self.library.root), plan, stats, self.skipped, self.run_id,
-                           status, warnings=self.warnings)
-
-    def _export_onnx(self, encoder: Encoder) -> None:
-        """Export the towers for torch-free queries now, while the model is loaded anyway."""
-        from retrieval.store.onnx_exports import ExportError, ensure_export
-
-        try:
-            ensure_export(self.library, "fp32", encoder)
-        except ExportError as exc:
-            self.warnings.append(f"could not export the model to ONNX ({exc}); queries will use torch")
+    def summary(self, plan: Plan, started: float) -> dict:
+        """The run's statistics so far: the plan's counts, what was done, what was skipped."""
+        self.stats["skipped"] = len(self.skipped)
+        self.stats["seconds"] = round(time.perf_counter() - started, 3)
+        return {**plan.counts(), **self.stats,
+                "skipped_by_kind": dict(Counter(s.kind for s in self.skipped))}
 
     # -- the first transaction: everything that needs no encoder -----------------------
-    def _apply_plan(self, plan: Plan) -> None:
+    def apply(self, plan: Plan) -> None:
+        """Removals, moves, touches, copies of stored vectors and new error rows: one transaction."""
         with self.library.session() as s, s.begin():
-            if plan.gone:
-                ids = [row_id for row_id, _ in plan.gone]
-                for start in range(0, len(ids), 500):
-                    s.execute(delete(Image).where(Image.id.in_(ids[start:start + 500])))
+            delete_images(s, [row_id for row_id, _ in plan.gone])
             moves = [{"id": w.row_id, **_path_fields(w.entry.path), "size": w.entry.size,
                       "mtime_ns": w.entry.mtime_ns} for w in plan.moves]
             touches = [{"id": w.row_id, "size": w.entry.size, "mtime_ns": w.entry.mtime_ns}
@@ -173,8 +178,9 @@ class _Run:
         """Rows for files whose bytes a stored row already has: its vector, no encoding."""
         if not works:
             return
-        sources = {r.id: r for r in s.execute(
-            select(Image).where(Image.id.in_({w.source_id for w in works}))).scalars()}
+        sources = {}
+        for part in in_chunks(sorted({w.source_id for w in works})):
+            sources.update({r.id: r for r in s.execute(select(Image).where(Image.id.in_(part))).scalars()})
         inserts, updates = [], []
         for w in works:
             src = sources[w.source_id]
@@ -197,10 +203,11 @@ class _Run:
             s.execute(insert(ErrorRow), rows)
 
     # -- encoding --------------------------------------------------------------------------
-    def _encode(self, plan: Plan) -> None:
+    def encode(self, plan: Plan) -> None:
+        """Decode `plan.encode` in worker processes, encode, and commit each batch's rows."""
         if not plan.encode:
             return
-        import torch
+        import torch  # deferred with the decode pipeline: planning and dry runs need no torch
 
         from retrieval.media import pipeline
 
@@ -210,10 +217,10 @@ class _Run:
         tuner = None
         if encoder.device.type == "cpu":
             if opts.threads is None:  # measured on the run's own batches (index/threads.py)
-                tuner = ThreadTuner(len(os.sched_getaffinity(0)))
+                tuner = ThreadTuner(config.usable_cores())
             torch.set_num_threads(opts.threads or (tuner.next_threads() if tuner else 1))
         self.stats.update(threads=torch.get_num_threads(),
-                          workers=pipeline.default_workers() if opts.workers is None else opts.workers,
+                          workers=config.decode_workers() if opts.workers is None else opts.workers,
                           batch_size=opts.batch_size or pipeline.default_batch_size(encoder.device))
         loader = pipeline.make_loader(
             [w.entry.path for w in plan.encode], encoder.preprocess, encoder.image_size,
@@ -248,9 +255,7 @@ class _Run:
         with library.session() as s, s.begin():
             run = s.get(Run, self.run_id)
             run.precision, run.device = encoder.precision, str(encoder.device)
-            made_with = set(s.scalars(text(
-                "SELECT DISTINCT r.precision FROM images i JOIN runs r ON r.id = i.run_id "
-                "WHERE r.precision IS NOT NULL")))
+        made_with = set(vectors_by_precision(library.engine)) - {"unknown"}
         if made_with - {encoder.precision}:
             self.warnings.append(
                 f"this library's vectors were made at {', '.join(sorted(made_with))} precision; "
@@ -267,13 +272,10 @@ class _Run:
             return self.precision
         import torch
 
-        from retrieval.model.encoder import cpu_has_native_bf16
-        from retrieval.model.precision import vectors_by_precision
-
         if self.device == "auto" and torch.cuda.is_available():
             return self.precision
-        made_with = set(vectors_by_precision(self.library)) - {"unknown"}
-        runnable = {"fp32", "int8"} | ({"bf16"} if cpu_has_native_bf16() else set())
+        made_with = set(vectors_by_precision(self.library.engine)) - {"unknown"}
+        runnable = {"fp32", "int8"} | ({"bf16"} if config.cpu_has_native_bf16() else set())
         if len(made_with) == 1 and (only := made_with.pop()) in runnable:
             return only
         return self.precision
@@ -302,13 +304,12 @@ class _Run:
                 s.execute(insert(Image), inserts)
             if updates:
                 s.execute(update(Image), updates)
-            if stale:
-                s.execute(delete(Image).where(Image.id.in_(stale)))
+            delete_images(s, stale)
             self._record_errors(s, skipped)
         self.skipped.extend(skipped)
         self.stats["indexed"] += len(inserts) + len(updates)
 
-    def _late_copies(self, plan: Plan) -> None:
+    def copy_late(self, plan: Plan) -> None:
         """Duplicates of files first seen in this run: copy the vectors encoded above."""
         if not plan.late_copies:
             return
@@ -325,8 +326,7 @@ class _Run:
         with self.library.session() as s, s.begin():
             self._copy(s, ready)
             if failed:
-                s.execute(delete(Image).where(Image.id.in_([w.row_id for w in plan.late_copies
-                                                               if w.row_id and w.digest not in stored])))
+                delete_images(s, [w.row_id for w in plan.late_copies if w.row_id and w.digest not in stored])
             self._record_errors(s, failed)
         self.skipped.extend(failed)
         self.stats["indexed"] += len(ready)
@@ -344,90 +344,7 @@ def _progress(total: int, enabled: bool):
                 disable=not (enabled and sys.stderr.isatty()), smoothing=0.1)
 
 
-# -- shared by index, remove, reindex ----------------------------------------------------
-def mark_stale_runs(library: Library) -> int:
-    """Runs still 'running' while we hold the write lock were killed: say so.
-
-    Also removes temp files a killed FAISS save left behind.
-    """
-    for stale in Path(library.root).glob(".index.*.tmp-*"):
-        stale.unlink(missing_ok=True)
-    with library.session() as s, s.begin():
-        result = s.execute(update(Run).where(Run.status == "running")
-                           .values(status="interrupted", finished_at=utcnow()))
-        return result.rowcount
-
-
-def check_factory(factory: str, dim: int) -> None:
-    """Refuse a FAISS factory string FAISS cannot build, before hours of encoding."""
-    import faiss
-
-    try:
-        faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
-    except RuntimeError as exc:
-        raise InputError(f"--index-type {factory!r} is not a FAISS index factory string for "
-                         f"{dim}-d vectors ({_faiss_reason(exc)})") from None
-
-
-def _faiss_reason(exc: Exception) -> str:
-    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
-    return (lines[-1] if lines else type(exc).__name__)[:200]
-
-
-def refresh_vectors(library: Library, factory: str | None = None) -> str:
-    """Bring the FAISS cache up to the database, save it, and prune the change log.
-
-    `factory` rebuilds with that index type and remembers it; otherwise a flat
-    index that outgrew exact search is rebuilt with the size-based choice.
-    Call only under the write lock.
-    """
-    if library.model_record is None:
-        return "none"
-    vectors = library.vectors(sync=False)
-    if factory is None and library.get_meta("index_type") is None and vectors.load():
-        n = library.image_count()
-        if vectors.state.factory == "Flat" and n >= EXACT_LIMIT:
-            factory = choose_factory(n, library.dim)
-    if factory is not None:
-        check_factory(factory, library.dim)
-        try:
-            vectors.rebuild(library.engine, factory)
-        except RuntimeError as exc:
-            raise InputError(f"cannot build a {factory!r} index over {library.image_count()} vectors: "
-                             f"{_faiss_reason(exc)}") from None
-        vectors.save()
-        action = "rebuilt"
-    else:
-        action = vectors.sync(library.engine)
-    vectors.prune_log(library.engine)
-    return action
-
-
-def rebuild_index(library: Library, factory: str | None = None, wait: bool = False) -> dict:
-    """`clipfind reindex`: rebuild FAISS from the database (the same type unless told)."""
-    if library.model_record is None:
-        raise LibraryError(f"the library at {library.root} has no images yet; nothing to rebuild")
-    with library.write_lock(wait=wait):
-        mark_stale_runs(library)
-        run_id = library.start_run("reindex")
-        started = time.perf_counter()
-        vectors = library.vectors(sync=False)
-        current = vectors.state.factory if vectors.load() else None
-        chosen = factory or library.get_meta("index_type") or current or choose_factory(
-            library.image_count(), library.dim)
-        try:
-            refresh_vectors(library, chosen)
-        except BaseException:
-            library.finish_run(run_id, "failed", {})
-            raise
-        if factory:
-            library.set_meta("index_type", factory)
-        stats = {"index_type": chosen, "vectors": int(vectors.index.ntotal),
-                 "seconds": round(time.perf_counter() - started, 3)}
-        library.finish_run(run_id, "done", stats)
-        return stats
-
-
+# -- removing -----------------------------------------------------------------------------
 def remove_paths(library: Library, paths: Iterable[str | os.PathLike], dry_run: bool = False,
                  wait: bool = False, on_match: Callable[[str], None] | None = None) -> int:
     """Delete the rows of files at or under `paths` (they need not exist on disk)."""
@@ -439,12 +356,10 @@ def remove_paths(library: Library, paths: Iterable[str | os.PathLike], dry_run: 
                 on_match(path)
         if dry_run or not rows:
             return len(rows)
-        mark_stale_runs(library)
-        run_id = library.start_run("remove")
-        ids = sorted(r[0] for r in rows.values())
-        with library.session() as s, s.begin():
-            for start in range(0, len(ids), 500):
-                s.execute(delete(Image).where(Image.id.in_(ids[start:start + 500])))
-        refresh_vectors(library)
-        library.finish_run(run_id, "done", {"removed": len(ids), "paths": targets})
+        ids = [r[0] for r in rows.values()]
+        with library.run("remove") as run:
+            with library.session() as s, s.begin():
+                delete_images(s, ids)
+            run.stats = {"removed": len(ids), "paths": targets}
+            refresh_vectors(library)
         return len(ids)

@@ -17,11 +17,13 @@ import faiss
 import numpy as np
 from sqlalchemy import select, text
 
-from retrieval.model.precision import auto_precision_here, mixed_precision_problem
+from retrieval.model.autoprecision import cached_choice
 from retrieval.store.library import Library
 from retrieval.store.onnx_exports import export_problems
+from retrieval.store.runs import mixed_precision_problem, vectors_by_precision
 from retrieval.store.schema import Image, blobs_to_matrix, path_from_db
-from retrieval.store.vectors import VectorIndex
+from retrieval.store.sql import in_chunks
+from retrieval.store.vectors import INDEX_FILE, STATE_FILE, VectorIndex
 
 EXACT_TOLERANCE = 1e-5
 
@@ -40,12 +42,9 @@ def library_status(library: Library) -> dict:
             "SELECT id, kind, status, started_at, finished_at, precision, device, stats "
             "FROM runs ORDER BY id DESC LIMIT 50")).mappings().all()
         errors_total = conn.execute(text("SELECT count(*) FROM errors")).scalar_one()
-        precisions = dict(conn.execute(text(
-            "SELECT coalesce(r.precision, 'unknown'), count(*) FROM images i "
-            "LEFT JOIN runs r ON r.id = i.run_id GROUP BY 1")).all())
         pending = conn.execute(text("SELECT count(*) FROM vector_log")).scalar_one()
     try:
-        state = json.loads((root / "index.json").read_text())
+        state = json.loads((root / STATE_FILE).read_text())
     except (OSError, ValueError):
         state = None
     record = library.model_record
@@ -56,13 +55,13 @@ def library_status(library: Library) -> dict:
         "images": count,
         "model": record["label"] if record else None,
         "embed_dim": record["embed_dim"] if record else None,
-        "vectors_by_precision": precisions,
-        "auto_precision_here": auto_precision_here(library),
+        "vectors_by_precision": vectors_by_precision(library.engine),
+        "auto_precision_here": cached_choice(record["fingerprint"]) if record else None,
         "index": {"type": state["factory"], "vectors": state["ntotal"],
                   "watermark": state["watermark"]} if state else None,
         "log_entries": pending,
         "size_bytes": {"database": _size(db, f"{db}-wal", f"{db}-shm"),
-                       "index": _size(root / "index.faiss", root / "index.json")},
+                       "index": _size(root / INDEX_FILE, root / STATE_FILE)},
         "last_run": last[0] if last else None,
         "last_index_run": last_index,
         "skipped_last_index_run": (last_index or {}).get("stats", {}).get("skipped", 0),
@@ -80,9 +79,21 @@ def _run_dict(row) -> dict:
             "precision": row["precision"], "device": row["device"], "stats": stats or {}}
 
 
+@dataclass(frozen=True)
+class Finding:
+    """One problem verify found: `kind` (what code acts on) and `message` (what a person reads)."""
+
+    kind: str  # integrity, no_model, bad_vectors, bad_norms, missing_files, faiss_unreadable,
+    #            faiss_stale, faiss_ids, faiss_vectors, mixed_precision
+    message: str
+
+    def __str__(self) -> str:
+        return self.message
+
+
 @dataclass
 class VerifyReport:
-    problems: list[str] = field(default_factory=list)
+    problems: list[Finding] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     missing: list[str] = field(default_factory=list)
     checked: dict = field(default_factory=dict)
@@ -91,8 +102,15 @@ class VerifyReport:
     def ok(self) -> bool:
         return not self.problems
 
+    def found(self, kind: str) -> bool:
+        """Whether a problem of this kind was found."""
+        return any(p.kind == kind for p in self.problems)
+
+    def problem(self, kind: str, message: str) -> None:
+        self.problems.append(Finding(kind, message))
+
     def as_dict(self) -> dict:
-        return {"ok": self.ok, "problems": self.problems, "notes": self.notes,
+        return {"ok": self.ok, "problems": [p.message for p in self.problems], "notes": self.notes,
                 "missing_files": self.missing, "checked": self.checked}
 
 
@@ -103,26 +121,27 @@ def verify_library(library: Library, wait: bool = False, sample: int = 1000,
     report = VerifyReport()
     with library.write_lock(wait=wait):
         if not library.integrity_ok():
-            report.problems.append("SQLite integrity check failed (restore the database from a backup)")
+            report.problem("integrity", "SQLite integrity check failed (restore the database from a backup)")
             return report
         record = library.model_record
         count = library.image_count()
         report.checked["images"] = count
         if record is None:
             if count:
-                report.problems.append(f"{count} images but no model recorded")
+                report.problem("no_model", f"{count} images but no model recorded")
             return report
         dim = int(record["embed_dim"])
         ids = _check_rows(library, dim, report, check_files)
-        if report.problems and "floats" in report.problems[0]:
+        if report.found("bad_vectors"):
             report.notes.append("FAISS not checked: rows without a valid vector must be fixed first")
         else:
             _check_index(library, dim, ids, report, sample)
-        mixed = mixed_precision_problem(library)
+        mixed = mixed_precision_problem(library.engine)
         if mixed:
-            report.problems.append(mixed)
+            report.problem("mixed_precision", mixed)
         exported, notes = export_problems(library, full=True)
-        report.problems += exported
+        for message in exported:
+            report.problem("onnx_export", message)
         report.notes += notes
     return report
 
@@ -152,11 +171,11 @@ def _check_rows(library: Library, dim: int, report: VerifyReport, check_files: b
                 norms = np.linalg.norm(blobs_to_matrix([r.embedding for r in good], dim), axis=1)
                 bad_norm += [r.id for r, n in zip(good, norms) if not abs(n - 1) < 1e-3]
     if bad_size:
-        report.problems.append(f"{len(bad_size)} rows have no vector of {dim} floats (ids {bad_size[:5]}...)")
+        report.problem("bad_vectors", f"{len(bad_size)} rows have no vector of {dim} floats (ids {bad_size[:5]}...)")
     if bad_norm:
-        report.problems.append(f"{len(bad_norm)} vectors are not unit length or not finite (ids {bad_norm[:5]}...)")
+        report.problem("bad_norms", f"{len(bad_norm)} vectors are not unit length or not finite (ids {bad_norm[:5]}...)")
     if report.missing:
-        report.problems.append(f"{len(report.missing)} indexed files are no longer on disk "
+        report.problem("missing_files", f"{len(report.missing)} indexed files are no longer on disk "
                                "(run `clipfind index` on their folder, or `clipfind remove`)")
     if changed:
         report.notes.append(f"{changed} files changed on disk since indexing (run `clipfind index` again)")
@@ -168,13 +187,13 @@ def _check_index(library: Library, dim: int, ids: np.ndarray, report: VerifyRepo
     vectors = VectorIndex(library.root, dim)
     loaded = vectors.load()
     if not loaded and vectors.index_path.exists():
-        report.problems.append("index.faiss is unreadable or does not match the database "
+        report.problem("faiss_unreadable", "index.faiss is unreadable or does not match the database "
                                "(run `clipfind reindex`)")
     elif not loaded and len(ids):
         report.notes.append("no FAISS index saved yet; it will be built on next use")
     action = vectors.sync(library.engine, save=False)
     if loaded and action == "rebuilt":
-        report.problems.append("the saved FAISS index disagreed with the database and its change "
+        report.problem("faiss_stale", "the saved FAISS index disagreed with the database and its change "
                                "log (run `clipfind reindex`)")
     elif action == "caught-up":
         report.notes.append("the saved FAISS index is behind the database; it catches up on next use")
@@ -185,7 +204,7 @@ def _check_index(library: Library, dim: int, ids: np.ndarray, report: VerifyRepo
     if not np.array_equal(faiss_ids, np.sort(ids)):
         extra = np.setdiff1d(faiss_ids, ids)
         lost = np.setdiff1d(ids, faiss_ids)
-        report.problems.append(f"FAISS ids differ from database ids: {len(extra)} vectors without a "
+        report.problem("faiss_ids", f"FAISS ids differ from database ids: {len(extra)} vectors without a "
                                f"row, {len(lost)} rows without a vector (run `clipfind reindex`)")
         return
     _spot_check(library, vectors, ids, report, sample)
@@ -199,8 +218,7 @@ def _spot_check(library: Library, vectors: VectorIndex, ids: np.ndarray, report:
     chosen = sorted(random.Random(0).sample(list(ids), min(sample, len(ids))))
     rows = []
     with library.engine.connect() as conn:
-        for start in range(0, len(chosen), 500):
-            part = [int(i) for i in chosen[start:start + 500]]
+        for part in in_chunks([int(i) for i in chosen]):
             rows += conn.execute(select(Image.id, Image.embedding).where(Image.id.in_(part))).all()
     stored = blobs_to_matrix([r.embedding for r in rows], vectors.dim)
     row_ids = [r.id for r in rows]
@@ -217,5 +235,5 @@ def _spot_check(library: Library, vectors: VectorIndex, ids: np.ndarray, report:
             bad = 0 if bad <= 0.02 * len(row_ids) else bad
     report.checked["spot_checked"] = len(row_ids)
     if bad:
-        report.problems.append(f"{bad} of {len(row_ids)} sampled FAISS vectors differ from the "
+        report.problem("faiss_vectors", f"{bad} of {len(row_ids)} sampled FAISS vectors differ from the "
                                "database (run `clipfind reindex`)")

@@ -23,6 +23,7 @@ from retrieval.media.images import DEFAULT_MAX_PIXELS, ImageError, read_info
 from retrieval.media.scan import FileEntry, content_hash, diff, walk
 from retrieval.store.library import Library
 from retrieval.store.schema import Image, path_from_db, path_to_db
+from retrieval.store.sql import in_chunks, under_folder
 
 REMEMBERED_FAILURES = ("corrupt", "truncated", "empty", "not_image", "too_large")
 _SCAN_KINDS = {"permission denied": "unreadable", "vanished": "vanished",
@@ -137,14 +138,12 @@ def plan_index(library: Library | None, roots: Sequence[str], follow_symlinks: b
 
 def known_rows(library: Library, roots: Sequence[str]) -> dict[str, tuple[int, int, int, str]]:
     """path -> (id, size, mtime_ns, hash) for the rows at or under the roots."""
-    query = text("SELECT id, path, path_bytes, size, mtime_ns, content_hash FROM images "
-                 "WHERE path = :root OR substr(path, 1, :n) = :prefix")
     out: dict[str, tuple[int, int, int, str]] = {}
     with library.engine.connect() as conn:
         for root in roots:
-            root_text = path_to_db(root)[0]
-            prefix = root_text.rstrip(os.sep) + os.sep
-            for r in conn.execute(query, {"root": root_text, "n": len(prefix), "prefix": prefix}):
+            where, params = under_folder(path_to_db(root)[0])
+            query = text(f"SELECT id, path, path_bytes, size, mtime_ns, content_hash FROM images WHERE {where}")
+            for r in conn.execute(query, params):
                 out[path_from_db(r.path, r.path_bytes)] = (r.id, r.size, r.mtime_ns, r.content_hash)
     return out
 
@@ -156,15 +155,13 @@ def _drop_known_failures(library: Library, roots: Sequence[str], entries: list[F
     Without this, every run over a folder with one broken JPEG would load the model
     just to fail on it again. A new mtime or ctime (rewrite, chmod, copy) retries it.
     """
-    query = text(f"SELECT path, kind, message, max(at) AS at FROM errors WHERE kind IN "
-                 f"({','.join(repr(k) for k in REMEMBERED_FAILURES)}) AND "
-                 "(path = :root OR substr(path, 1, :n) = :prefix) GROUP BY path")
     failed = {}
     with library.engine.connect() as conn:
         for root in roots:
-            root_text = path_to_db(root)[0]
-            prefix = root_text.rstrip(os.sep) + os.sep
-            for r in conn.execute(query, {"root": root_text, "n": len(prefix), "prefix": prefix}):
+            where, params = under_folder(path_to_db(root)[0])
+            query = text(f"SELECT path, kind, message, max(at) AS at FROM errors WHERE kind IN "
+                         f"({','.join(repr(k) for k in REMEMBERED_FAILURES)}) AND {where} GROUP BY path")
+            for r in conn.execute(query, params):
                 failed[r.path] = r
     if not failed:
         return entries
@@ -222,11 +219,10 @@ def _hash_all(entries: list[FileEntry], skipped: list[Skipped]) -> dict[str, str
 def stored_ids(library: Library, digests: set[str], exclude: set[int]) -> dict[str, int]:
     """content hash -> id of a stored row with that content (not one about to be deleted)."""
     out: dict[str, int] = {}
-    hashes = sorted(digests)
     with library.engine.connect() as conn:
-        for start in range(0, len(hashes), 500):
+        for part in in_chunks(sorted(digests)):
             rows = conn.execute(select(Image.id, Image.content_hash)
-                                .where(Image.content_hash.in_(hashes[start:start + 500]))
+                                .where(Image.content_hash.in_(part))
                                 .order_by(Image.id))
             for row_id, digest in rows:
                 if row_id not in exclude:

@@ -124,38 +124,6 @@ def _close_inherited(paths: tuple[str, ...]) -> None:
             continue
 
 
-def default_workers() -> int:
-    """Decode workers: one per core beyond the first, at least one, at most eight.
-
-    On 2 cores one worker keeps up with any CLIP encoder (a 1024x768 JPEG
-    decodes in ~5 ms in draft mode) and leaves the other core to the encoder.
-    """
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover - non-Linux
-        cores = os.cpu_count() or 1
-    return max(1, min(8, cores - 1))
-
-
-def encoder_threads() -> int:
-    """Torch threads for the encoder in the main process: the cores nobody else is using.
-
-    An intra-op parallel forward pass waits at every barrier for its slowest thread,
-    so a thread that shares its core with another busy process stalls all of them:
-    measured on 2 cores with the 1-minute load average near 9, ViT-B-32 indexed at
-    7 img/s with 1 thread and 5 with 2; on an idle machine 2 threads are the faster.
-    """
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover - non-Linux
-        cores = os.cpu_count() or 1
-    try:
-        busy = os.getloadavg()[0]
-    except OSError:  # pragma: no cover
-        busy = 0.0
-    return max(1, min(cores, round(cores - busy)))
-
-
 def default_batch_size(device: torch.device) -> int:
     return 256 if device.type in ("cuda", "mps") else 32
 

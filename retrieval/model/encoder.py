@@ -17,7 +17,6 @@ import contextlib
 import hashlib
 import json
 import logging
-import os
 import socket
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -25,7 +24,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from retrieval import config
 from retrieval.errors import ModelError
+from retrieval.model import autoprecision
+from retrieval.model.runtime import image_model_at
 from retrieval.model.spec import PRECISIONS, ModelSpec
 
 __all__ = ["PRECISIONS", "Encoder", "ModelSpec"]
@@ -43,20 +45,11 @@ def choose_device(requested: str = "auto") -> torch.device:
     return torch.device("cpu")
 
 
-def cpu_has_native_bf16() -> bool:
-    """AVX512-BF16 or AMX: the CPU can do bf16 maths natively (it may still be slower)."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
 def resolve_precision(requested: str, device: torch.device) -> str:
     """Turn `auto` into a concrete mode and refuse modes the device cannot run.
 
     `auto` is fp16 on a GPU and fp32 on a CPU here; on a CPU the Encoder then
-    replaces it with the measured winner (`retrieval.model.precision.settle`).
+    replaces it with the measured winner (`retrieval.model.autoprecision.settle`).
     """
     if requested not in PRECISIONS:
         raise ModelError(f"unknown precision {requested!r}; choose one of {', '.join(PRECISIONS)}")
@@ -66,7 +59,7 @@ def resolve_precision(requested: str, device: torch.device) -> str:
         raise ModelError("--precision int8 runs on the CPU only; use fp16 on a GPU")
     if requested == "fp16" and device.type == "cpu":
         raise ModelError("--precision fp16 needs a GPU; on a CPU use fp32, bf16 or int8")
-    if requested == "bf16" and device.type == "cpu" and not cpu_has_native_bf16():
+    if requested == "bf16" and device.type == "cpu" and not config.cpu_has_native_bf16():
         raise ModelError("--precision bf16 needs a CPU with AVX512-BF16 or AMX; this one has neither")
     return requested
 
@@ -236,8 +229,6 @@ class Encoder:
         weights on every call, as autocast does, costs more than bf16 saves on CPUs.
         """
         if self.device.type == "cpu" and precision in ("bf16", "int8"):
-            from retrieval.model.precision import image_model_at
-
             return image_model_at(self.model, precision)
         return self.model
 
@@ -267,13 +258,12 @@ class Encoder:
         """On a CPU, `auto` becomes the fastest mode that agrees with fp32 (measured once per
         model and machine, then cached), and a forced bf16/int8 is checked against fp32."""
         if self._unsettled is not None:
-            from retrieval.model.precision import settle
-
             requested, self._unsettled = self._unsettled, None
-            self._precision_report = settle(self, requested)
+            self._precision_report = autoprecision.settle(self, requested)
 
     @contextlib.contextmanager
-    def _autocast(self) -> Iterator[None]:
+    def autocast(self) -> Iterator[None]:
+        """Inference mode, plus autocast where the precision wants it (fp16; bf16 on a GPU)."""
         with torch.inference_mode():
             if self._precision == "fp16":
                 with torch.autocast(self.device.type, dtype=torch.float16):
@@ -297,7 +287,7 @@ class Encoder:
         """Encode with a given image model (one from `_prepare_for_precision`); precision timing uses it."""
         dtype = getattr(image_model, "input_dtype", None)
         pixels = pixels.to(self.device, dtype=dtype, non_blocking=True)
-        with self._autocast():
+        with self.autocast():
             feats = image_model.encode_image(pixels)
         return _normalise(feats)
 
@@ -321,7 +311,7 @@ class Encoder:
         out = []
         for i in range(0, len(texts), batch_size):
             tokens = self.tokenize(texts[i : i + batch_size]).to(self.device)
-            with self._autocast():
+            with self.autocast():
                 feats = self.model.encode_text(tokens)
             out.append(_normalise(feats))
         return np.concatenate(out) if out else np.zeros((0, self.embed_dim), np.float32)
@@ -351,10 +341,3 @@ def _normalise(feats: torch.Tensor) -> np.ndarray:
     feats = feats / feats.norm(dim=-1, keepdim=True).clamp_min(1e-12)
     return feats.cpu().numpy().astype(np.float32, copy=False)
 
-
-def default_threads() -> int:
-    """Torch intra-op threads: every core we may use (cgroup-aware via sched_getaffinity)."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # pragma: no cover - non-Linux
-        return max(1, os.cpu_count() or 1)

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from retrieval.errors import InputError
+from retrieval.prompting.cupl import descriptions_for, load_descriptions
 
 SINGLE_TEMPLATE = ("a photo of a {}.",)
 
@@ -154,8 +155,6 @@ class ClassVectors:
 
 def label_texts(label, strategy: Strategy, descriptions: dict[str, list[str]] | None) -> tuple[list[str], bool]:
     """Every prompt text for one label under a strategy; True when CuPL had nothing for it."""
-    from retrieval.prompting.cupl import descriptions_for
-
     texts = [t.format(name) for t in strategy.all_templates for name in label.names]
     missing = False
     if strategy.cupl:
@@ -176,8 +175,6 @@ def class_vectors(encoder, labels: Sequence, strategy: str | Strategy,
     synonyms or descriptions the lists differ per label and we pool them here
     with the same arithmetic.
     """
-    from retrieval.prompting.cupl import load_descriptions
-
     strategy = parse_strategy(strategy) if isinstance(strategy, str) else strategy
     if strategy.cupl and strategy.descriptions_file:
         descriptions = load_descriptions(strategy.descriptions_file)
@@ -212,7 +209,7 @@ def _open_clip_classifier(encoder, names: list[str], templates: Sequence[str]) -
     from open_clip import build_zero_shot_classifier
 
     per_batch = max(1, 1024 // len(templates))
-    with encoder._autocast():
+    with encoder.autocast():
         weights = build_zero_shot_classifier(encoder.model, encoder.tokenizer, names, list(templates),
                                              num_classes_per_batch=per_batch, device=encoder.device)
     return normalise(weights.T.float().cpu().numpy())

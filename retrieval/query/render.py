@@ -1,6 +1,6 @@
 """Search results as a person or a pipe wants them: table, JSON lines, bare paths, HTML sheet.
 
-Every function takes typed results (`retrieval.query.search.SearchResult`) and writes
+Every function takes typed results (`retrieval.query.types.SearchResult`) and writes
 to a stream, so the CLI, the server's client and a Python user share them.
 Paths go to pipes as the raw bytes of the file name (a name that is not UTF-8
 still opens); text outputs show such bytes as \\xNN.
@@ -19,12 +19,13 @@ from pathlib import Path
 from typing import IO, TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from retrieval.query.search import SearchResponse, SearchResult
+    from retrieval.query.types import SearchResponse, SearchResult
 
 THUMB_SIZE = 256
 
 
 def shown_path(path: str) -> str:
+    """A path that prints: names that are not UTF-8 show their bad bytes as \\xNN."""
     return os.fsencode(path).decode("utf-8", "backslashreplace")
 
 
@@ -62,7 +63,7 @@ def paths_bytes(results: Iterable[SearchResult], separator: bytes = b"\n") -> by
 # -- HTML contact sheet --------------------------------------------------------------------
 def thumbnail_data_uri(path: str, size: int = THUMB_SIZE) -> str:
     """A small JPEG of the image as a data: URI, so the sheet needs no other file."""
-    from retrieval.media.images import open_image
+    from retrieval.media.images import open_image  # deferred: Pillow, only for --html
 
     image = open_image(path, draft_size=(size, size))
     image.thumbnail((size, size))

@@ -95,17 +95,13 @@ class QueryRuntimes:
     @contextlib.contextmanager
     def thread_limit(self, encoder) -> Iterator[None]:
         """Torch encoders run a query on `self.threads` threads; ONNX sessions were made with them."""
-        if runtime_of(encoder) != "torch" or self.threads is None:
+        if runtime_of(encoder) != "torch":
             yield
             return
-        import torch
+        from retrieval.model.runtime import torch_threads
 
-        before = torch.get_num_threads()
-        torch.set_num_threads(self.threads)
-        try:
+        with torch_threads(self.threads):
             yield
-        finally:
-            torch.set_num_threads(before)
 
 
 def runtime_of(encoder) -> str:

@@ -23,220 +23,45 @@ when the library has an export (`retrieval.query.runtime`), one tower at a time.
 
 from __future__ import annotations
 
-import base64
 import math
 import os
-import re
 import time
 import weakref
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from sqlalchemy import select, text
 
-from retrieval.errors import ClipfindError, InputError
+from retrieval.errors import InputError
+from retrieval.media.images import ImageError, open_image
+from retrieval.media.scan import content_hash
+from retrieval.prompting.prompts import encode_prompted
 from retrieval.query.runtime import QueryRuntimes
 from retrieval.query.textcache import CACHE_NAME, CachedText, TextCache, cache_key
+from retrieval.query.types import (
+    DEFAULT_TEMPLATES,
+    NEGATIVE_WEIGHT,
+    Filters,
+    Query,
+    SearchResponse,
+    SearchResult,
+    Term,
+    normalise_path_filter,
+)
 from retrieval.store.schema import Image, blobs_to_matrix, path_from_db, path_to_db
+from retrieval.store.sql import under_folder
 
 if TYPE_CHECKING:
     from retrieval.store.library import Library
 
-DEFAULT_TEMPLATES = "photo"  # retrieval.prompting.prompts.PHOTO_TEMPLATES; see README for the measurement
-NEGATIVE_WEIGHT = 0.5  # lambda in the formula above
 EXACT_FILTER_LIMIT = 50_000  # filtered sets up to this size are scored exactly on approximate indexes
 # One query is a batch of a few texts or one image: torch's second thread costs more
 # in hand-offs than it saves (tiny model, busy 2-core machine: 300 ms vs 2 ms per
 # text batch), so queries run on one thread; None leaves torch's setting alone.
 QUERY_THREADS: int | None = 1
-_WEIGHT_SUFFIX = re.compile(r"^(?P<term>.*\S)\^(?P<weight>[0-9]*\.?[0-9]+)$")
-_GLOB_CHARS = set("*?[")
-
-
-# -- the query ---------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Term:
-    kind: str  # "text" or "image"
-    value: str
-    weight: float = 1.0
-
-    def describe(self) -> str:
-        shown = f'"{self.value}"' if self.kind == "text" else f"image {os.path.basename(self.value)}"
-        return shown if self.weight == 1.0 else f"{self.weight:g}×{shown}"
-
-
-def split_weight(term: str, default: float = 1.0) -> tuple[str, float]:
-    """`beach^2` -> ("beach", 2.0): a Lucene-style per-term weight; plain terms get `default`."""
-    match = _WEIGHT_SUFFIX.match(term)
-    if match is None or os.path.exists(term):
-        return term, default
-    return match["term"], float(match["weight"])
-
-
-@dataclass
-class Query:
-    """What to look for. Image values should be absolute paths (the server has its own cwd)."""
-
-    positive: list[Term] = field(default_factory=list)
-    negative: list[Term] = field(default_factory=list)
-    templates: tuple[str, ...] | None = None  # prompt templates ("a photo of {}."); None: texts as typed
-    negative_weight: float = NEGATIVE_WEIGHT
-
-    @classmethod
-    def build(cls, texts: str | Sequence[str] = (), images: str | Sequence[str] = (),
-              not_texts: str | Sequence[str] = (), not_images: str | Sequence[str] = (),
-              image_weight: float = 1.0, templates: str | Sequence[str] | None = DEFAULT_TEMPLATES,
-              raw: bool = False, negative_weight: float = NEGATIVE_WEIGHT) -> Query:
-        """Terms from plain strings; `term^W` sets one term's weight (texts default 1, images `image_weight`).
-
-        `templates` is a template set name or file (read here, so a server in another
-        folder sees the same templates) or the templates themselves.
-        """
-        def terms(kind: str, values, default: float) -> list[Term]:
-            values = [values] if isinstance(values, (str, os.PathLike)) else list(values or ())
-            out = []
-            for value in values:
-                value, weight = split_weight(os.fspath(value), default)
-                if kind == "image":
-                    value = os.path.abspath(os.path.expanduser(value))
-                out.append(Term(kind, value, weight))
-            return out
-
-        return cls(
-            positive=terms("text", texts, 1.0) + terms("image", images, image_weight),
-            negative=terms("text", not_texts, 1.0) + terms("image", not_images, 1.0),
-            templates=None if raw or templates is None else _resolve_templates(templates),
-            negative_weight=negative_weight,
-        )
-
-    def describe(self) -> str:
-        out = " + ".join(t.describe() for t in self.positive)
-        for term in self.negative:
-            out += f" − {self.negative_weight:g}×{term.describe()}"
-        return out
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict) -> Query:
-        return cls(positive=[Term(**t) for t in data.get("positive", [])],
-                   negative=[Term(**t) for t in data.get("negative", [])],
-                   templates=tuple(data["templates"]) if data.get("templates") else None,
-                   negative_weight=float(data.get("negative_weight", NEGATIVE_WEIGHT)))
-
-
-def _resolve_templates(templates: str | Sequence[str]) -> tuple[str, ...]:
-    from retrieval.prompting.prompts import template_set
-
-    return template_set(templates) if isinstance(templates, str) else tuple(templates)
-
-
-@dataclass
-class Filters:
-    """Restrictions on which images may be returned; all of them must hold."""
-
-    path: str | None = None  # a folder or file prefix, or a glob over the full path (* ? [...])
-    after: datetime | None = None  # taken (EXIF) at or after, else file modified at or after
-    before: datetime | None = None  # strictly before
-    tags: tuple[str, ...] = ()  # every one of these tag labels
-    min_score: float | None = None
-
-    @property
-    def selects_rows(self) -> bool:
-        return bool(self.path or self.after or self.before or self.tags)
-
-    def to_dict(self) -> dict:
-        data = asdict(self)
-        for key in ("after", "before"):
-            data[key] = data[key].isoformat() if data[key] else None
-        data["tags"] = list(self.tags)
-        return data
-
-    @classmethod
-    def from_dict(cls, data: dict | None) -> Filters:
-        data = dict(data or {})
-        for key in ("after", "before"):
-            data[key] = datetime.fromisoformat(data[key]) if data.get(key) else None
-        data["tags"] = tuple(data.get("tags") or ())
-        return cls(**{k: data.get(k) for k in ("path", "after", "before", "tags", "min_score")})
-
-
-def normalise_path_filter(value: str) -> str:
-    """A relative path or glob is taken from the current folder, like any path on a command line."""
-    value = os.path.expanduser(value)
-    if value.startswith(("/", "*")):
-        return value
-    return os.path.join(os.path.abspath("."), value)
-
-
-# -- results -----------------------------------------------------------------------------
-@dataclass
-class SearchResult:
-    rank: int
-    score: float
-    image_id: int
-    path: str  # as `open()` wants it (undecodable bytes as surrogates)
-    size: int
-    width: int | None
-    height: int | None
-    taken_at: datetime | None
-
-    def to_dict(self) -> dict:
-        """JSON-ready; a file name that is not UTF-8 shows as \\xNN and keeps its bytes in path_b64."""
-        data = asdict(self)
-        raw = os.fsencode(self.path)
-        data["path"] = raw.decode("utf-8", "backslashreplace")
-        if data["path"] != self.path:
-            data["path_b64"] = base64.b64encode(raw).decode("ascii")
-        data["score"] = round(float(self.score), 6)
-        data["taken_at"] = self.taken_at.isoformat() if self.taken_at else None
-        return data
-
-    @classmethod
-    def from_dict(cls, data: dict) -> SearchResult:
-        data = dict(data)
-        data["taken_at"] = datetime.fromisoformat(data["taken_at"]) if data.get("taken_at") else None
-        if data.get("path_b64"):
-            data["path"] = os.fsdecode(base64.b64decode(data["path_b64"]))
-        return cls(**{k: data.get(k) for k in cls.__dataclass_fields__})
-
-
-@dataclass
-class SearchResponse:
-    """Results plus what a person should know about them (warnings, model, timings in ms)."""
-
-    results: list[SearchResult]
-    query: str
-    model: str = ""
-    random_weights: bool = False
-    warnings: list[str] = field(default_factory=list)
-    timings: dict[str, float] = field(default_factory=dict)
-    text_cache: dict[str, int] = field(default_factory=lambda: {"hits": 0, "misses": 0})
-    library_size: int = 0
-
-    def __iter__(self):
-        return iter(self.results)
-
-    def __len__(self) -> int:
-        return len(self.results)
-
-    def __getitem__(self, index):
-        return self.results[index]
-
-    def to_dict(self) -> dict:
-        data = {k: v for k, v in self.__dict__.items() if k != "results"}
-        data["results"] = [r.to_dict() for r in self.results]
-        return data
-
-    @classmethod
-    def from_dict(cls, data: dict) -> SearchResponse:
-        data = dict(data)
-        results = [SearchResult.from_dict(r) for r in data.pop("results", [])]
-        return cls(results=results, **{k: v for k, v in data.items() if k in cls.__dataclass_fields__})
+GLOB_CHARS = set("*?[")  # a --path with any of these is a glob, else a folder
 
 
 # -- the searcher ------------------------------------------------------------------------
@@ -248,7 +73,7 @@ class Searcher:
                  runtime: str = "auto") -> None:
         record = library.model_record
         if record is None:
-            raise ClipfindError(f"the library at {library.root} is empty: run `clipfind index FOLDER` first")
+            raise library.empty_error()
         if spec is not None:
             library.check_model_spec(spec)
         self.library = library
@@ -300,8 +125,6 @@ class Searcher:
 
     def _encode_texts(self, encoder, texts: list[str], templates: tuple[str, ...] | None,
                       warnings: list[str]) -> np.ndarray:
-        from retrieval.prompting.prompts import encode_prompted
-
         def encode(encoder):
             with self.runtimes.thread_limit(encoder):
                 if templates is None:
@@ -317,9 +140,6 @@ class Searcher:
 
     def image_vector(self, path: str, warnings: list[str]) -> tuple[np.ndarray, int | None]:
         """(unit vector, id of the row that *is* this file or None); stored vectors are reused."""
-        from retrieval.media.images import ImageError, open_image
-        from retrieval.media.scan import content_hash
-
         path = os.path.abspath(path)
         stored = path_to_db(path)[0]
         with self.library.engine.connect() as conn:
@@ -411,7 +231,7 @@ class Searcher:
         timings["sync"] = _ms(mark)
         total = int(vectors.index.ntotal) if vectors.index is not None else 0
         if total == 0:
-            raise ClipfindError(f"the library at {self.library.root} is empty: run `clipfind index FOLDER` first")
+            raise self.library.empty_error()
         mark = time.perf_counter()
         allowed = self.allowed_ids(filters) if filters.selects_rows else None
         timings["sql_filter"] = _ms(mark)
@@ -520,13 +340,13 @@ def filter_sql(filters: Filters) -> tuple[list[str], dict[str, Any]]:
     params: dict[str, Any] = {}
     if filters.path:
         pattern = filters.path
-        if _GLOB_CHARS & set(pattern):
+        if GLOB_CHARS & set(pattern):
             clauses.append("path GLOB :glob")
             params["glob"] = pattern
         else:
-            prefix = pattern.rstrip("/") or "/"
-            clauses.append("(path = :exact OR substr(path, 1, :n) = :prefix)")
-            params.update(exact=prefix, prefix=prefix.rstrip("/") + "/", n=len(prefix.rstrip("/")) + 1)
+            clause, folder_params = under_folder(pattern)
+            clauses.append(clause)
+            params.update(folder_params)
     if filters.after:
         clauses.append(f"{_WHEN} >= julianday(:after)")
         params["after"] = filters.after.replace(tzinfo=None).isoformat(sep=" ")
@@ -579,5 +399,5 @@ def search(library: Library, text: str | Sequence[str] = (), *, image: str | Seq
     filters = Filters(path=normalise_path_filter(path) if path else None, after=after, before=before,
                       tags=tuple([tags] if isinstance(tags, str) else tags), min_score=min_score)
     if library.model_record is None:
-        raise ClipfindError(f"the library at {library.root} is empty: run `clipfind index FOLDER` first")
+        raise library.empty_error()
     return searcher_for(library).search(query, k, filters)

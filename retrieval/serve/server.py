@@ -35,9 +35,10 @@ from typing import TYPE_CHECKING, Any
 
 from retrieval import errors
 from retrieval.errors import ClipfindError, InputError
+from retrieval.query.types import DEFAULT_TEMPLATES, Filters, Query, SearchResponse
 
 if TYPE_CHECKING:
-    from retrieval.query.search import Searcher, SearchResponse
+    from retrieval.query.search import Searcher
 
 SERVE_FILE = "serve.json"
 MAX_BODY = 1 << 20
@@ -92,8 +93,6 @@ class QueryServer(ThreadingHTTPServer):
         """Load what the first queries would: the index, both towers, one text through its tower.
 
         Returns the runtime notices (e.g. ONNX unavailable, torch used) for the log."""
-        from retrieval.query.search import Query
-
         self.searcher.fresh_vectors()
         notices: list[str] = []
         self.searcher.runtimes.warm_up(notices)
@@ -102,8 +101,6 @@ class QueryServer(ThreadingHTTPServer):
 
     # -- request handling ----------------------------------------------------------------
     def handle_json(self, method: str, path: str, params: dict, body: dict) -> dict:
-        from retrieval.query.search import DEFAULT_TEMPLATES, Filters, Query
-
         if path == "/health":
             return {"ok": True, "library": str(self.searcher.library.root), "model": self.searcher.model_label,
                     "uptime_s": round(time.time() - self.started, 1), "queries": self.queries}
@@ -237,8 +234,6 @@ def call(info: dict, endpoint: str, payload: dict | None = None, timeout: float 
 
 def ask(info: dict, kind: str, subject, filters, k: int) -> SearchResponse:
     """The server's answer to Searcher.search(query, ...) (kind "search") or .similar(path, ...)."""
-    from retrieval.query.search import SearchResponse
-
     payload = {"filters": filters.to_dict(), "k": k}
     if kind == "search":
         payload["query"] = subject.to_dict()

@@ -2,10 +2,9 @@
 
 Opening a library creates it if needed, brings its schema to the newest
 migration, and checks that the model you mean to use is the model that made
-its vectors. The CLI and Python users both start here:
-
-    from retrieval import Library
-    lib = Library.open("~/photos-index", model=ModelSpec(model_dir="..."))
+its vectors. Everything that reads or writes a library works on this class;
+Python users get it with indexing, search and tagging added on top
+(`retrieval.facade.Library`, exported as `from retrieval import Library`).
 """
 
 from __future__ import annotations
@@ -16,6 +15,7 @@ import json
 import os
 import shutil
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -24,15 +24,16 @@ from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import func, select, text
+from sqlalchemy import func, select, text, update
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import DatabaseError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
+from retrieval import config
 from retrieval.errors import LibraryError
 from retrieval.model.spec import ModelSpec
 from retrieval.store.schema import Image, Meta, Run, make_engine, utcnow
-from retrieval.store.vectors import VectorIndex
+from retrieval.store.vectors import VectorIndex, remove_temp_files
 
 if TYPE_CHECKING:
     from retrieval.model.encoder import Encoder
@@ -41,12 +42,14 @@ DB_NAME = "clipfind.db"
 LOCK_NAME = "write.lock"
 
 
-def default_library_path() -> Path:
-    """$CLIPFIND_HOME, else $XDG_DATA_HOME/clipfind, else ~/.local/share/clipfind."""
-    if os.environ.get("CLIPFIND_HOME"):
-        return Path(os.environ["CLIPFIND_HOME"]).expanduser()
-    data_home = os.environ.get("XDG_DATA_HOME") or "~/.local/share"
-    return Path(data_home).expanduser() / "clipfind"
+@dataclass
+class RunRecord:
+    """One row of the runs table while its run is going: the block fills `stats`."""
+
+    id: int
+    kind: str
+    status: str = "running"
+    stats: dict = field(default_factory=dict)
 
 
 def _alembic_config(connection) -> Config:
@@ -86,7 +89,7 @@ class Library:
     @classmethod
     def open(cls, path: str | Path | None = None, model: ModelSpec | None = None,
              create: bool = True) -> Library:
-        root = Path(path).expanduser() if path else default_library_path()
+        root = config.library_path(path)
         db_path = root / DB_NAME
         if not db_path.exists() and not create:
             raise LibraryError(f"no library at {root} (run `clipfind index` to make one)")
@@ -150,6 +153,15 @@ class Library:
                 "or another --library"
             )
 
+    def empty_error(self) -> LibraryError:
+        """The one error for "nothing indexed here yet", whichever command meets it (exit 4)."""
+        return LibraryError(f"the library at {self.root} is empty: run `clipfind index FOLDER` first")
+
+    @property
+    def loaded_encoder(self) -> Encoder | None:
+        """The encoder this process already loaded for the library, if any (never loads one)."""
+        return self._encoder
+
     def bind_encoder(self, encoder: Encoder) -> None:
         """Record the encoder's model on first use; afterwards insist on the same weights."""
         record = self.model_record
@@ -170,7 +182,7 @@ class Library:
         if spec is None:
             record = self.model_record
             if record is None:
-                raise LibraryError(f"the library at {self.root} has no model yet; index some images first")
+                raise self.empty_error()
             spec = ModelSpec(**record["spec"])
         else:
             self.check_model_spec(spec)
@@ -183,7 +195,7 @@ class Library:
     def dim(self) -> int:
         record = self.model_record
         if record is None:
-            raise LibraryError(f"the library at {self.root} has no model yet; index some images first")
+            raise self.empty_error()
         return int(record["embed_dim"])
 
     # -- vectors ---------------------------------------------------------------------
@@ -223,6 +235,41 @@ class Library:
                 fh.truncate(0)
                 fcntl.flock(fh, fcntl.LOCK_UN)
 
+    # -- runs ------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def run(self, kind: str) -> Iterator[RunRecord]:
+        """Record one writing run (index, reindex, reembed, remove); call under the write lock.
+
+        Runs a killed process left 'running' are marked interrupted first. This run
+        ends 'done' when the block returns, 'interrupted' on Ctrl-C or SIGTERM (both
+        arrive as KeyboardInterrupt), 'failed' on anything else, with whatever stats
+        the block put in `run.stats` by then.
+        """
+        self.mark_stale_runs()
+        record = RunRecord(self.start_run(kind), kind)
+        try:
+            yield record
+            record.status = "done"
+        except KeyboardInterrupt:
+            record.status = "interrupted"
+            raise
+        except BaseException:
+            record.status = "failed"
+            raise
+        finally:
+            self.finish_run(record.id, record.status, record.stats)
+
+    def mark_stale_runs(self) -> int:
+        """Runs still 'running' while we hold the write lock were killed: say so.
+
+        Also removes temp files a killed FAISS save left behind.
+        """
+        remove_temp_files(self.root)
+        with self.session() as s, s.begin():
+            result = s.execute(update(Run).where(Run.status == "running")
+                               .values(status="interrupted", finished_at=utcnow()))
+            return result.rowcount
+
     def start_run(self, kind: str, precision: str | None = None, device: str | None = None) -> int:
         with self.session() as s, s.begin():
             run = Run(kind=kind, status="running", precision=precision, device=device, stats={})
@@ -238,33 +285,6 @@ class Library:
     def integrity_ok(self) -> bool:
         with self.engine.connect() as conn:
             return conn.execute(text("PRAGMA quick_check")).scalar_one() == "ok"
-
-    # -- tagging ---------------------------------------------------------------------
-    def tag(self, labels, strategy: str = "template", **kwargs):
-        """Auto-tag every stored vector; see `retrieval.tagging.autotag.auto_tag` for the options."""
-        from retrieval.tagging.autotag import auto_tag
-
-        return auto_tag(self, labels, strategy, encoder=kwargs.pop("encoder", None) or self.encoder(), **kwargs)
-
-    # -- searching -------------------------------------------------------------------
-    def search(self, text=(), **options):
-        """Text and/or image search; typed results. See `retrieval.query.search.search` for the options."""
-        from retrieval.query.search import search
-
-        return search(self, text, **options)
-
-    # -- indexing --------------------------------------------------------------------
-    def index(self, paths, model: ModelSpec | None = None, **options):
-        """Add the images under `paths` or bring them up to date; returns an `IndexResult`.
-
-        `options`: `device`, `precision` and the fields of `retrieval.index.indexer.IndexOptions`
-        (workers, batch_size, index_type, dry_run, ...). See `retrieval.index.indexer.index_paths`.
-        """
-        from retrieval.index.indexer import IndexOptions, index_paths
-
-        device, precision = options.pop("device", "auto"), options.pop("precision", "auto")
-        roots = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
-        return index_paths(self, roots, model, device, precision, IndexOptions(**options))
 
 
 def _make_dir(root: Path) -> bool:

@@ -55,7 +55,7 @@ def _export_lock(root: Path) -> Iterator[None]:
 def machine_export(fingerprint: str, precision: str) -> Path:
     """The machine-wide copy of an export ($CLIPFIND_CACHE/onnx/...): libraries of the same
     weights share one export instead of tracing the model again (seconds for a ViT-B-32)."""
-    from retrieval.model.precision import cache_root
+    from retrieval.config import cache_root
 
     return cache_root() / ONNX_DIR / fingerprint / precision
 

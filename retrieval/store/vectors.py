@@ -21,7 +21,10 @@ from sqlalchemy import bindparam, text
 from sqlalchemy.engine import Engine
 
 from retrieval.store.schema import blobs_to_matrix
+from retrieval.store.sql import in_chunks
 
+INDEX_FILE = "index.faiss"
+STATE_FILE = "index.json"
 EXACT_LIMIT = 100_000  # below this an exact inner-product scan is fast enough and perfect
 DEFAULT_MEMORY_BUDGET = 4 << 30  # bytes of vectors we are willing to hold in RAM
 _SELECT_EMBEDDINGS = text("SELECT id, embedding FROM images WHERE id IN :ids").bindparams(
@@ -44,8 +47,19 @@ def choose_factory(n: int, dim: int, memory_budget: int = DEFAULT_MEMORY_BUDGET)
     return f"IVF{nlist},PQ{m}"
 
 
+def _temp_name(path: Path, pid: int | str) -> Path:
+    return path.with_name(f".{path.name}.tmp-{pid}")
+
+
+def remove_temp_files(root: Path) -> None:
+    """Delete the temp files a save killed half-way left behind (call under the write lock)."""
+    for name in (INDEX_FILE, STATE_FILE):
+        for stale in root.glob(_temp_name(root / name, "*").name):
+            stale.unlink(missing_ok=True)
+
+
 def _fsync_write(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = _temp_name(path, os.getpid())
     write(tmp)
     with open(tmp, "rb+") as fh:
         os.fsync(fh.fileno())
@@ -71,8 +85,8 @@ class VectorIndex:
     def __init__(self, root: Path, dim: int) -> None:
         self.root = Path(root)
         self.dim = dim
-        self.index_path = self.root / "index.faiss"
-        self.state_path = self.root / "index.json"
+        self.index_path = self.root / INDEX_FILE
+        self.state_path = self.root / STATE_FILE
         self.index: faiss.Index | None = None
         self.state = IndexState()
 
@@ -163,8 +177,7 @@ class VectorIndex:
                 self.index.remove_ids(id_array)
             except RuntimeError:  # e.g. HNSW cannot remove: rebuild instead
                 return None
-            for start in range(0, len(ids), 900):  # SQLite's bound-parameter limit
-                part = ids[start : start + 900]
+            for part in in_chunks(ids):
                 rows = conn.execute(_SELECT_EMBEDDINGS, {"ids": part}).all()
                 if rows:
                     self.index.add_with_ids(

@@ -36,10 +36,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from sqlalchemy import delete, insert, select
+from sqlalchemy import delete, func, insert, select
 
 from retrieval.errors import InputError, LibraryError
-from retrieval.store.schema import EMBEDDING_DTYPE, Tag, TagRun, utcnow
+from retrieval.prompting.cupl import load_descriptions
+from retrieval.prompting.prompts import class_vectors, parse_strategy
+from retrieval.store.schema import EMBEDDING_DTYPE, Image, Tag, TagRun, path_from_db, utcnow
+from retrieval.tagging import fewshot
+from retrieval.tagging.labels import label_set_name, load_labels
 
 CHUNK = 32768  # vectors per matrix product: ~64 MB of 512-d floats, ~128 MB of logits at 1k labels
 HIST_BINS = 2048  # calibration histogram over cosine [-1, 1]: 0.001 resolution
@@ -230,7 +234,7 @@ def tag_library(library, scorer: Scorer, name: str, strategy: str, options: TagO
         raise InputError("a tag run needs a name (--name)")
     n_images = library.image_count()
     if n_images == 0:
-        raise LibraryError(f"the library at {library.root} has no images to tag; run `clipfind index` first")
+        raise library.empty_error()
     if library.dim != scorer.dim:
         raise LibraryError(f"class vectors are {scorer.dim}-d but the library's vectors are {library.dim}-d")
     started = time.perf_counter()
@@ -295,8 +299,6 @@ def _bar(total: int, enabled: bool):
 
 # -- reading tags back -------------------------------------------------------------------
 def list_runs(library) -> list[dict]:
-    from sqlalchemy import func
-
     with library.session() as s:
         counts = dict(s.execute(select(Tag.tag_run_id, func.count(Tag.id)).group_by(Tag.tag_run_id)).all())
         return [{"name": r.name, "id": r.id, "strategy": r.strategy, "labels": len(r.labels),
@@ -307,8 +309,6 @@ def list_runs(library) -> list[dict]:
 def query_tags(library, run: str | None = None, label: str | None = None,
                limit: int | None = None) -> Iterator[dict]:
     """Tags joined with their image paths, best first per image, optionally filtered."""
-    from retrieval.store.schema import Image, path_from_db
-
     query = (select(TagRun.name, Image.id, Image.path, Image.path_bytes, Tag.label, Tag.score, Tag.rank)
              .join(Tag, Tag.tag_run_id == TagRun.id).join(Image, Image.id == Tag.image_id)
              .order_by(TagRun.name, Image.id, Tag.rank))
@@ -337,11 +337,6 @@ def auto_tag(library, labels, strategy: str = "template", *, name: str | None = 
     Everything that can fail on bad input (labels, descriptions, shots) fails
     before the first write, so a bad run leaves the tag tables as they were.
     """
-    from retrieval.prompting.cupl import load_descriptions
-    from retrieval.prompting.prompts import class_vectors, parse_strategy
-    from retrieval.tagging import fewshot
-    from retrieval.tagging.labels import label_set_name, load_labels
-
     options = options or TagOptions()
     options.check()
     if isinstance(labels, (str, bytes)) or hasattr(labels, "__fspath__"):

@@ -21,6 +21,10 @@ import torch
 
 from retrieval.errors import InputError
 from retrieval.media.images import ImageError, is_candidate, open_image
+from retrieval.prompting.prompts import class_vectors
+from retrieval.tagging import fewshot
+from retrieval.tagging.autotag import logit_scale
+from retrieval.tagging.labels import from_names
 
 
 @dataclass
@@ -141,11 +145,6 @@ def zeroshot(encoder, dataset: Dataset, strategies: list[str], labels: list | No
              beta: float | None = None, search: bool = False, batch_size: int = 64, workers: int = 0,
              progress: bool = False) -> dict:
     """Top-1/top-5 for each strategy (and each strategy + Tip-Adapter when `shots` is given)."""
-    from retrieval.prompting.prompts import class_vectors
-    from retrieval.tagging import fewshot
-    from retrieval.tagging.autotag import logit_scale
-    from retrieval.tagging.labels import from_names
-
     labels = _match_labels(dataset.classes, labels) if labels is not None else from_names(dataset.classes)
     features, encode_s = encode_paths(encoder, dataset.paths, batch_size, workers, progress)
     scale = logit_scale(encoder)

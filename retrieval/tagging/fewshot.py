@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from retrieval.errors import InputError
+from retrieval.media.images import is_candidate, open_image
 
 DEFAULT_ALPHA = 1.0
 DEFAULT_BETA = 5.5  # the paper's ImageNet setting
@@ -40,8 +41,6 @@ def find_shots(shots_dir: str | Path, labels: list) -> tuple[list[str], list[int
     A folder matches a label by name or synonym, case-insensitive, `_` read as
     a space. A folder that matches no label, or holds no images, is an error.
     """
-    from retrieval.media.images import is_candidate
-
     root = Path(shots_dir).expanduser()
     if not root.is_dir():
         raise InputError(f"shots folder {root} does not exist (one sub-folder of example images per label)")
@@ -94,8 +93,6 @@ class ShotCache:
 
 def build_cache(encoder, shots_dir: str | Path, labels: list, batch_size: int = 64) -> ShotCache:
     """Encode every example image once; an unreadable example is an error naming the file."""
-    from retrieval.media.images import open_image
-
     paths, targets, notes = find_shots(shots_dir, labels)
     size = getattr(encoder, "image_size", 224)
     keys = []

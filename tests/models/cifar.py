@@ -41,15 +41,17 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
+from retrieval import config
 from retrieval.devmodels import training
 from retrieval.devmodels.tiny import (
     CONFIG_FILE,
+    PREPROCESS_CFG,
     WEIGHTS_FILE,
     build_cached,
-    default_cache_root,
     load_model,
     write_config,
 )
+from retrieval.model.runtime import torch_threads
 
 MODEL_NAME = "cifar10"
 DEFAULT_TEMPLATE = "a photo of a {}."
@@ -59,14 +61,6 @@ CIFAR_MODEL_CFG: dict[str, Any] = {
     "embed_dim": 128,
     "vision_cfg": {"image_size": 32, "patch_size": 4, "width": 128, "layers": 3, "head_width": 32, "mlp_ratio": 4.0},
     "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 128, "heads": 4, "layers": 2, "mlp_ratio": 4.0},
-}
-# OpenAI CLIP statistics, written into the config so open_clip's transform and
-# the training normalisation below cannot disagree.
-PREPROCESS_CFG: dict[str, Any] = {
-    "mean": [0.48145466, 0.4578275, 0.40821073],
-    "std": [0.26862954, 0.26130258, 0.27577711],
-    "interpolation": "bicubic",
-    "resize_mode": "shortest",
 }
 # Ten photo captions per class.  Varied enough that the text tower learns the
 # class word rather than one sentence; the product's prompts ("a photo of a
@@ -91,9 +85,9 @@ TRAIN: dict[str, Any] = {"steps": 720, "batch_size": 128, "lr": 5e-4, "warmup": 
 # -- data -----------------------------------------------------------------------------------
 def default_data_root() -> Path:
     """$CLIPFIND_DATA/cifar10 if set, else ../shared/data/cifar10 beside the repository."""
-    env = os.environ.get("CLIPFIND_DATA")
-    if env:
-        return Path(env).expanduser() / "cifar10"
+    env = config.data_root()
+    if env is not None:
+        return env / "cifar10"
     return Path(__file__).resolve().parents[3] / "shared" / "data" / "cifar10"
 
 
@@ -145,7 +139,7 @@ def load_split(split_dir: Path, cache_root: Path | None = None, workers: int | N
     so concurrent callers either find it whole or decode it themselves.
     """
     split_dir = Path(split_dir)
-    root = Path(cache_root).expanduser() if cache_root is not None else default_cache_root()
+    root = Path(cache_root).expanduser() if cache_root is not None else config.cache_root()
     classes, files = split_files(split_dir)
     key = manifest_hash(split_dir)
     cache = root / "data" / f"cifar10-{split_dir.name}-{key}.npz"
@@ -157,7 +151,7 @@ def load_split(split_dir: Path, cache_root: Path | None = None, workers: int | N
             pass  # damaged: decode again
     started = time.perf_counter()
     paths = [str(split_dir / rel) for rel, _ in files]
-    workers = workers or training.cpu_threads()
+    workers = workers or config.usable_cores()
     chunks = [paths[i:i + 2000] for i in range(0, len(paths), 2000)]
     if workers > 1:
         with ProcessPoolExecutor(max_workers=workers) as pool:
@@ -280,7 +274,7 @@ def train_into(out: Path, data_root: Path, cache_root: Path | None, key: str, lo
     test_images, test_labels, test_classes = load_split(data_root / "test", cache_root, log=log)
     if test_classes != classes:
         raise ValueError(f"test classes {test_classes} differ from train classes {classes}")
-    with training.torch_threads(training.cpu_threads()):
+    with torch_threads(config.usable_cores()):
         meta["test_zero_shot_top1"] = round(zero_shot_top1(loaded, tok, test_images, test_labels, classes), 4)
     meta["test_images"] = len(test_images)
     write_config(out, CIFAR_MODEL_CFG, PREPROCESS_CFG, meta)
@@ -293,7 +287,7 @@ def ensure_cifar_model(cache_root: Path | None = None, log: Callable[[str], None
 
     Concurrency-safe through `testmodels.build_cached`.  Raises FileNotFoundError when the data is absent.
     """
-    root = Path(cache_root).expanduser() if cache_root is not None else default_cache_root()
+    root = Path(cache_root).expanduser() if cache_root is not None else config.cache_root()
     data_root = Path(data_root) if data_root is not None else default_data_root()
     key = model_key(data_root)
     return build_cached(root / "models", MODEL_NAME, key,

@@ -22,42 +22,39 @@ A forced `--precision bf16|int8` is checked the same way (from the cache when it
 can be) and logs a warning with the measured agreement when it fails. GPUs keep
 fp16 and are not measured.
 
-The library side lives here too, so that `status` and `verify` need no torch:
-which precisions made the stored vectors (`vectors_by_precision`,
-`mixed_precision_runs`), the cached choice for a library's model
-(`auto_precision_here`), and `reembed`, which re-encodes every stored image at one
-precision through the indexer's pipeline.
+Nothing here imports torch at module level, so `status` can read the cached
+choice (`cached_choice`) without it. The image towers themselves are built by
+`retrieval.model.runtime`; which precisions made a library's vectors is the
+store's business (`retrieval.store.runs`); re-encoding a library at one
+precision is `retrieval.index.reembed`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import copy
 import fcntl
 import functools
 import importlib.util
 import json
 import logging
 import os
-import platform
 import random
 import re
 import sys
 import tempfile
 import time
-import warnings
 from collections.abc import Iterator, Sequence
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
-if TYPE_CHECKING:  # torch is imported inside the functions that encode, so status/verify stay light
+from retrieval import config
+from retrieval.model.runtime import image_model_at
+
+if TYPE_CHECKING:  # torch is imported inside the functions that encode, so `status` stays light
     import numpy as np
     import torch
-
-    from retrieval.model.encoder import Encoder
-    from retrieval.store.library import Library
 
 log = logging.getLogger("clipfind.precision")
 
@@ -77,117 +74,26 @@ MAX_ROUNDS = 24  # a cheap model is timed on repeats of those batches, until TIM
 TIME_BUDGET = 3.0  # seconds of timing beyond the first BATCHES rounds are not spent
 PROBE_TEMPLATES = ("a photo of a {}.", "a {}.")
 
-# -- image towers at a precision ---------------------------------------------------------
 
+class Measurable(Protocol):
+    """What measuring needs of an encoder (`retrieval.model.encoder.Encoder` is one)."""
 
-def image_model_at(model: torch.nn.Module, precision: str) -> torch.nn.Module:
-    """A shallow clone of `model` whose image tower runs at `precision` on the CPU.
+    model: Any
+    device: torch.device
+    fingerprint: str
+    image_size: int
+    spec: Any
 
-    bf16: a bf16 copy of the image tower (input cast to bf16 by the encoder).
-    int8: a copy whose nn.Linear layers are dynamically quantised, including the
-    attention projections, which nn.MultiheadAttention otherwise keeps in fp32.
-    The text tower and everything else stay shared with `model`, in fp32.
-    """
-    import torch
+    @property
+    def precision(self) -> str: ...
 
-    if precision not in ("fp32", "bf16", "int8"):
-        raise ValueError(f"no CPU image tower for precision {precision!r}")
-    # New modules, but no fp32 weight copied for nothing: int8 and fp32 clones share the
-    # original tensors (quantisation reads them, never writes), bf16 gets bf16 copies.
-    params = list(model.visual.parameters())
-    if precision == "bf16":
-        memo = {id(t): torch.nn.Parameter(t.detach().to(torch.bfloat16), requires_grad=False) for t in params}
-    else:
-        memo = {id(t): t for t in params}
-    visual = copy.deepcopy(model.visual, memo)
-    input_dtype = None
-    if precision == "bf16":
-        visual = visual.to(torch.bfloat16)  # buffers; the parameters are bf16 already
-        input_dtype = torch.bfloat16
-    elif precision == "int8":
-        _split_self_attention(visual)
-        _quantize_linear_layers(visual)
-    visual.eval()
-    clone = copy.copy(model)
-    clone._modules = dict(model._modules)  # our own module table: the original keeps its tower
-    clone.visual = visual
-    clone.input_dtype = input_dtype
-    return clone
+    def preprocess_images(self, images: Sequence) -> torch.Tensor: ...
 
+    def encode_pixels_with(self, image_model: Any, pixels: torch.Tensor) -> np.ndarray: ...
 
-def _quantize_linear_layers(module: torch.nn.Module) -> None:
-    import torch
-    from torch.ao.quantization import quantize_dynamic
+    def encode_texts(self, texts: Sequence[str]) -> np.ndarray: ...
 
-    with warnings.catch_warnings():  # torch.ao's "migrate to torchao" notice: nothing a user can do
-        warnings.simplefilter("ignore")
-        quantize_dynamic(module, {torch.nn.Linear}, dtype=torch.qint8, inplace=True)
-
-
-def _split_self_attention(visual: torch.nn.Module) -> int:
-    """Replace each self-attention nn.MultiheadAttention in open_clip's blocks by `SelfAttention`."""
-    import torch
-
-    try:
-        from open_clip.transformer import ResidualAttentionBlock
-    except ImportError:  # pragma: no cover - open_clip moved it: quantise the MLPs only
-        return 0
-    replaced = 0
-    for block in visual.modules():
-        attn = getattr(block, "attn", None)
-        if (isinstance(block, ResidualAttentionBlock) and not hasattr(block, "ln_1_kv")
-                and type(attn) is torch.nn.MultiheadAttention and attn._qkv_same_embed_dim
-                and attn.bias_k is None and not attn.add_zero_attn):
-            block.attn = _self_attention_class()(attn)
-            replaced += 1
-    return replaced
-
-
-@functools.cache
-def _self_attention_class():
-    import torch
-    import torch.nn.functional as F
-
-    class SelfAttention(torch.nn.Module):
-        """nn.MultiheadAttention's self-attention as two nn.Linear layers and SDPA.
-
-        The same maths (eval mode, no dropout), written so that dynamic int8
-        quantisation reaches the q/k/v and output projections: a third of a
-        ViT's matmul work, which MultiheadAttention keeps in fp32.
-        """
-
-        def __init__(self, mha: torch.nn.MultiheadAttention) -> None:
-            super().__init__()
-            dim = mha.embed_dim
-            self.heads, self.batch_first = mha.num_heads, mha.batch_first
-            # The same Parameter objects, no copy: built on "meta", then pointed at them.
-            self.qkv = torch.nn.Linear(dim, 3 * dim, bias=mha.in_proj_bias is not None, device="meta")
-            self.out = torch.nn.Linear(dim, dim, bias=mha.out_proj.bias is not None, device="meta")
-            self.qkv.weight, self.out.weight = mha.in_proj_weight, mha.out_proj.weight
-            if mha.in_proj_bias is not None:
-                self.qkv.bias = mha.in_proj_bias
-            if mha.out_proj.bias is not None:
-                self.out.bias = mha.out_proj.bias
-
-        def forward(self, query, key=None, value=None, need_weights=False, attn_mask=None, **_):
-            if (key is not None and key is not query) or (value is not None and value is not query):
-                raise ValueError("SelfAttention only does self-attention")
-            x = query if self.batch_first else query.transpose(0, 1)
-            batch, length, dim = x.shape
-            q, k, v = self.qkv(x).view(batch, length, 3, self.heads, dim // self.heads).permute(2, 0, 3, 1, 4)
-            if attn_mask is not None and attn_mask.dtype == torch.bool:
-                attn_mask = ~attn_mask  # MultiheadAttention: True = masked; SDPA: True = attend
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
-            out = self.out(out.transpose(1, 2).reshape(batch, length, dim))
-            return (out if self.batch_first else out.transpose(0, 1)), None
-
-    return SelfAttention
-
-
-def __getattr__(name: str):
-    if name == "SelfAttention":  # built on first use so that importing this module needs no torch
-        return _self_attention_class()
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    def set_precision(self, precision: str, check: bool = True) -> None: ...
 
 
 # -- agreement ---------------------------------------------------------------------------
@@ -226,7 +132,7 @@ def judge(reference: np.ndarray, candidate: np.ndarray, queries: np.ndarray | No
     return figures
 
 
-def agreement_with_fp32(encoder: Encoder, precision: str, images: Sequence, queries: Sequence[str],
+def agreement_with_fp32(encoder: Measurable, precision: str, images: Sequence, queries: Sequence[str],
                         batch_size: int = 32) -> dict:
     """Encode `images` (PIL) at fp32 and at `precision` and judge them on the `queries`' top-10.
 
@@ -250,11 +156,9 @@ def agreement_with_fp32(encoder: Encoder, precision: str, images: Sequence, quer
 
 def candidates(device_type: str = "cpu") -> list[str]:
     """The CPU modes worth timing here: fp32, bf16 where the CPU has it natively, int8."""
-    from retrieval.model.encoder import cpu_has_native_bf16
-
     if device_type != "cpu":
         return []
-    return ["fp32", *(["bf16"] if cpu_has_native_bf16() else []), "int8"]
+    return ["fp32", *(["bf16"] if config.cpu_has_native_bf16() else []), "int8"]
 
 
 def probe_pictures(size: int, count: int, seed: int = 20261124) -> tuple[list, list[str]]:
@@ -268,28 +172,26 @@ def probe_pictures(size: int, count: int, seed: int = 20261124) -> tuple[list, l
     return images, queries
 
 
-def measure(encoder: Encoder, modes: Sequence[str] | None = None, batch_size: int = BATCH_SIZE,
+def measure(encoder: Measurable, modes: Sequence[str] | None = None, batch_size: int = BATCH_SIZE,
             batches: int = BATCHES, extra_models: dict | None = None) -> dict:
     """Time each mode on the same drawn batches (interleaved) and judge it against fp32.
 
     `extra_models` maps a mode name to a ready image model (tests inject a broken one).
     Returns a cache entry without its key: rates (img/s, fastest batch), agreement, errors.
-    Timed with the torch threads indexing would use now (`pipeline.encoder_threads`): on a
+    Timed with the torch threads indexing would use now (`config.encoder_threads`): on a
     busy machine a 2-thread forward pass stalls at every barrier and times mostly noise.
     """
     import torch
 
-    from retrieval.media.pipeline import encoder_threads
-
     previous = torch.get_num_threads()
-    torch.set_num_threads(encoder_threads())
+    torch.set_num_threads(config.encoder_threads())
     try:
         return _measure(encoder, modes, batch_size, batches, extra_models)
     finally:
         torch.set_num_threads(previous)
 
 
-def _measure(encoder: Encoder, modes: Sequence[str] | None, batch_size: int, batches: int,
+def _measure(encoder: Measurable, modes: Sequence[str] | None, batch_size: int, batches: int,
              extra_models: dict | None) -> dict:
     import numpy as np
     import torch
@@ -384,31 +286,8 @@ def pick(rates: dict[str, float], agreement: dict[str, dict], min_speedup: float
 # -- the cache ---------------------------------------------------------------------------
 
 
-def cache_root() -> Path:
-    """$CLIPFIND_CACHE, else ~/.cache/clipfind (where the test models live too)."""
-    env = os.environ.get("CLIPFIND_CACHE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "clipfind"
-
-
 def cache_path() -> Path:
-    return cache_root() / CACHE_FILE
-
-
-def cpu_model_name() -> str:
-    """The processor's model name from /proc/cpuinfo (or what the platform says)."""
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text(errors="replace").splitlines():
-            field_name, _, value = line.partition(":")
-            if field_name.strip() in ("model name", "Model", "Hardware", "cpu model") and value.strip():
-                return value.strip()
-    return platform.processor() or platform.machine() or "unknown"
-
-
-def usable_cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover - not Linux
-        return os.cpu_count() or 1
+    return config.cache_root() / CACHE_FILE
 
 
 @functools.cache
@@ -432,7 +311,7 @@ def torch_version() -> str:
 
 def machine_key(fingerprint: str) -> dict:
     """What a measurement is valid for: these weights, on this CPU, with this torch."""
-    return {"fingerprint": fingerprint, "cpu": cpu_model_name(), "cores": usable_cores(),
+    return {"fingerprint": fingerprint, "cpu": config.cpu_model_name(), "cores": config.usable_cores(),
             "torch": torch_version()}
 
 
@@ -499,7 +378,7 @@ def store_entry(key: dict, entry: dict) -> dict:
 # -- the encoder's hook ------------------------------------------------------------------
 
 
-def choose(encoder: Encoder, refresh: bool = False) -> dict:
+def choose(encoder: Measurable, refresh: bool = False) -> dict:
     """The cached or freshly measured entry for this encoder's model on this machine."""
     key = machine_key(encoder.fingerprint)
     entry = None if refresh else cached_entry(key)
@@ -511,7 +390,7 @@ def choose(encoder: Encoder, refresh: bool = False) -> dict:
     return {**entry, "source": source}
 
 
-def settle(encoder: Encoder, requested: str) -> dict:
+def settle(encoder: Measurable, requested: str) -> dict:
     """Called by Encoder on a CPU: make `auto` concrete, check a forced mode; returns the report."""
     report: dict[str, Any] = {"requested": requested}
     if requested == "auto":
@@ -566,57 +445,16 @@ def describe(report: dict | None) -> str:
     return head
 
 
-# -- the library side --------------------------------------------------------------------
-
-
-def vectors_by_precision(library: Library) -> dict[str, int]:
-    """How many stored vectors each precision made ('unknown': no run or no precision recorded)."""
-    from sqlalchemy import text
-
-    with library.engine.connect() as conn:
-        return dict(conn.execute(text(
-            "SELECT coalesce(r.precision, 'unknown'), count(*) FROM images i "
-            "LEFT JOIN runs r ON r.id = i.run_id GROUP BY 1 ORDER BY 1")).all())
-
-
-def mixed_precision_runs(library: Library) -> list[dict]:
-    """The runs whose vectors are still stored, when they used more than one precision; else [].
-
-    Judged by the vectors the library holds now, not by run history: a run whose
-    images were all re-embedded or removed since no longer counts.
-    """
-    from sqlalchemy import text
-
-    with library.engine.connect() as conn:
-        rows = conn.execute(text(
-            "SELECT i.run_id AS run_id, r.kind AS kind, r.status AS status, r.precision AS precision, "
-            "count(*) AS images FROM images i LEFT JOIN runs r ON r.id = i.run_id "
-            "GROUP BY i.run_id ORDER BY i.run_id")).mappings().all()
-    runs = [{**dict(r), "precision": r["precision"] or "unknown"} for r in rows]
-    return runs if len({r["precision"] for r in runs}) > 1 else []
-
-
-def mixed_precision_problem(library: Library) -> str | None:
-    """verify's sentence for a library whose vectors were made at different precisions."""
-    counts = vectors_by_precision(library)
-    if len(counts) <= 1:
-        return None
-    made = ", ".join(f"{n} at {p}" for p, n in sorted(counts.items()))
-    return (f"vectors made at different precisions ({made}); scores mix slightly different "
-            "embeddings (run `clipfind reindex --precision fp32`, or another single precision)")
-
-
-def auto_precision_here(library: Library) -> dict | None:
-    """For `clipfind status`: the cached auto choice for the library's model on this machine, if any."""
-    record = library.model_record
-    entry = cached_entry(machine_key(record["fingerprint"])) if record else None
+def cached_choice(fingerprint: str) -> dict | None:
+    """For `clipfind status`: the cached auto choice for these weights on this machine, if any."""
+    entry = cached_entry(machine_key(fingerprint))
     if not entry:
         return None
     return {k: entry.get(k) for k in ("chosen", "why", "rates", "agreement", "measured_at", "key")}
 
 
 def status_line(auto: dict | None) -> str:
-    """One line about `auto_precision_here` for `clipfind status`."""
+    """One line about `cached_choice` for `clipfind status`."""
     if not auto:
         return "auto not measured on this machine yet (the first encoding measures it, a few seconds)"
     key = auto.get("key") or {}
@@ -626,77 +464,3 @@ def status_line(auto: dict | None) -> str:
     return (f"auto here = {auto['chosen']} ({rates} img/s; {agree}; measured "
             f"{str(auto.get('measured_at', ''))[:10]} on {key.get('cpu')} x{key.get('cores')}, "
             f"torch {key.get('torch')})")
-
-
-def reembed(library: Library, precision: str = "fp32", device: str = "auto",
-            batch_size: int | None = None, workers: int | None = None, progress: bool = False,
-            wait: bool = False) -> dict:
-    """Re-encode every stored image at one precision, through the indexer's pipeline.
-
-    Each file whose size and mtime still match its row is decoded and encoded again
-    (one transaction per batch; copies of the same bytes share one encoding); the
-    FAISS cache then catches up. Files gone or changed on disk keep their old vector
-    and are counted: `clipfind index` their folders first. Resumable in the sense
-    that matters: a killed run leaves each row either old or new, both valid.
-    """
-    from retrieval.errors import LibraryError
-    from retrieval.index.indexer import IndexOptions, _Run, mark_stale_runs, refresh_vectors
-    from retrieval.index.planner import Plan, Work
-    from retrieval.media.scan import FileEntry
-
-    if library.model_record is None:
-        raise LibraryError(f"the library at {library.root} has no images yet; nothing to re-embed")
-    started = time.perf_counter()
-    with library.write_lock(wait=wait):
-        mark_stale_runs(library)
-        plan, stale = Plan(), 0
-        first_of: dict[str, int] = {}
-        with library.engine.connect() as conn:
-            from sqlalchemy import text
-
-            rows = conn.execute(text("SELECT id, path, path_bytes, size, mtime_ns, content_hash "
-                                     "FROM images ORDER BY id")).all()
-        from retrieval.store.schema import path_from_db
-
-        for r in rows:
-            path = path_from_db(r.path, r.path_bytes)
-            try:
-                st = os.stat(path)
-            except OSError:
-                stale += 1
-                continue
-            if (st.st_size, st.st_mtime_ns) != (r.size, r.mtime_ns):
-                stale += 1
-                continue
-            work = Work(FileEntry(path, r.size, r.mtime_ns), r.content_hash, row_id=r.id)
-            if r.content_hash in first_of:
-                plan.late_copies.append(work)
-            else:
-                first_of[r.content_hash] = r.id
-                plan.encode.append(work)
-        plan.scanned = len(rows)
-        options = IndexOptions(workers=workers, batch_size=batch_size, progress=progress)
-        runner = _Run(library, [], None, device, precision, options)
-        encoder = library.encoder(device=device, precision=precision)
-        if precision != "auto" and encoder.precision != precision:
-            encoder.set_precision(precision)
-        runner.run_id = library.start_run("reembed")
-        status = "failed"
-        try:
-            runner._encode(plan)
-            runner._late_copies(plan)
-            status = "done"
-        except KeyboardInterrupt:
-            status = "interrupted"
-            raise
-        finally:
-            stats = {"images": len(rows), "encoded": runner.stats["encoded"],
-                     "reembedded": runner.stats["indexed"], "stale": stale,
-                     "skipped": len(runner.skipped), "precision": encoder.precision,
-                     "seconds": round(time.perf_counter() - started, 3)}
-            try:
-                stats["faiss"] = refresh_vectors(library)
-            finally:
-                library.finish_run(runner.run_id, status, stats)
-    stats["vectors_by_precision"] = vectors_by_precision(library)
-    return stats

@@ -1,0 +1,46 @@
+"""SQL fragments every floor needs the same way: rows under a folder, ids in bounded chunks.
+
+Why here: each was written out in several modules (planner, search, indexer,
+verify), and the folder test in particular is easy to get subtly wrong (LIKE
+treats `_` and `%` in file names as wildcards; a bare prefix matches
+`/photos2` for `/photos`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Sequence
+from typing import TypeVar
+
+from sqlalchemy import delete
+from sqlalchemy.orm import Session
+
+from retrieval.store.schema import Image
+
+T = TypeVar("T")
+
+IN_CHUNK = 500  # values per `IN (...)`: far below SQLite's bound-parameter limit, on any build
+
+
+def in_chunks(values: Sequence[T], size: int = IN_CHUNK) -> Iterator[list[T]]:
+    """Consecutive slices of `values`, each small enough for one `IN (...)` list."""
+    values = list(values)
+    for start in range(0, len(values), size):
+        yield values[start:start + size]
+
+
+def under_folder(folder: str, column: str = "path", name: str = "folder") -> tuple[str, dict]:
+    """(WHERE clause, parameters): `column` is `folder` itself or a path inside it.
+
+    A prefix compare with substr(), not LIKE: file names may hold `_` and `%`.
+    `name` keeps the parameters of two such clauses in one statement apart.
+    """
+    exact = folder.rstrip("/") or "/"
+    prefix = exact.rstrip("/") + "/"
+    clause = f"({column} = :{name} OR substr({column}, 1, :{name}_n) = :{name}_prefix)"
+    return clause, {name: exact, f"{name}_n": len(prefix), f"{name}_prefix": prefix}
+
+
+def delete_images(session: Session, ids: Iterable[int]) -> None:
+    """Delete these image rows (their tags and vector-log entries follow by trigger/cascade)."""
+    for part in in_chunks(sorted(ids)):
+        session.execute(delete(Image).where(Image.id.in_(part)))
