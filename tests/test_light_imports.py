@@ -45,3 +45,17 @@ def test_unchanged_rerun_imports_no_torch(indexed):
     stats, heavy = run_clipfind("index", str(indexed / "photos"), "-L", str(indexed / "lib"), "--json")
     assert stats["unchanged"] == stats["scanned"] > 0 and stats["encoded"] == 0
     assert not {"torch", "open_clip", "onnxruntime"} & set(heavy), heavy
+
+
+def test_search_through_a_running_server_is_a_light_client(indexed):
+    server = subprocess.Popen([sys.executable, "-m", "retrieval.cli", "serve", "-L", str(indexed / "lib"),
+                               "--port", "0"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    try:
+        ready = server.stdout.readline()
+        assert ready.startswith("clipfind serve:"), ready + server.stderr.read()
+        result, heavy = run_clipfind("search", "a red circle", "-L", str(indexed / "lib"), "--json")
+        assert result["rank"] == 10 and heavy == [], heavy  # asked the server, imported nothing heavy
+    finally:
+        server.terminate()
+        server.wait(timeout=60)

@@ -56,6 +56,7 @@ def test_existing_library_keeps_the_precision_of_its_vectors(tmp_path, tiny_mode
     """`auto` on a library made at int8 adds int8 vectors, whatever auto would measure today."""
     from sqlalchemy import text
 
+    from retrieval.index.indexer import IndexOptions, index_paths
     from retrieval.media import synthetic
     from retrieval.model.spec import ModelSpec
     from retrieval.store.library import Library
@@ -64,10 +65,10 @@ def test_existing_library_keeps_the_precision_of_its_vectors(tmp_path, tiny_mode
     synthetic.write_collection(photos / "first", per_class=1, seed=1)
     spec = ModelSpec(model_dir=str(tiny_model_dir))
     with Library.open(tmp_path / "lib") as lib:
-        lib.index(photos, spec, precision="int8", workers=0)
+        index_paths(lib, [str(photos)], spec, precision="int8", options=IndexOptions(workers=0))
     synthetic.write_collection(photos / "later", per_class=1, seed=2)
     with Library.open(tmp_path / "lib") as lib:
-        result = lib.index(photos, workers=0)  # precision auto
+        result = index_paths(lib, [str(photos)], options=IndexOptions(workers=0))  # precision auto
         with lib.engine.connect() as conn:
             made = conn.execute(text("SELECT r.precision, count(*) FROM images i JOIN runs r "
                                      "ON r.id = i.run_id GROUP BY 1")).all()
