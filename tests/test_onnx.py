@@ -103,14 +103,14 @@ def test_manifest_records_what_a_query_needs(tiny_encoder, tiny_export):
 def test_interrupted_export_leaves_no_half_written_folder(tiny_encoder, tmp_path, monkeypatch):
     from retrieval.model import onnx_export
 
-    real = onnx_export._export_graph
+    real = onnx_export.export_graph
 
     def cut(module, example, path, name):
         if name == "pixels":  # the text tower is written, then Ctrl-C
             raise KeyboardInterrupt
         real(module, example, path, name)
 
-    monkeypatch.setattr(onnx_export, "_export_graph", cut)
+    monkeypatch.setattr(onnx_export, "export_graph", cut)
     with pytest.raises(KeyboardInterrupt):
         export_towers(tiny_encoder, tmp_path / "fp32", "fp32")
     assert list(tmp_path.iterdir()) == []
@@ -138,7 +138,7 @@ from retrieval.query.textcache import TextCache
 lib = Library.open({str(root / 'lib')!r}, create=False)
 s = Searcher(lib, runtime={runtime!r}, cache=TextCache(None))  # no cache: every text is encoded
 r = s.search(Query.build({text!r} if {image!r} is None else (), {image!r} or ()), k=10)
-onnx = s.runtimes._onnx
+onnx = s.runtimes.onnx_encoder
 print(json.dumps({{"paths": [x.path for x in r], "scores": [x.score for x in r], "warnings": r.warnings,
     "torch": "torch" in sys.modules, "open_clip": "open_clip" in sys.modules,
     "towers": onnx.loaded_towers if onnx else [], "used": sorted(s.runtimes.used)}}))

@@ -103,7 +103,8 @@ def _towers(model):
     return TextTower().eval(), ImageTower().eval()
 
 
-def _export_graph(module, example, path: Path, input_name: str) -> None:
+def export_graph(module, example, path: Path, input_name: str) -> None:
+    """Trace one tower into `path` with a dynamic batch dimension (input `input_name`, output `features`)."""
     import torch
 
     # nn.MultiheadAttention's fused fast path (taken under no_grad) has no ONNX form: trace the
@@ -179,16 +180,16 @@ def export_towers(encoder: Encoder, dest: str | os.PathLike, precision: str = "f
         files: dict[str, str] = {}
         if precision == "fp32" and tokenizer is not None:
             tokens = encoder.tokenize(["a photo of a dog.", "a"]).cpu()
-            _export_graph(text_tower, tokens, tmp / TOWER_FILES["text"], "tokens")
+            export_graph(text_tower, tokens, tmp / TOWER_FILES["text"], "tokens")
             shutil.copyfile(packaged_vocab(), tmp / VOCAB_FILE)
             files.update(text=TOWER_FILES["text"], text_data=externalise(tmp / TOWER_FILES["text"]),
                          vocab=VOCAB_FILE)
         pixels = torch.zeros(2, 3, *pre.size)
         if precision == "fp32":
-            _export_graph(image_tower, pixels, tmp / TOWER_FILES["image"], "pixels")
+            export_graph(image_tower, pixels, tmp / TOWER_FILES["image"], "pixels")
             files["image_data"] = externalise(tmp / TOWER_FILES["image"])
         else:
-            _export_graph(image_tower, pixels, tmp / "image-fp32.onnx", "pixels")
+            export_graph(image_tower, pixels, tmp / "image-fp32.onnx", "pixels")
             _quantize(tmp / "image-fp32.onnx", tmp / TOWER_FILES["image"])
             (tmp / "image-fp32.onnx").unlink()
         files["image"] = TOWER_FILES["image"]

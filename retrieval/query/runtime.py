@@ -35,6 +35,11 @@ class QueryRuntimes:
         self.used: set[str] = set()  # runtimes that encoded something, for timings and tests
 
     @property
+    def onnx_encoder(self):
+        """The ONNX encoder opened so far (None before the first query, or after a fallback)."""
+        return self._onnx
+
+    @property
     def wants_onnx(self) -> bool:
         return self.runtime != "torch" and self.device in ("auto", "cpu") and self._onnx_failed is None
 
