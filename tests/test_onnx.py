@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from retrieval.facade import Library
 from retrieval.media import synthetic
 from retrieval.model.autoprecision import topk_overlap
 from retrieval.model.onnx_export import (
@@ -22,7 +23,6 @@ from retrieval.model.onnx_export import (
 )
 from retrieval.model.onnx_session import OnnxEncoder
 from retrieval.model.spec import ModelSpec
-from retrieval.store.library import Library
 from retrieval.store.onnx_exports import ensure_export, export_folder
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -132,7 +132,7 @@ def _search(root: Path, runtime: str, text: str = "a red circle", image: str | N
     """A fresh process that searches and reports its results, warnings and heavy imports."""
     code = f"""
 import json, sys
-from retrieval.store.library import Library
+from retrieval.facade import Library
 from retrieval.query.search import Searcher, Query
 from retrieval.query.textcache import TextCache
 lib = Library.open({str(root / 'lib')!r}, create=False)
@@ -189,7 +189,8 @@ def test_damaged_export_is_rebuilt_with_a_notice(library, damage):
         from retrieval.index.inspection import verify_library
 
         if damage == "truncate":
-            assert any("truncated" in p for p in verify_library(lib, check_files=False).problems)
+            found = verify_library(lib, check_files=False).problems
+            assert [p.kind for p in found] == ["onnx_export"] and "truncated" in found[0].message
     result = _search(library, "auto", "a yellow star")
     assert result["used"] == ["onnx"] and len(result["warnings"]) == 1, result
     assert "exporting the model to ONNX" in result["warnings"][0]

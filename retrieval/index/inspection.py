@@ -84,7 +84,7 @@ class Finding:
     """One problem verify found: `kind` (what code acts on) and `message` (what a person reads)."""
 
     kind: str  # integrity, no_model, bad_vectors, bad_norms, missing_files, faiss_unreadable,
-    #            faiss_stale, faiss_ids, faiss_vectors, mixed_precision
+    #            faiss_stale, faiss_ids, faiss_vectors, mixed_precision, onnx_export
     message: str
 
     def __str__(self) -> str:
