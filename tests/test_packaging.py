@@ -7,6 +7,7 @@ virtual environment, so what is checked is what pip would put on a user's machin
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import zipfile
@@ -15,7 +16,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-HEAVY = ("torch", "faiss", "numpy", "sqlalchemy")
+HEAVY = ("torch", "faiss", "numpy", "sqlalchemy", "fastapi", "uvicorn")
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +33,8 @@ def test_wheel_holds_one_top_level_package_with_its_migrations(wheel):
     assert {n.split("/")[0] for n in names if ".dist-info/" not in n} == {"retrieval"}
     for shipped in ("retrieval/migrations/env.py", "retrieval/migrations/alembic.ini",
                     "retrieval/migrations/script.py.mako", "retrieval/migrations/versions/0001_initial.py",
-                    "retrieval/cli/__init__.py"):
+                    "retrieval/cli/__init__.py", "retrieval/serve/templates/search.html",
+                    "retrieval/serve/static/app.js", "retrieval/serve/static/app.css"):
         assert shipped in names
     entry_points = next(n for n in names if n.endswith(".dist-info/entry_points.txt"))
     assert "clipfind = retrieval.cli:main" in zipfile.ZipFile(wheel).read(entry_points).decode()
@@ -43,8 +45,10 @@ def test_installed_into_a_fresh_venv_adds_only_retrieval(wheel, tmp_path):
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
     (site,) = venv.glob("lib/python*/site-packages")
     before = {p.name for p in site.iterdir()}
-    subprocess.run([sys.executable, "-m", "pip", "--python", str(venv / "bin" / "python"), "install",
-                    "--quiet", "--no-deps", "--no-index", str(wheel)], check=True, capture_output=True, text=True)
+    clean_env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # a checkout on the path
+    subprocess.run([sys.executable, "-m", "pip", "--python", str(venv / "bin" / "python"), "install",  # looks installed
+                    "--quiet", "--no-deps", "--no-index", str(wheel)], check=True, capture_output=True, text=True,
+                   env=clean_env)
     added = {p.name for p in site.iterdir()} - before
     assert {n for n in added if not n.endswith(".dist-info")} == {"retrieval"}
     assert (venv / "bin" / "clipfind").exists()

@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -22,14 +21,15 @@ from retrieval.media import synthetic
 from retrieval.model.encoder import ModelSpec
 from retrieval.query.search import Searcher
 from retrieval.query.types import Filters, Query
-from retrieval.serve.server import (
+from retrieval.serve.client import (
     SERVE_FILE,
-    QueryServer,
     ServerUnavailable,
     ask,
     call,
     find_server,
 )
+from retrieval.serve.runner import WebServer
+from retrieval.serve.state import ServeState
 from retrieval.store.library import Library
 
 
@@ -46,19 +46,20 @@ def lib_dir(tmp_path_factory, tiny_model_dir):
 @pytest.fixture
 def server(lib_dir):
     library = Library.open(lib_dir, create=False)
-    srv = QueryServer(Searcher(library), "127.0.0.1", 0)
-    thread = threading.Thread(target=srv.serve_forever, daemon=True)
-    thread.start()
+    srv = WebServer(ServeState(library, Searcher(library)), "127.0.0.1", 0).start_in_thread()
     srv.announce()
     yield srv
-    srv.shutdown()
+    srv.stop()
     srv.withdraw()
-    srv.server_close()
     library.close()
 
 
 def info_of(srv) -> dict:
     return {"url": srv.url, "token": srv.token, "pid": os.getpid()}
+
+
+def queries(srv) -> int:
+    return srv.state.queries
 
 
 def test_second_identical_query_is_answered_from_the_cache(server):
@@ -114,13 +115,13 @@ def test_remote_results_match_local_ones(server, lib_dir):
 
 
 def test_cli_uses_the_announced_server(server, lib_dir):
-    before = server.queries
+    before = queries(server)
     result = CliRunner().invoke(cli.cli, ["search", "blue triangle", "-L", str(lib_dir), "--paths", "-k", "2"])
     assert result.exit_code == 0 and len(result.stdout.splitlines()) == 2, result.output
-    assert server.queries == before + 1
+    assert queries(server) == before + 1
     local = CliRunner().invoke(cli.cli, ["search", "blue triangle", "-L", str(lib_dir), "--paths", "-k", "2",
                                          "--no-server"])
-    assert local.stdout == result.stdout and server.queries == before + 1
+    assert local.stdout == result.stdout and queries(server) == before + 1
 
 
 def test_a_dead_server_is_ignored(lib_dir, tmp_path):
@@ -143,6 +144,8 @@ def test_clipfind_serve_process(lib_dir):
     try:
         line = proc.stdout.readline()
         assert line.startswith("clipfind serve: http://127.0.0.1:"), line + proc.stderr.read()
+        login = proc.stdout.readline()
+        assert login.startswith(f"open {line.split()[2]}/login?token="), login
         info = find_server(lib_dir)
         assert info is not None and info["pid"] == proc.pid and line.split()[2] == info["url"]
         assert oct(os.stat(lib_dir / SERVE_FILE).st_mode & 0o777) == "0o600"

@@ -1,7 +1,7 @@
 """`clipfind search | similar | serve`: ask a library, print what it answers.
 
 Thin shells over `retrieval.query.search` (the query), `retrieval.query.render` (the
-output) and `retrieval.serve.server` (the warm server). When `clipfind serve` is
+output) and `retrieval.serve` (the warm server and its client). When `clipfind serve` is
 running for the library, search and similar send their query there and never
 load the model themselves.
 """
@@ -99,7 +99,7 @@ def _answer(kind: str, subject, k: int, filters: Filters, library_path, use_serv
     spec, device, precision = pop_model_options(model_kwargs)
     root = config.library_path(library_path)
     if use_server and spec is None:
-        from retrieval.serve.server import ServerUnavailable, ask, find_server
+        from retrieval.serve.client import ServerUnavailable, ask, find_server
 
         info = find_server(root)
         if info is not None:
@@ -204,58 +204,91 @@ def similar_command(path, path_filter, after, before, tags, min_score, k, as_jso
 
 @click.command("serve", epilog=MODEL_HELP)
 @click.option("--host", default="127.0.0.1", show_default=True,
-              help="Address to listen on. Anything but loopback exposes your file paths to the network.")
+              help="Address to listen on. Anything but loopback lets the network reach your photos: "
+                   "keep the token secret.")
 @click.option("--port", type=click.IntRange(0, 65535), default=8765, show_default=True,
               help="Port (0: any free one; the chosen URL is printed and written to serve.json).")
+@click.option("--token", metavar="TOKEN",
+              help="The secret every request must carry (default: a new random one, printed in the "
+                   "login URL and written to serve.json).")
 @click.option("--verbose", "-v", is_flag=True, help="Log every request to stderr.")
 @library_option
 @runtime_option
 @model_options
-def serve_command(host, port, verbose, library_path, runtime, **model_kwargs) -> None:
-    """Keep the model and index warm and answer queries over HTTP (JSON).
+def serve_command(host, port, token, verbose, library_path, runtime, **model_kwargs) -> None:
+    """Serve the library in a browser (search, photos, tags, status) and answer the CLI.
 
-    While it runs, `clipfind search` and `similar` on the same library ask it
-    instead of loading the model themselves, and repeated texts come from its
-    cache. The API (POST /search, POST /similar, GET /health) is described in
-    retrieval/serve/server.py; requests need the token from serve.json.
+    Open the printed login URL once; the browser keeps a cookie. While it runs,
+    `clipfind search` and `similar` on the same library ask it instead of
+    loading the model themselves. Scripts send `Authorization: Bearer TOKEN`
+    (the token is in serve.json); the JSON API is described at /docs.
 
     \b
     Examples:
-      clipfind serve &
-      clipfind search "a red car"      # answered by the server
+      clipfind serve                       # then open the printed URL
+      clipfind serve --host 0.0.0.0 --port 8080 --token "$(cat ~/.clipfind-token)"
+      clipfind search "a red car"          # answered by the server
     """
+    import secrets
+
     from retrieval.query.search import Searcher
-    from retrieval.serve.server import QueryServer, is_loopback
+    from retrieval.serve.client import is_loopback
     from retrieval.store.library import Library
 
+    try:
+        from retrieval.serve.runner import WebServer, quiet_logging
+        from retrieval.serve.state import ServeState
+    except ImportError as exc:  # a partial install: say what is missing, not a traceback
+        raise click.ClickException(f"the web server needs {exc.name}: pip install 'clipfind[web]'") from None
+
     spec, device, precision = pop_model_options(model_kwargs)
+    if token is not None and len(token) < 16:
+        raise click.BadParameter("use at least 16 characters", param_hint="--token")
     if not is_loopback(host):
-        warn(f"listening on {host}: anyone who can reach it and has the token can list your images")
+        warn(f"listening on {host}: anyone who can reach it and has the token can see your photos")
     library = Library.open(config.library_path(library_path), model=spec, create=False)
     searcher = Searcher(library, spec, device, precision, runtime=runtime)
+    state = ServeState(library, searcher, token=token or secrets.token_urlsafe(24))
+    quiet_logging(verbose)
     try:
-        server = QueryServer(searcher, host, port, log=(lambda m: click.echo(m, err=True)) if verbose else None)
+        server = WebServer(state, host, port, verbose=verbose)
     except OSError as exc:
+        state.close()
         library.close()
         raise ClipfindError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
-    for message in dict.fromkeys(server.warm_up()):  # once each, in order
+    for message in dict.fromkeys(_warm_up(searcher)):  # once each, in order
         warn(message)
-    signal.signal(signal.SIGTERM, _stop)  # `kill PID` cleans up serve.json like Ctrl-C does
     server.announce()
     click.echo(f"clipfind serve: {server.url} for {library.root} (Ctrl-C to stop)")
+    click.echo(f"open {server.login_url}")
     sys.stdout.flush()
+    # uvicorn stops cleanly on SIGINT/SIGTERM, then raises the signal again for the handler it
+    # found: make that one a KeyboardInterrupt, so serve.json is withdrawn below.
+    signal.signal(signal.SIGTERM, _stop)
     try:
-        server.serve_forever()
+        server.run()
     except KeyboardInterrupt:
         pass
     finally:
         server.withdraw()
-        server.server_close()
+        state.close()
         library.close()
 
 
 def _stop(_signum, _frame) -> None:
     raise KeyboardInterrupt
+
+
+def _warm_up(searcher) -> list[str]:
+    """Load what the first queries would: the index, both towers (ONNX Runtime when the library
+    has an export, else torch), one text through its tower. Returns the notices to show
+    (runtime fallbacks, random weights)."""
+    from retrieval.query.types import Query
+
+    searcher.fresh_vectors()
+    notices: list[str] = []
+    searcher.runtimes.warm_up(notices)
+    return notices + searcher.search(Query.build("a photo"), k=1).warnings
 
 
 COMMANDS = [search_command, similar_command, serve_command]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import os
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -124,6 +125,34 @@ def _close_inherited(paths: tuple[str, ...]) -> None:
             continue
 
 
+def _quiet_hangups_of_the_fd_sharer() -> None:
+    """Keep Ctrl-C's one line one line: no thread traceback from multiprocessing's fd sharer.
+
+    Batches from workers travel as shared-memory tensors whose file descriptors a background
+    thread of this process (multiprocessing.resource_sharer) hands over. When a run is
+    interrupted the workers are shut down mid-handover, and that thread dies with an EOFError
+    whose traceback lands on stderr after our "interrupted" line (seen in
+    tests/test_exit_codes.py). Only that thread's hang-ups are silenced; anything else still
+    reaches the previous hook.
+    """
+    previous = threading.excepthook
+    if getattr(previous, "clipfind_quiet_fd_sharer", False):
+        return
+
+    def hook(args: threading.ExceptHookArgs) -> None:
+        frames, tb = [], args.exc_traceback
+        while tb is not None:
+            frames.append(tb.tb_frame.f_code.co_filename)
+            tb = tb.tb_next
+        hung_up = issubclass(args.exc_type, (EOFError, ConnectionError))
+        if hung_up and any(f.endswith("resource_sharer.py") for f in frames):
+            return
+        previous(args)
+
+    hook.clipfind_quiet_fd_sharer = True
+    threading.excepthook = hook
+
+
 def default_batch_size(device: torch.device) -> int:
     return 256 if device.type in ("cuda", "mps") else 32
 
@@ -136,6 +165,8 @@ def make_loader(paths: Sequence[str], preprocess: Callable, image_size: int, *, 
     `close_in_workers`: files (lock files) whose inherited descriptors workers must close.
     """
     dataset = ImageFiles(paths, preprocess, image_size, max_pixels)
+    if workers > 0:
+        _quiet_hangups_of_the_fd_sharer()
     init = functools.partial(_worker_init, tuple(str(p) for p in close_in_workers))
     extra = {"prefetch_factor": 4, "worker_init_fn": init} if workers > 0 else {}
     return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers,

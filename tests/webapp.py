@@ -1,0 +1,84 @@
+"""A real library and a real server on loopback for the web tests (tiny model, drawn photos).
+
+Import `web_fixture` and `web_lib_fixture` into a test module to use the `web` / `web_lib` fixtures.
+
+The photos: 36 drawn shapes (red ones dated 2020, the rest 2024 by mtime), one
+file named `<script>alert(1)</script>.jpg`, one 12-MP-style JPEG with EXIF
+orientation 6 (stored landscape, shown portrait), tags from a tagging run.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from datetime import datetime
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from retrieval import Library
+from retrieval.index.indexer import IndexOptions, index_paths
+from retrieval.media import synthetic
+from retrieval.model.encoder import ModelSpec
+from retrieval.query.search import Searcher
+from retrieval.serve.runner import WebServer
+from retrieval.serve.state import ServeState
+from retrieval.tagging.labels import from_names
+
+XSS_NAME = "<script>alert(1)</script>.jpg"  # a folder `<script>alert(1)<` holding `script>.jpg`
+TOKEN = "test-token-0123456789abcdef"
+OLD, NEW = datetime(2020, 6, 1, 12), datetime(2024, 6, 1, 12)
+
+
+def rotated_jpeg(path: Path, size=(1600, 800)) -> None:
+    """A landscape JPEG whose EXIF says 'rotate 90° clockwise' (orientation 6): shown portrait."""
+    image = Image.new("RGB", size, (200, 30, 30))
+    image.paste((30, 30, 200), (0, 0, size[0] // 2, size[1]))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    image.save(path, "JPEG", exif=exif.tobytes())
+
+
+def build_library(base: Path, model_dir: Path) -> Path:
+    photos = base / "photos"
+    pairs = synthetic.write_collection(photos / "shapes", per_class=3, seed=31)
+    for path, label in pairs:
+        when = OLD if label.startswith("red") else NEW
+        os.utime(path, (when.timestamp(), when.timestamp()))
+    (photos / XSS_NAME).parent.mkdir()  # the "/" in "</script>" makes it a folder and a file
+    shutil.copy(pairs[-1][0], photos / XSS_NAME)
+    rotated_jpeg(photos / "rotated.jpg")
+    spec = ModelSpec(model_dir=str(model_dir))
+    with Library.open(base / "lib", model=spec) as library:
+        index_paths(library, [str(photos)], spec, options=IndexOptions(workers=0))
+        labels = sorted({label.replace("_", " ") for _, label in pairs})
+        library.tag(from_names(labels), name="shapes")
+    return base / "lib"
+
+
+@pytest.fixture(scope="module", name="web_lib")
+def web_lib_fixture(tmp_path_factory, tiny_model_dir) -> Path:
+    return build_library(tmp_path_factory.mktemp("web"), tiny_model_dir)
+
+
+@pytest.fixture(scope="module", name="web")
+def web_fixture(web_lib):
+    """A running server on 127.0.0.1 (any free port) with a known token."""
+    library = Library.open(web_lib, create=False)
+    server = WebServer(ServeState(library, Searcher(library), token=TOKEN), "127.0.0.1", 0,
+                       idle_timeout=2.0).start_in_thread()
+    yield server
+    server.stop()
+    library.close()
+
+
+def wait_for(predicate, timeout: float = 60.0, every: float = 0.2):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(every)
+    raise AssertionError("condition not met in time")
