@@ -31,6 +31,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve()
 sys.path.insert(0, str(HERE.parent.parent))
+from bench.subset import symlinked_subset  # noqa: E402
 from retrieval import config  # noqa: E402
 
 DEFAULT_CACHE = config.cache_root() / "bench" / "photos"
@@ -83,21 +84,9 @@ def ensure_photos(cache: Path, count: int) -> Path:
     return cache
 
 
-def collection(cache: Path, count: int) -> Path:
-    """A folder holding exactly `count` of the cached photos (symlinks), so the scan sees `count`."""
-    folder = cache.parent / f"set-{count}"
-    if not folder.is_dir() or len(os.listdir(folder)) != count:
-        folder.mkdir(exist_ok=True)
-        for name in os.listdir(folder):
-            os.remove(folder / name)
-        for i in range(count):
-            os.symlink(cache / f"photo_{i:05d}.jpg", folder / f"photo_{i:05d}.jpg")
-    return folder
-
-
 # -- phases (each in its own process) -------------------------------------------------------
 def _spec(args):
-    from retrieval.model.encoder import ModelSpec
+    from retrieval.model.spec import ModelSpec
 
     if args.model_dir:
         return ModelSpec(model_dir=args.model_dir)
@@ -262,13 +251,13 @@ def parse(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = parse(argv)
     if args.phase:
-        folder = collection(args.cache_dir, args.count)
+        folder = symlinked_subset(args.cache_dir, args.count)
         phase = {"decode": phase_decode, "encode": phase_encode, "index": phase_index,
                  "runtimes": phase_runtimes}[args.phase]
         print(json.dumps({**phase(args, folder), **_peak_mb()}))
         return 0
     ensure_photos(args.cache_dir, args.count)
-    folder = collection(args.cache_dir, args.count)
+    folder = symlinked_subset(args.cache_dir, args.count)
     passthrough = [a for a in (argv if argv is not None else sys.argv[1:]) if a != "--json"]
     with tempfile.TemporaryDirectory(prefix="clipfind-bench-") as tmp:
         lib = ["--library", str(Path(tmp) / "lib")]

@@ -34,6 +34,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve()
 sys.path.insert(0, str(HERE.parent.parent))
+from bench.subset import symlinked_subset  # noqa: E402
 from retrieval import config  # noqa: E402
 
 CACHE = config.cache_root()
@@ -75,18 +76,6 @@ def ensure_photos(folder: Path, count: int) -> list[Path]:
         for path, seed in todo:
             make_photo(path, seed)
     return paths
-
-
-def collection(folder: Path, count: int) -> Path:
-    """A folder of exactly `count` photos (symlinks), so an index run sees `count` files."""
-    out = folder.parent / f"{folder.name}-set-{count}"
-    if not out.is_dir() or len(os.listdir(out)) != count:
-        out.mkdir(exist_ok=True)
-        for name in os.listdir(out):
-            os.remove(out / name)
-        for i in range(count):
-            os.symlink(folder / f"photo_{i:05d}.jpg", out / f"photo_{i:05d}.jpg")
-    return out
 
 
 # -- phases, each in its own process ---------------------------------------------------------
@@ -141,7 +130,7 @@ def phase_encode(args) -> dict:
 def phase_index(args) -> dict:
     """One whole index run into a new library, the model load timed apart."""
     from retrieval.index.indexer import IndexOptions, index_paths
-    from retrieval.model.encoder import ModelSpec
+    from retrieval.model.spec import ModelSpec
     from retrieval.store.library import Library
 
     spec = ModelSpec(model=args.model, random_weights=True)
@@ -261,7 +250,7 @@ def main(argv=None) -> int:
         print(json.dumps(phase(args)))
         return 0
     ensure_photos(args.photos_dir, args.count)
-    folder = str(collection(args.photos_dir, args.count))
+    folder = str(symlinked_subset(args.photos_dir, args.count))
     results: dict = {"count": args.count, "cpu": None, "models": {}}
 
     results["cpu"] = config.cpu_model_name()

@@ -232,6 +232,22 @@ def test_stale_running_runs_are_marked_interrupted(library, photos, spec):
         assert s.get(Run, stale).status == "interrupted"
 
 
+def test_reindex_interrupted_is_recorded_as_interrupted(library, photos, spec, monkeypatch):
+    import retrieval.index.refresh as refresh
+
+    run(library, [photos], spec)
+
+    def cut(*_args, **_kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(refresh, "refresh_vectors", cut)
+    with pytest.raises(KeyboardInterrupt):
+        rebuild_index(library)
+    with library.session() as s:
+        last = s.scalars(select(Run).order_by(Run.id.desc())).first()
+    assert (last.kind, last.status) == ("reindex", "interrupted")
+
+
 def test_verify_finds_missing_files_bad_vectors_and_a_wrong_index(library, photos, spec):
     import faiss
 

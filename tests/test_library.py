@@ -12,7 +12,7 @@ from retrieval.config import library_home
 from retrieval.errors import LibraryError
 from retrieval.model.encoder import ModelSpec
 from retrieval.store.library import DB_NAME, Library, migrate
-from retrieval.store.schema import Image, vector_to_blob
+from retrieval.store.schema import Image, Run, vector_to_blob
 
 
 @pytest.fixture(scope="module")
@@ -169,3 +169,22 @@ def test_write_lock_is_exclusive(tmp_path):
         with Library.open(tmp_path / "lib") as other, pytest.raises(LibraryError, match="busy"):
             with other.write_lock():
                 pass
+
+
+def test_run_lifecycle_records_done_failed_interrupted_and_marks_stale_runs(tmp_path):
+    with Library.open(tmp_path / "lib") as lib:
+        killed = lib.start_run("index")  # what a kill -9 leaves: 'running' for ever
+        (lib.root / ".index.faiss.tmp-4242").write_bytes(b"half a save")
+        with lib.run("reindex") as done:
+            done.stats = {"vectors": 3}
+        with pytest.raises(ValueError), lib.run("remove") as failed:
+            failed.stats = {"removed": 1}
+            raise ValueError("boom")
+        with pytest.raises(KeyboardInterrupt), lib.run("reembed") as cut:
+            raise KeyboardInterrupt
+        with lib.session() as s:
+            rows = {r.id: (r.kind, r.status, r.stats, r.finished_at is not None) for r in s.query(Run)}
+    assert rows == {killed: ("index", "interrupted", {}, True), done.id: ("reindex", "done", {"vectors": 3}, True),
+                    failed.id: ("remove", "failed", {"removed": 1}, True),
+                    cut.id: ("reembed", "interrupted", {}, True)}
+    assert not list((tmp_path / "lib").glob(".index.*.tmp-*"))

@@ -22,7 +22,7 @@ from retrieval.errors import ModelError
 from retrieval.index.reembed import reembed
 from retrieval.media import synthetic
 from retrieval.model import autoprecision as precision
-from retrieval.model import runtime
+from retrieval.model import precision_cache, runtime
 from retrieval.model.encoder import Encoder, ModelSpec, resolve_precision
 from retrieval.store import runs as run_sql
 
@@ -34,7 +34,7 @@ QUERIES = [f"a photo of a {label}." for label in synthetic.LABELS]
 def cache(tmp_path, monkeypatch):
     """A private precision cache (the tiny model itself stays where the suite keeps it)."""
     monkeypatch.setenv("CLIPFIND_CACHE", str(tmp_path / "cache"))
-    return tmp_path / "cache" / precision.CACHE_FILE
+    return tmp_path / "cache" / precision_cache.CACHE_FILE
 
 
 @pytest.fixture(scope="module")
@@ -211,7 +211,7 @@ def test_cache_hit_miss_on_other_torch_or_cpu_and_atomic_file(encoder, cache, mo
     assert first["source"] == "measured" and len(calls) == 1
     doc = json.loads(cache.read_text())
     (entry,) = doc["entries"].values()
-    assert entry["key"] == precision.machine_key(encoder.fingerprint)
+    assert entry["key"] == precision_cache.machine_key(encoder.fingerprint)
     assert entry["key"]["torch"] == torch.__version__ and entry["key"]["cpu"] == config.cpu_model_name()
     assert set(entry["rates"]) == set(precision.candidates()) and entry["chosen"] in entry["rates"]
     assert [p.name for p in cache.parent.iterdir() if p.name.endswith(".tmp")] == []
@@ -219,7 +219,7 @@ def test_cache_hit_miss_on_other_torch_or_cpu_and_atomic_file(encoder, cache, mo
     again = precision.settle(encoder, "auto")  # hit: nothing measured
     assert again["source"] == "cached" and len(calls) == 1 and again["chosen"] == first["chosen"]
 
-    monkeypatch.setattr(precision, "torch_version", lambda: "9.9.9+other")
+    monkeypatch.setattr(precision_cache, "torch_version", lambda: "9.9.9+other")
     assert precision.settle(encoder, "auto")["source"] == "measured" and len(calls) == 2
     monkeypatch.setattr("retrieval.config.cpu_model_name", lambda: "Some Other CPU @ 3.0GHz")
     assert precision.settle(encoder, "auto")["source"] == "measured" and len(calls) == 3
@@ -227,14 +227,14 @@ def test_cache_hit_miss_on_other_torch_or_cpu_and_atomic_file(encoder, cache, mo
 
     # An entry filed under this key but describing another machine is not trusted.
     doc = json.loads(cache.read_text())
-    key_id = precision._key_id(precision.machine_key(encoder.fingerprint))
+    key_id = precision_cache.key_id(precision_cache.machine_key(encoder.fingerprint))
     doc["entries"][key_id]["key"]["torch"] = "1.0"
     cache.write_text(json.dumps(doc))
     assert precision.settle(encoder, "auto")["source"] == "measured" and len(calls) == 4
 
     cache.write_text("{not json")  # a damaged cache is measured again and rewritten
     assert precision.settle(encoder, "auto")["source"] == "measured" and len(calls) == 5
-    assert json.loads(cache.read_text())["version"] == precision.CACHE_VERSION
+    assert json.loads(cache.read_text())["version"] == precision_cache.CACHE_VERSION
 
 
 def test_auto_is_settled_only_when_an_image_needs_it(tiny_spec, cache, monkeypatch, pictures):
@@ -257,8 +257,8 @@ def test_encoder_auto_uses_the_cached_choice(tiny_spec, cache):
     assert "precision: " in precision.describe(report) and key["cpu"] in precision.describe(report)
     # Fake a cached choice for this machine: the next encoder takes it without measuring.
     mode = CPU_MODES[0]
-    entry = {**precision.cached_entry(key), "chosen": mode}
-    precision.store_entry(key, entry)
+    entry = {**precision_cache.cached_entry(key), "chosen": mode}
+    precision_cache.store_entry(key, entry)
     again = Encoder(tiny_spec, device="cpu")
     assert again.precision == mode and again.precision_report["source"] == "cached"
     forced = Encoder(tiny_spec, device="cpu", precision="fp32")

@@ -239,7 +239,7 @@ def serve_command(host, port, token, verbose, library_path, runtime, **model_kwa
         from retrieval.serve.runner import WebServer, quiet_logging
         from retrieval.serve.state import ServeState
     except ImportError as exc:  # a partial install: say what is missing, not a traceback
-        raise click.ClickException(f"the web server needs {exc.name}: pip install 'clipfind[web]'") from None
+        raise ClipfindError(f"the web server needs {exc.name}: pip install 'clipfind[web]'") from None
 
     spec, device, precision = pop_model_options(model_kwargs)
     if token is not None and len(token) < 16:

@@ -17,7 +17,7 @@ import faiss
 import numpy as np
 from sqlalchemy import select, text
 
-from retrieval.model.autoprecision import cached_choice
+from retrieval.model.precision_cache import cached_choice
 from retrieval.store.library import Library
 from retrieval.store.onnx_exports import export_problems
 from retrieval.store.runs import mixed_precision_problem, vectors_by_precision

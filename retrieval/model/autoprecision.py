@@ -23,7 +23,7 @@ can be) and logs a warning with the measured agreement when it fails. GPUs keep
 fp16 and are not measured.
 
 Nothing here imports torch at module level, so `status` can read the cached
-choice (`cached_choice`) without it. The image towers themselves are built by
+choice (`retrieval.model.precision_cache.cached_choice`) without it. The image towers themselves are built by
 `retrieval.model.runtime`; which precisions made a library's vectors is the
 store's business (`retrieval.store.runs`); re-encoding a library at one
 precision is `retrieval.index.reembed`.
@@ -31,25 +31,15 @@ precision is `retrieval.index.reembed`.
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
-import functools
-import importlib.util
-import json
 import logging
-import os
 import random
-import re
-import sys
-import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from datetime import datetime, timezone
-from importlib import metadata
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from retrieval import config
+from retrieval.model.precision_cache import cached_entry, machine_key, store_entry
 from retrieval.model.runtime import image_model_at
 
 if TYPE_CHECKING:  # torch is imported inside the functions that encode, so `status` stays light
@@ -57,10 +47,6 @@ if TYPE_CHECKING:  # torch is imported inside the functions that encode, so `sta
     import torch
 
 log = logging.getLogger("clipfind.precision")
-
-CACHE_FILE = "precision.json"
-CACHE_VERSION = 2  # bumped when the way of measuring changes: old choices are re-measured
-MAX_CACHE_ENTRIES = 200
 
 MIN_COSINE = 0.995  # mean cosine of a mode's image embeddings to fp32's
 MIN_OVERLAP = 0.9  # mean top-k text->image overlap with fp32
@@ -283,98 +269,6 @@ def pick(rates: dict[str, float], agreement: dict[str, dict], min_speedup: float
     return "fp32", f"the fastest agreeing mode ({best}) is only {speedup:.2f}x fp32" + note
 
 
-# -- the cache ---------------------------------------------------------------------------
-
-
-def cache_path() -> Path:
-    return config.cache_root() / CACHE_FILE
-
-
-@functools.cache
-def torch_version() -> str:
-    """The installed torch's full version (build tag included, e.g. 2.14.1+cu130), without importing it."""
-    if "torch" in sys.modules:
-        return sys.modules["torch"].__version__
-    with contextlib.suppress(Exception):
-        spec = importlib.util.find_spec("torch")
-        text = (Path(spec.submodule_search_locations[0]) / "version.py").read_text()
-        found = re.search(r"^__version__\s*=\s*['\"]([^'\"]+)['\"]", text, re.M)
-        if found:
-            return found.group(1)
-    try:
-        return metadata.version("torch")
-    except metadata.PackageNotFoundError:  # pragma: no cover - torch from source
-        import torch
-
-        return torch.__version__
-
-
-def machine_key(fingerprint: str) -> dict:
-    """What a measurement is valid for: these weights, on this CPU, with this torch."""
-    return {"fingerprint": fingerprint, "cpu": config.cpu_model_name(), "cores": config.usable_cores(),
-            "torch": torch_version()}
-
-
-def _key_id(key: dict) -> str:
-    return "|".join(str(key[f]) for f in ("fingerprint", "cpu", "cores", "torch"))
-
-
-def _read_cache(path: Path) -> dict:
-    try:
-        doc = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {"version": CACHE_VERSION, "entries": {}}
-    if not isinstance(doc, dict) or doc.get("version") != CACHE_VERSION or not isinstance(doc.get("entries"), dict):
-        return {"version": CACHE_VERSION, "entries": {}}
-    return doc
-
-
-def cached_entry(key: dict) -> dict | None:
-    """The cached measurement for exactly this key (another CPU or torch counts as none)."""
-    entry = _read_cache(cache_path())["entries"].get(_key_id(key))
-    if not isinstance(entry, dict) or entry.get("key") != key or "chosen" not in entry:
-        return None
-    return entry
-
-
-@contextlib.contextmanager
-def _cache_lock(path: Path) -> Iterator[None]:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.with_name(path.name + ".lock"), "a+") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
-
-
-def store_entry(key: dict, entry: dict) -> dict:
-    """Add or replace the entry for `key`, atomically (temp file + rename, under a lock)."""
-    path = cache_path()
-    entry = {**entry, "key": key}
-    try:
-        with _cache_lock(path):
-            doc = _read_cache(path)
-            entries = doc["entries"]
-            entries[_key_id(key)] = entry
-            while len(entries) > MAX_CACHE_ENTRIES:  # oldest measurements go first
-                entries.pop(min(entries, key=lambda k: str(entries[k].get("measured_at", ""))))
-            fd, tmp = tempfile.mkstemp(prefix=".precision-", suffix=".tmp", dir=path.parent)
-            try:
-                with os.fdopen(fd, "w") as fh:
-                    json.dump(doc, fh, indent=1, sort_keys=True)
-                    fh.flush()
-                    os.fsync(fh.fileno())
-                os.replace(tmp, path)
-            except BaseException:
-                with contextlib.suppress(OSError):
-                    os.unlink(tmp)
-                raise
-    except OSError as exc:  # a read-only home must not stop indexing: measure again next time
-        log.warning("could not save the precision choice to %s: %s", path, exc)
-    return entry
-
-
 # -- the encoder's hook ------------------------------------------------------------------
 
 
@@ -445,16 +339,8 @@ def describe(report: dict | None) -> str:
     return head
 
 
-def cached_choice(fingerprint: str) -> dict | None:
-    """For `clipfind status`: the cached auto choice for these weights on this machine, if any."""
-    entry = cached_entry(machine_key(fingerprint))
-    if not entry:
-        return None
-    return {k: entry.get(k) for k in ("chosen", "why", "rates", "agreement", "measured_at", "key")}
-
-
 def status_line(auto: dict | None) -> str:
-    """One line about `cached_choice` for `clipfind status`."""
+    """One line about `precision_cache.cached_choice` for `clipfind status`."""
     if not auto:
         return "auto not measured on this machine yet (the first encoding measures it, a few seconds)"
     key = auto.get("key") or {}
