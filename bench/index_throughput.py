@@ -308,10 +308,15 @@ def print_runtimes(results: dict, default_run: dict) -> None:
     for name, rate in rt["rates"].items():
         print(f"  {name:<12} {rate:8.1f} {rate / base:13.2f} {rt['cosine_to_torch_fp32'][name]:21.6f}")
     explicit = {k: v for k, v in results.items() if k.startswith("index_threads_")}
-    best_name, best = max(explicit.items(), key=lambda kv: kv[1]["per_s"])
-    print(f"default flags (threads measured: {default_run.get('threads')}): {default_run['per_s']:.1f} img/s; "
-          + ", ".join(f"--threads {k.rsplit('_', 1)[1]}: {v['per_s']:.1f}" for k, v in explicit.items())
-          + f"; default / best explicit = {default_run['per_s'] / best['per_s']:.2f} (target >= 0.9)")
+    # Rates after the model load: the default run is a library's first (it also loads the model
+    # and exports ONNX), the explicit ones run later; still minutes apart, so on a busy machine
+    # re-run before trusting the ratio.
+    rate = "per_s_after_load"
+    best_name, best = max(explicit.items(), key=lambda kv: kv[1][rate])
+    print(f"default flags (threads measured: {default_run.get('threads')}): {default_run[rate]:.1f} img/s; "
+          + ", ".join(f"--threads {k.rsplit('_', 1)[1]}: {v[rate]:.1f}" for k, v in explicit.items())
+          + f"; default / best explicit = {default_run[rate] / best[rate]:.2f} (target >= 0.9; "
+          "img/s after the model load)")
 
 
 if __name__ == "__main__":
