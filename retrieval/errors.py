@@ -22,7 +22,7 @@ EXIT_CODES: dict[int, str] = {
     EXIT_FAILURE: "failed: the command ran but could not do its job",
     EXIT_USAGE: "usage error: bad flags or arguments",
     EXIT_MODEL: "model error: unknown model, weights missing or not matching",
-    EXIT_LIBRARY: "library error: missing, empty, unwritable, damaged, newer schema, another model, locked",
+    EXIT_LIBRARY: "library error: missing, empty, unwritable, damaged, disk full, newer schema, another model, locked",
     EXIT_INPUT: "bad input: unreadable image, bad label file or dataset",
     EXIT_VERIFY: "`verify` found problems",
     EXIT_INTERRUPTED: "interrupted: everything committed so far is kept; run again to resume",
@@ -36,6 +36,12 @@ class ClipfindError(Exception):
     """A problem the user can fix; the message is one line that says how."""
 
     exit_code = EXIT_FAILURE
+
+
+class UsageError(ClipfindError):
+    """A value no command could act on (a weight of 1e39, say), found past click's own checks."""
+
+    exit_code = EXIT_USAGE
 
 
 class ModelError(ClipfindError):

@@ -26,6 +26,7 @@ from retrieval.store import library as store
 
 if TYPE_CHECKING:
     from retrieval.index.indexer import IndexResult
+    from retrieval.learn.concepts import LearnResult
     from retrieval.tagging.autotag import TagResult
 
 
@@ -56,3 +57,13 @@ class Library(store.Library):
         from retrieval.tagging.autotag import auto_tag
 
         return auto_tag(self, labels, strategy, encoder=kwargs.pop("encoder", None) or self.encoder(), **kwargs)
+
+    def learn_concept(self, name: str, positive: Iterable[str], **options: Any) -> LearnResult:
+        """Learn and store concept `name` from example files or folders; search it with `search(concept=name)`.
+
+        `options`: negative, prompt, method (auto|probe|coop), replace. See
+        `retrieval.learn.concepts.learn_concept`.
+        """
+        from retrieval.learn.concepts import learn_concept
+
+        return learn_concept(self, name, list(positive), **options)

@@ -55,8 +55,8 @@ def test_table_is_the_default(setup):
     result = clipfind("search", "red circle", "-L", setup["lib"], "--no-server")
     assert result.exit_code == 0, result.output
     rows = lines(result)
-    assert rows[0].split() == ["rank", "score", "size", "path"] and len(rows) == 11
-    found = [setup["labels"][row.split(maxsplit=4)[4]] for row in rows[1:]]
+    assert rows[0].split() == ["rank", "score", "relev", "size", "path"] and len(rows) == 11
+    found = [setup["labels"][row.split(maxsplit=5)[5]] for row in rows[1:]]
     assert found.count("red circle") >= 5
 
 

@@ -94,7 +94,7 @@ def interrupted(indexed, tiny_model_dir) -> tuple[int, str]:
     synthetic.write_collection(photos, per_class=3, seed=7)  # 36 images, slowed per batch
     lib = indexed["root"] / "interrupted-lib"
     proc = spawn(index_args(photos, lib, tiny_model_dir), SLOW_BATCH="0.2")
-    wait_for(lambda: db_count(lib) >= 4, proc)
+    wait_for(lambda: db_count(lib) >= 4, proc, timeout=240)  # a loaded machine starts torch slowly
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
     return proc.returncode, err

@@ -296,7 +296,7 @@ def test_permission_denied_simulated(tmp_path: Path, monkeypatch) -> None:
     def denied(*args, **kwargs):
         raise PermissionError(13, "Permission denied", str(path))
 
-    monkeypatch.setattr(images, "open", denied, raising=False)
+    monkeypatch.setattr(images, "open_regular", denied)  # every open goes through it
     expect("unreadable", path)
 
 

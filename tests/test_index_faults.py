@@ -257,7 +257,8 @@ def make_messy_folder(root: Path) -> tuple[set[str], dict[str, str]]:
     bad[str(root / "bomb.png")] = "too_large"
     os.symlink(root / "gone-target.jpg", root / "dangling.jpg")
     bad[str(root / "dangling.jpg")] = "vanished"
-    os.mkfifo(root / "pipe.jpg")  # never opened: it could block forever
+    os.mkfifo(root / "pipe.jpg")  # never opened: it could block forever; skipped with its reason
+    bad[str(root / "pipe.jpg")] = "not_image"
     return good, bad
 
 

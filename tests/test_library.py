@@ -81,8 +81,19 @@ def test_migrations_run_on_an_empty_file(tmp_path):
     with Library.open(root) as lib, lib.engine.connect() as conn:
         tables = {r[0] for r in conn.execute(text("SELECT name FROM sqlite_master WHERE type='table'"))}
         version = conn.execute(text("SELECT version_num FROM alembic_version")).scalar_one()
-    assert {"images", "runs", "errors", "vector_log", "tags", "tag_runs", "meta"} <= tables
-    assert version == "0001"
+    assert {"images", "runs", "errors", "vector_log", "tags", "tag_runs", "meta", "concepts"} <= tables
+    assert version == _head_revision()
+
+
+def _head_revision() -> str:
+    from importlib import resources
+
+    from alembic.config import Config
+    from alembic.script import ScriptDirectory
+
+    config = Config()
+    config.set_main_option("script_location", str(resources.files("retrieval.migrations")))
+    return ScriptDirectory.from_config(config).get_current_head()
 
 
 def test_newer_schema_is_refused_and_left_alone(tmp_path):

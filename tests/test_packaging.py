@@ -34,7 +34,8 @@ def test_wheel_holds_one_top_level_package_with_its_migrations(wheel):
     for shipped in ("retrieval/migrations/env.py", "retrieval/migrations/alembic.ini",
                     "retrieval/migrations/script.py.mako", "retrieval/migrations/versions/0001_initial.py",
                     "retrieval/cli/__init__.py", "retrieval/serve/templates/search.html",
-                    "retrieval/serve/static/app.js", "retrieval/serve/static/app.css"):
+                    "retrieval/serve/static/app.js", "retrieval/serve/static/app.css",
+                    "retrieval/prompting/data/cifar10_templates.txt", "retrieval/prompting/data/cifar10_cupl.json"):
         assert shipped in names
     entry_points = next(n for n in names if n.endswith(".dist-info/entry_points.txt"))
     assert "clipfind = retrieval.cli:main" in zipfile.ZipFile(wheel).read(entry_points).decode()

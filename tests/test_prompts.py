@@ -151,3 +151,23 @@ def test_cupl_needs_descriptions_and_warns_about_truncation(encoder):
     long = {"red circle": ["a red circle " + "with a very long and winding description " * 3]}
     got = prompts.class_vectors(encoder, [Label("red circle")], "cupl", long)
     assert "longer than the model's 16-token context" in got.notes[0]
+
+
+def test_bundled_cifar10_template_set_is_the_clip_papers_18():
+    templates = prompts.template_set("cifar10")
+    assert len(templates) == 18 == len(set(templates))
+    assert templates[0] == "a photo of a {}." and templates[-1] == "a photo of the big {}."
+    assert all("{}" in t for t in templates)
+    strategy = prompts.parse_strategy("ensemble:cifar10+cupl:cifar10")
+    assert strategy.all_templates == templates and strategy.cupl and strategy.descriptions_file == "cifar10"
+
+
+def test_bundled_sets_work_as_strategies(encoder):
+    cifar = [Label("cat"), Label("dog")]
+    both = prompts.class_vectors(encoder, cifar, "ensemble:cifar10+cupl:cifar10")
+    from retrieval.prompting.cupl import load_descriptions
+
+    described = load_descriptions("cifar10")
+    assert both.texts_per_label == [18 + len(described["cat"]), 18 + len(described["dog"])]
+    expected = by_hand(encoder, [t.format("cat") for t in prompts.template_set("cifar10")] + described["cat"])
+    np.testing.assert_allclose(both.matrix[0], expected, atol=1e-5)

@@ -66,7 +66,7 @@ def test_newline_paths_and_table(files):
     assert rendered(response_for(plain), "paths").decode().splitlines() == plain
     table = rendered(response_for(files), "table").decode("utf-8")
     header, first = table.splitlines()[:2]
-    assert header.split() == ["rank", "score", "size", "path"]
+    assert header.split() == ["rank", "score", "relev", "size", "path"]
     assert first.split()[:2] == ["1", "0.9000"] and first.endswith(files[0])
     assert rendered(response_for([]), "table") == b"no results\n"
 

@@ -7,11 +7,14 @@ documented exit code. The console script points at `main` here.
 
 from __future__ import annotations
 
+import sqlite3
 import sys
 
 import click
+from sqlalchemy.exc import DBAPIError
 
 from retrieval.errors import EXIT_CODES_HELP, ClipfindError
+from retrieval.store.integrity import library_error_for
 
 
 class ClipfindGroup(click.Group):
@@ -23,6 +26,12 @@ class ClipfindGroup(click.Group):
         except ClipfindError as exc:
             click.echo(f"error: {exc}", err=True)
             ctx.exit(exc.exit_code)
+        except (DBAPIError, sqlite3.Error, OSError) as exc:  # damaged, read-only or full storage
+            known = library_error_for(exc)
+            if known is None:
+                raise
+            click.echo(f"error: {known}", err=True)
+            ctx.exit(known.exit_code)
         except KeyboardInterrupt:
             click.echo("interrupted: everything committed so far is kept; run again to resume", err=True)
             ctx.exit(130)
@@ -44,9 +53,9 @@ def cli() -> None:
 
 
 def _register() -> None:
-    from retrieval.cli import demo, library_cmds, models, search_cmds, tag_cmds
+    from retrieval.cli import concept_cmds, demo, library_cmds, models, search_cmds, tag_cmds
 
-    for module in (demo, models, library_cmds, search_cmds, tag_cmds):
+    for module in (demo, models, library_cmds, search_cmds, tag_cmds, concept_cmds):
         for command in module.COMMANDS:
             cli.add_command(command)
 

@@ -213,7 +213,8 @@ def status_command(library_path, as_json) -> None:
             s = run["stats"]
             detail = ", ".join(f"{k} {s[k]}" for k in ("indexed", "encoded", "removed", "skipped", "seconds")
                                if s.get(k))
-            click.echo(f"{label + ':':<10} {run['kind']} #{run['id']} {run['status']} at {run['started_at'][:19]}"
+            state = run["status"] + (f" ({run['note']})" if run.get("note") else "")
+            click.echo(f"{label + ':':<10} {run['kind']} #{run['id']} {state} at {run['started_at'][:19]}"
                        + (f" [{run['precision']} on {run['device']}]" if run["precision"] else "")
                        + (f": {detail}" if detail else ""))
     click.echo(f"skipped:   {info['skipped_last_index_run']} files in the last index run "
@@ -230,10 +231,16 @@ def status_command(library_path, as_json) -> None:
 @json_option
 def verify_command(library_path, no_files, sample, wait, verbose, as_json) -> None:
     """Check that database, FAISS index and files agree; exit 6 if they do not."""
-    from retrieval.index.inspection import verify_library
+    from retrieval.index.inspection import VerifyReport, damaged_finding, verify_library
+    from retrieval.store.integrity import DamagedDatabase
+    from retrieval.store.library import Library
 
-    with _open(library_path) as library:
-        report = verify_library(library, wait=wait, sample=sample, check_files=not no_files)
+    try:
+        with Library.open(library_path, create=False, check=False) as library:
+            report = verify_library(library, wait=wait, sample=sample, check_files=not no_files)
+    except DamagedDatabase as exc:  # too damaged to open at all: still a finding, not a refusal
+        report = VerifyReport()
+        report.problem("integrity", damaged_finding(exc.detail))
     if as_json:
         out = report.as_dict()
         out["missing_files"] = [shown_path(p) for p in report.missing]
@@ -331,4 +338,34 @@ def reindex_command(library_path, index_type, precision, device, wait, quiet, as
                f"in {stats['seconds']:.1f} s")
 
 
-COMMANDS = [index_command, status_command, verify_command, remove_command, reindex_command]
+@click.command("backup")
+@click.argument("destination", type=click.Path())
+@library_option
+@click.option("--wait", is_flag=True, help="Wait for a running writer instead of refusing.")
+@json_option
+def backup_command(destination, library_path, wait, as_json) -> None:
+    """Copy the library (database and FAISS files) to the new folder DESTINATION.
+
+    The database is copied with SQLite's online backup API and checked; the
+    folder appears only once the copy is complete. To restore, stop anything
+    using the library and replace its folder with the backup.
+
+    \b
+    Examples:
+      clipfind backup ~/backups/photos-$(date +%F)
+      clipfind backup /mnt/usb/clipfind-copy --wait
+    """
+    from retrieval.store.backup import backup_library
+
+    with _open(library_path) as library:
+        info = backup_library(library, destination, wait=wait)
+    if as_json:
+        emit_json(info)
+        return
+    click.echo(f"backed up {info['images']} images ({human_size(info['database_bytes'])} database"
+               + (", FAISS index" if info["index_files"] else "") + f") to {info['backup']} "
+               f"in {info['seconds']:.1f} s")
+
+
+COMMANDS = [index_command, status_command, verify_command, remove_command, reindex_command,
+            backup_command]

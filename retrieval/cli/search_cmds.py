@@ -27,23 +27,28 @@ from retrieval.cli.common import (
 from retrieval.errors import ClipfindError
 from retrieval.query.types import (
     DEFAULT_TEMPLATES,
+    MAX_WEIGHT,
     NEGATIVE_WEIGHT,
     Filters,
     Query,
     normalise_path_filter,
 )
 
+UNTIL_IRRELEVANT_K = 1000  # the cap on --until-irrelevant lists when -k is not given
 DATE_FORMATS = ["%Y-%m-%d", "%Y-%m-%dT%H:%M:%S", "%Y-%m-%d %H:%M:%S", "%Y-%m-%dT%H:%M", "%Y-%m-%d %H:%M"]
 
 FORMULA_HELP = (
     "How terms combine (all embeddings unit length): q = normalise(sum_i w_i*p_i - L*sum_j n_j), "
-    "p_i the positive texts and images with weights w_i (1 unless given), n_j the --not and "
-    "--not-image terms, L the --not-weight. Scores are cosine similarities to q."
+    "p_i the positive texts, images and --concept directions with weights w_i (1 unless given), n_j "
+    "the --not and --not-image terms, L the --not-weight. --more-like/--less-like then move q by "
+    "Rocchio's rule: q' = normalise(q + 0.75*mean(more) - 0.15*mean(less)). Scores are cosine "
+    "similarities to q; relevance (0-1) is calibrated per query against a fixed random sample of the "
+    "library (see the README)."
 )
 
 
 def filter_options(func: Callable) -> Callable:
-    """--path, --after, --before, --tag, --min-score: shared by search and similar."""
+    """--path, --after, --before, --tag, --min-score, --min-relevance, --until-irrelevant: search and similar."""
     options = [
         click.option("--path", "path_filter", metavar="PREFIX|GLOB",
                      help="Only images under this folder (or file prefix), or whose full path matches "
@@ -56,6 +61,12 @@ def filter_options(func: Callable) -> Callable:
         click.option("--tag", "tags", multiple=True, metavar="LABEL",
                      help="Only images tagged LABEL by `clipfind tag` (repeat: all of them)."),
         click.option("--min-score", type=float, metavar="S", help="Drop results scoring below S."),
+        click.option("--min-relevance", type=click.FloatRange(0, 1), metavar="R",
+                     help="Drop results whose calibrated relevance (0-1, the same scale for every "
+                          "query) is below R."),
+        click.option("--until-irrelevant", is_flag=True,
+                     help="Stop the list where relevant results end (relevance below 0.5); -k then "
+                          f"caps it (default {UNTIL_IRRELEVANT_K})."),
     ]
     for option in reversed(options):
         func = option(func)
@@ -65,8 +76,8 @@ def filter_options(func: Callable) -> Callable:
 def output_options(func: Callable) -> Callable:
     """-k/--top, --json, --paths, --paths0/--null, --html FILE, --server/--no-server."""
     options = [
-        click.option("-k", "--top", "k", type=click.IntRange(1), default=10, show_default=True,
-                     help="How many results (all, if the library holds fewer)."),
+        click.option("-k", "--top", "k", type=click.IntRange(1),
+                     help="How many results (all, if the library holds fewer)  [default: 10]."),
         click.option("--json", "as_json", is_flag=True, help="One JSON object per result per line."),
         click.option("--paths", "as_paths", is_flag=True, help="Bare paths, one per line."),
         click.option("--paths0", "--null", "-0", "as_paths0", is_flag=True,
@@ -81,9 +92,15 @@ def output_options(func: Callable) -> Callable:
     return func
 
 
-def _filters(path_filter, after, before, tags, min_score) -> Filters:
+def _filters(path_filter, after, before, tags, min_score, min_relevance=None, until_irrelevant=False) -> Filters:
     return Filters(path=normalise_path_filter(path_filter) if path_filter else None, after=after,
-                   before=before, tags=tuple(tags), min_score=min_score)
+                   before=before, tags=tuple(tags), min_score=min_score, min_relevance=min_relevance,
+                   until_irrelevant=until_irrelevant)
+
+
+def _k(k: int | None, until_irrelevant: bool) -> int:
+    """-k, else 10, or UNTIL_IRRELEVANT_K when the relevance decides where the list ends."""
+    return k if k is not None else UNTIL_IRRELEVANT_K if until_irrelevant else 10
 
 
 def _format(as_json: bool, as_paths: bool, as_paths0: bool) -> str:
@@ -142,20 +159,27 @@ def _emit(response, fmt: str, html_file: str | None) -> None:
               help="Push results away from TEXT (repeatable).")
 @click.option("--not-image", "not_images", multiple=True, metavar="FILE",
               help="Push results away from this image (repeatable).")
-@click.option("--not-weight", type=click.FloatRange(0), default=NEGATIVE_WEIGHT, show_default=True,
+@click.option("--not-weight", type=click.FloatRange(0, MAX_WEIGHT), default=NEGATIVE_WEIGHT, show_default=True,
               help="L in the formula below: how hard --not terms push.")
 @click.option("--template", "-t", default=DEFAULT_TEMPLATES, show_default=True, metavar="NAME|FILE",
               help="Prompt templates for texts: single, photo, simple7, imagenet80, or a file with "
                    "one template containing {} per line; the query is the average over them.")
 @click.option("--raw", is_flag=True, help="Encode texts exactly as typed, without templates.")
+@click.option("--concept", "concepts", multiple=True, metavar="NAME",
+              help="Search by a concept learned with `clipfind concept learn` (repeatable; NAME^W weighs it).")
+@click.option("--more-like", "more_like", multiple=True, metavar="FILE",
+              help="Relevance feedback: move the query toward this image (repeatable; Rocchio).")
+@click.option("--less-like", "less_like", multiple=True, metavar="FILE",
+              help="Relevance feedback: move the query away from this image (repeatable).")
 @filter_options
 @output_options
 @library_option
 @runtime_option
 @model_options
-def search_command(texts, images, image_weight, not_texts, not_images, not_weight, template, raw,
-                   path_filter, after, before, tags, min_score, k, as_json, as_paths, as_paths0,
-                   html_file, use_server, library_path, runtime, **model_kwargs) -> None:
+def search_command(texts, images, image_weight, not_texts, not_images, not_weight, template, raw, concepts,
+                   more_like, less_like, path_filter, after, before, tags, min_score, min_relevance,
+                   until_irrelevant, k, as_json, as_paths, as_paths0, html_file, use_server, library_path,
+                   runtime, **model_kwargs) -> None:
     """Find images by TEXTS, example images, or both.
 
     \b
@@ -165,15 +189,18 @@ def search_command(texts, images, image_weight, not_texts, not_images, not_weigh
       clipfind search "a city at night" --not people --after 2024-01-01
       clipfind search cat --path ~/Pictures/2023 --paths0 | xargs -0 ls -l
       clipfind search "red car" -k 50 --html cars.html
+      clipfind search --concept my-dog --until-irrelevant --paths
+      clipfind search "a dog" --more-like good.jpg --less-like wrong.jpg
     """
-    if not texts and not images:
-        raise click.UsageError("give a text to search for, --image FILE, or both")
+    if not texts and not images and not concepts and not more_like:
+        raise click.UsageError("give a text to search for, --image FILE, --concept NAME or --more-like FILE")
     fmt = _format(as_json, as_paths, as_paths0)
     query = Query.build(texts, images, not_texts, not_images, image_weight=image_weight,
-                        templates=template, raw=raw, negative_weight=not_weight)
-    filters = _filters(path_filter, after, before, tags, min_score)
-    _emit(_answer("search", query, k, filters, library_path, use_server, model_kwargs, runtime), fmt,
-          html_file)
+                        templates=template, raw=raw, negative_weight=not_weight, concepts=concepts,
+                        more_like=more_like, less_like=less_like)
+    filters = _filters(path_filter, after, before, tags, min_score, min_relevance, until_irrelevant)
+    _emit(_answer("search", query, _k(k, until_irrelevant), filters, library_path, use_server, model_kwargs,
+                  runtime), fmt, html_file)
 
 
 @click.command("similar", epilog=MODEL_HELP)
@@ -183,8 +210,9 @@ def search_command(texts, images, image_weight, not_texts, not_images, not_weigh
 @library_option
 @runtime_option
 @model_options
-def similar_command(path, path_filter, after, before, tags, min_score, k, as_json, as_paths, as_paths0,
-                    html_file, use_server, library_path, runtime, **model_kwargs) -> None:
+def similar_command(path, path_filter, after, before, tags, min_score, min_relevance, until_irrelevant, k,
+                    as_json, as_paths, as_paths0, html_file, use_server, library_path, runtime,
+                    **model_kwargs) -> None:
     """Images most like PATH, best first; PATH itself is left out.
 
     Exact copies score 1.0, re-encoded or resized copies a little less, so
@@ -197,9 +225,9 @@ def similar_command(path, path_filter, after, before, tags, min_score, k, as_jso
       clipfind similar photo.jpg --min-score 0.95 --paths
     """
     fmt = _format(as_json, as_paths, as_paths0)
-    filters = _filters(path_filter, after, before, tags, min_score)
-    _emit(_answer("similar", path, k, filters, library_path, use_server, model_kwargs, runtime), fmt,
-          html_file)
+    filters = _filters(path_filter, after, before, tags, min_score, min_relevance, until_irrelevant)
+    _emit(_answer("similar", path, _k(k, until_irrelevant), filters, library_path, use_server, model_kwargs,
+                  runtime), fmt, html_file)
 
 
 @click.command("serve", epilog=MODEL_HELP)

@@ -28,8 +28,9 @@ from retrieval.errors import InputError, ModelError
 from retrieval.query.render import shown_path
 
 STRATEGY_HELP = (
-    "Prompt strategy: raw, template[:TEXT] (default 'a photo of a {}.'), ensemble[:imagenet80|simple7|FILE], "
-    "cupl[:FILE]; join parts with + (ensemble+cupl)."
+    "Prompt strategy: raw, template[:TEXT] (default 'a photo of a {}.'), "
+    "ensemble[:imagenet80|simple7|cifar10|FILE], cupl[:FILE|cifar10]; join parts with + "
+    "(ensemble+cupl, ensemble:cifar10+cupl:cifar10)."
 )
 LABELS_HELP = "Label file (one per line, `label: synonym, synonym`) or a built-in set: imagenet1k, cifar10, cifar100."
 
@@ -63,10 +64,15 @@ _eval_options = _options(
 
 @click.command("tag", epilog=MODEL_HELP)
 @library_option
-@click.option("--labels", "labels_spec", required=True, help=LABELS_HELP)
+@click.option("--labels", "labels_spec", help=LABELS_HELP)
+@click.option("--concepts", "use_concepts", is_flag=True,
+              help="Tag with every concept learned by `clipfind concept learn` instead of --labels "
+                   "(run name 'concepts'; each concept's own decision point).")
 @click.option("--strategy", default="template", show_default=True, help=STRATEGY_HELP)
 @click.option("--descriptions", type=click.Path(dir_okay=False), help="CuPL descriptions JSON {label: [sentences]}.")
 @_shots_options
+@click.option("--train", is_flag=True, help="Tip-Adapter-F: fine-tune the --shots cache keys (a few seconds) "
+              "before tagging.")
 @click.option("--name", help="Tag run name (default: the label set's name). Re-using a name replaces that run.")
 @click.option("--top-k", type=click.IntRange(1), help="Keep at most this many labels per image (default 1; "
               "multi-label: all that pass).")
@@ -79,8 +85,9 @@ _eval_options = _options(
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @model_options
 @json_option
-def tag_command(library_path, labels_spec, strategy, descriptions, shots, alpha, beta, search_alpha_beta, name,
-                top_k, threshold, calibrate, multi_label, wait, quiet, as_json, **model_kwargs) -> None:
+def tag_command(library_path, labels_spec, use_concepts, strategy, descriptions, shots, alpha, beta,
+                search_alpha_beta, train, name, top_k, threshold, calibrate, multi_label, wait, quiet, as_json,
+                **model_kwargs) -> None:
     """Auto-tag every image in the library from its stored vectors (no pixels decoded).
 
     \b
@@ -89,18 +96,27 @@ def tag_command(library_path, labels_spec, strategy, descriptions, shots, alpha,
       clipfind tag --labels animals.txt --strategy ensemble+cupl --descriptions animals.json
       clipfind tag --labels cifar10 --shots ./examples --search-alpha-beta
       clipfind tag --labels scenes.txt --multi-label --calibrate
+      clipfind tag --labels cifar10 --shots ./examples --train      # Tip-Adapter-F
+      clipfind tag --concepts
     """
     from retrieval.facade import Library
     from retrieval.tagging.autotag import TagOptions
 
+    if bool(labels_spec) == use_concepts:
+        raise click.UsageError("give --labels FILE or --concepts (one of them)")
     spec, device, precision = pop_model_options(model_kwargs)
     options = TagOptions(top_k=top_k, threshold=threshold, multi_label=multi_label, calibrate=calibrate)
     with Library.open(library_path, model=spec, create=False) as library:
-        encoder = library.encoder(spec, device, precision)
-        note_random(encoder.spec)
-        result = library.tag(labels_spec, strategy, name=name, descriptions=descriptions, shots=shots,
-                             alpha=alpha, beta=beta, search_alpha_beta=search_alpha_beta, options=options,
-                             progress=not quiet and not as_json, wait=wait)
+        if use_concepts:
+            from retrieval.tagging.concept_tags import RUN_NAME, tag_concepts
+
+            result = tag_concepts(library, name or RUN_NAME, top_k, progress=not quiet and not as_json, wait=wait)
+        else:
+            encoder = library.encoder(spec, device, precision)
+            note_random(encoder.spec)
+            result = library.tag(labels_spec, strategy, name=name, descriptions=descriptions, shots=shots,
+                                 alpha=alpha, beta=beta, search_alpha_beta=search_alpha_beta, options=options,
+                                 progress=not quiet and not as_json, wait=wait, train=train)
     if as_json:
         emit_json(result.to_dict())
         return

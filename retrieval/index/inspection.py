@@ -18,6 +18,7 @@ import numpy as np
 from sqlalchemy import select, text
 
 from retrieval.model.precision_cache import cached_choice
+from retrieval.store.integrity import RESTORE_HINT, damage_of
 from retrieval.store.library import Library
 from retrieval.store.onnx_exports import export_problems
 from retrieval.store.runs import mixed_precision_problem, vectors_by_precision
@@ -49,6 +50,10 @@ def library_status(library: Library) -> dict:
         state = None
     record = library.model_record
     last = [_run_dict(r) for r in runs]
+    if any(r["status"] == "running" for r in last) and not library.writer_active():
+        for r in last:  # nobody holds the write lock: those runs were killed (kill -9, power cut)
+            if r["status"] == "running":
+                r["status"], r["note"] = "interrupted", "its process is gone"
     last_index = next((r for r in last if r["kind"] == "index"), None)
     return {
         "library": str(root),
@@ -119,9 +124,10 @@ def verify_library(library: Library, wait: bool = False, sample: int = 1000,
     """Every row has a unit vector of the right size, FAISS holds exactly the rows' ids and
     vectors, every file is still on disk. Read-only: a stale cache is repaired in memory."""
     report = VerifyReport()
-    with library.write_lock(wait=wait):
-        if not library.integrity_ok():
-            report.problem("integrity", "SQLite integrity check failed (restore the database from a backup)")
+    with library.write_lock(wait=wait, check=False):
+        damage = damage_of(library.engine)
+        if damage is not None:
+            report.problem("integrity", damaged_finding(damage))
             return report
         record = library.model_record
         count = library.image_count()
@@ -144,6 +150,11 @@ def verify_library(library: Library, wait: bool = False, sample: int = 1000,
             report.problem("onnx_export", message)
         report.notes += notes
     return report
+
+
+def damaged_finding(detail: str) -> str:
+    """How verify words damaged pages: the same sentence every other command refuses with."""
+    return f"the library database is damaged: {detail}; {RESTORE_HINT}"
 
 
 def _check_rows(library: Library, dim: int, report: VerifyReport, check_files: bool) -> np.ndarray:
@@ -184,11 +195,11 @@ def _check_rows(library: Library, dim: int, report: VerifyReport, check_files: b
 
 
 def _check_index(library: Library, dim: int, ids: np.ndarray, report: VerifyReport, sample: int) -> None:
-    vectors = VectorIndex(library.root, dim)
+    vectors = VectorIndex(library.root, dim, library.identity)
     loaded = vectors.load()
     if not loaded and vectors.index_path.exists():
-        report.problem("faiss_unreadable", "index.faiss is unreadable or does not match the database "
-                               "(run `clipfind reindex`)")
+        report.problem("faiss_unreadable", "index.faiss is unreadable, was built from another database "
+                       "or does not match this one (run `clipfind reindex`; any search rebuilds it too)")
     elif not loaded and len(ids):
         report.notes.append("no FAISS index saved yet; it will be built on next use")
     action = vectors.sync(library.engine, save=False)

@@ -76,7 +76,8 @@ def plan_index(library: Library | None, roots: Sequence[str], follow_symlinks: b
     scan_errors: list[Skipped] = []
 
     def on_error(path: str, reason: str) -> None:
-        scan_errors.append(Skipped(path, _SCAN_KINDS.get(reason, "unreadable"), f"{path}: {reason}"))
+        kind = "not_image" if reason.startswith("not a regular file") else _SCAN_KINDS.get(reason, "unreadable")
+        scan_errors.append(Skipped(path, kind, f"{path}: {reason}"))
 
     exclude = {library.root} if library else None
     entries = list(walk(roots, follow_symlinks, on_error, exclude))

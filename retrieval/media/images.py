@@ -11,8 +11,10 @@ PIL/OS exception. Nothing here changes Pillow's global settings
 
 from __future__ import annotations
 
+import io
 import os
 import stat
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -22,6 +24,7 @@ from typing import BinaryIO
 from PIL import Image, ImageOps, UnidentifiedImageError, features
 
 from retrieval.errors import InputError
+from retrieval.media.regular import NotRegularFile, open_regular
 
 try:  # HEIC/HEIF photos from phones need a plugin; optional.
     import pillow_heif
@@ -190,16 +193,16 @@ def _opened(path: PathArg) -> Iterator[Image.Image]:
     """A header-parsed PIL image on an open file, with every failure mapped."""
     name = _name(path)
     try:
-        st = os.stat(path)
-        if not stat.S_ISREG(st.st_mode):  # never open a FIFO or device: it may block
-            raise ImageError("not_image", f"{name}: not a regular file")
-        if st.st_size == 0:
-            raise ImageError("empty", f"{name}: empty file (0 bytes)")
-        fh = open(path, "rb")
+        raw, st = open_regular(path)  # never blocks on a FIFO, never reads a device
+    except NotRegularFile as exc:
+        raise ImageError("not_image", f"{name}: {exc.strerror}") from None
     except OSError as exc:
         raise _os_error(exc, path) from exc
-    with fh:
-        yield _parse_header(fh, path)
+    with raw:
+        if st.st_size == 0:
+            raise ImageError("empty", f"{name}: empty file (0 bytes)")
+        with io.BufferedReader(raw) as fh:
+            yield _parse_header(fh, path)
 
 
 def _parse_header(fh: BinaryIO, path: PathArg) -> Image.Image:
@@ -214,7 +217,9 @@ def _parse_header(fh: BinaryIO, path: PathArg) -> Image.Image:
     if fmt == "AVIF" and not AVIF_SUPPORTED:
         raise ImageError("unsupported", f"{name}: AVIF needs `pip install pillow-avif-plugin`")
     try:
-        return Image.open(fh)
+        with warnings.catch_warnings():  # our own pixel limit decides, and says so in the skip report
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            return Image.open(fh)
     except UnidentifiedImageError as exc:
         if fmt is not None:
             raise ImageError("corrupt", f"{name}: {fmt} header unreadable") from exc

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from retrieval.media.images import is_candidate
+from retrieval.media.regular import file_kind, open_regular
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +68,8 @@ def walk(
     ``follow_symlinks``, and no folder is entered twice (tracked by device and
     inode), so link loops end and overlapping roots are walked once; a file
     named as a root inside a walked folder can repeat, which ``diff`` drops.
-    FIFOs and devices are never opened. ``exclude`` folders (the
+    FIFOs and devices are never opened; they are reported to ``on_error`` as
+    "not a regular file (FIFO)" and so on. ``exclude`` folders (the
     library's own directory) are skipped wherever they appear. Unreadable or
     vanished entries go to ``on_error(path, reason)`` (or the log) and the walk
     goes on: one bad folder must not stop a scan of a million files.
@@ -117,11 +119,18 @@ def _walk_dir(
                         visited.add((st.st_dev, st.st_ino))
                         stack.append(iter(_listing(entry.path, report)))
                 continue
+            if not entry.is_file(follow_symlinks=True) and not entry.is_symlink():
+                # FIFOs, sockets, devices: never opened, but counted as skipped
+                st = entry.stat(follow_symlinks=False)
+                report(entry.path, f"not a regular file ({file_kind(st.st_mode)})")
+                continue
             if not is_candidate(entry.path):
                 continue
             st = entry.stat(follow_symlinks=True)
             if stat.S_ISREG(st.st_mode):
                 yield FileEntry(entry.path, st.st_size, st.st_mtime_ns)
+            else:  # a symlink to a FIFO or device
+                report(entry.path, f"not a regular file ({file_kind(st.st_mode)})")
         except OSError as exc:
             report(entry.path, _reason(exc, entry.is_symlink()))
 
@@ -152,13 +161,18 @@ def content_hash(path: str | os.PathLike[str] | bytes, chunk: int = 1 << 20) -> 
 
     128 bits is plenty to tell files apart and keeps the column short. Raises
     OSError as ``open`` does; the indexer decides whether that is "vanished".
+    Only a regular file is read, and only as many bytes as it had when opened
+    (``NotRegularFile`` for a FIFO or device: `/dev/zero` would never end).
     """
     digest = hashlib.blake2b(digest_size=16)
     buffer = bytearray(chunk)
     view = memoryview(buffer)
-    with open(path, "rb", buffering=0) as fh:
-        while n := fh.readinto(buffer):
+    fh, st = open_regular(path)
+    left = st.st_size
+    with fh:
+        while left > 0 and (n := fh.readinto(view[:min(chunk, left)])):
             digest.update(view[:n])
+            left -= n
     return digest.hexdigest()
 
 

@@ -26,7 +26,7 @@ import torch
 
 from retrieval import config
 from retrieval.errors import ModelError
-from retrieval.model import autoprecision
+from retrieval.model import autoprecision, hftext
 from retrieval.model.runtime import image_model_at
 from retrieval.model.spec import PRECISIONS, ModelSpec
 
@@ -179,8 +179,32 @@ def _quiet_offline_aware_loading(needs_download: bool) -> Iterator[None]:
         hub_constants.HF_HUB_OFFLINE = previous_offline
 
 
+def _own_config(spec: ModelSpec) -> tuple[dict | None, Path | None]:
+    """(model config, the folder its relative paths start from) for a model dir or a config file;
+    (None, None) for open_clip's built-in names, whose configs need nothing resolved."""
+    if spec.model_dir:
+        file = Path(spec.model_dir) / "open_clip_config.json"
+    elif _is_config_file(spec.model):
+        file = Path(spec.model)
+    else:
+        return None, None
+    try:
+        doc = json.loads(file.read_text())
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"cannot read model config {file}: {exc}") from exc
+    cfg = doc.get("model_cfg", doc) if isinstance(doc, dict) else None
+    if not isinstance(cfg, dict) or not isinstance(cfg.get("text_cfg"), dict):
+        raise ModelError(f"{file} is not an open_clip model config (needs embed_dim, vision_cfg, text_cfg)")
+    return cfg, file.parent
+
+
 def load_model(spec: ModelSpec, device: torch.device):
-    """Build the open_clip model, its eval transform and tokenizer; every failure is a ModelError."""
+    """Build the open_clip model, its eval transform and tokenizer; every failure is a ModelError.
+
+    A config whose text tower is a Hugging Face model gets its tower folder
+    resolved first (retrieval.model.hftext), so a model dir or config file that
+    names a local folder or an installed package loads with no network.
+    """
     import open_clip
 
     _check_source_exists(spec)
@@ -188,12 +212,21 @@ def load_model(spec: ModelSpec, device: torch.device):
     if spec.random_weights:
         torch.manual_seed(0)  # the same "random" model every time, so libraries can reopen it
     needs_download = bool(spec.pretrained) and not Path(spec.pretrained).is_file()
+    own_cfg, base_dir = _own_config(spec)
+    overrides: dict = {}
+    if own_cfg is not None and hftext.is_hf_text(own_cfg):
+        hftext.require_transformers(spec.label)
+        overrides["text_cfg"], needs_hub = hftext.resolve_text_cfg(own_cfg, base_dir, spec.label)
+        needs_download = needs_download or needs_hub
     try:
         with _quiet_offline_aware_loading(needs_download):
             model, _, preprocess = open_clip.create_model_and_transforms(
-                name, pretrained=pretrained, device=device, load_weights=not spec.random_weights
+                name, pretrained=pretrained, device=device, load_weights=not spec.random_weights, **overrides
             )
-            tokenizer = open_clip.get_tokenizer(name)
+            if overrides:
+                tokenizer = hftext.hf_tokenizer(overrides["text_cfg"])
+            else:
+                tokenizer = open_clip.get_tokenizer(name)
     except ModelError:
         raise
     except Exception as exc:  # open_clip raises RuntimeError/ValueError/OSError/pickle errors
@@ -214,7 +247,9 @@ class Encoder:
         self._image_model = self._prepare_for_precision(self._precision)
         self.embed_dim = self._probe_dim()
         self.image_size = _image_size(self.model)
-        self.context_length = int(getattr(self.model, "context_length", 77))
+        # The tokenizer's limit is the one texts are cut at (a BERT tower reports 512 positions).
+        self.context_length = int(getattr(self.tokenizer, "context_length", None)
+                                  or getattr(self.model, "context_length", 77))
         self._precision_report: dict | None = None
         # Settled on first need (an image to encode, or `precision` read), so that commands
         # that only encode text never pay for measuring the image tower.
@@ -305,6 +340,9 @@ class Encoder:
 
         if isinstance(self.tokenizer, SimpleTokenizer):
             return len(self.tokenizer.encode(text)) + 2
+        hf = getattr(self.tokenizer, "tokenizer", None)  # open_clip's HFTokenizer wraps a transformers one
+        if callable(hf):
+            return len(hf(text)["input_ids"])
         return int((self.tokenizer([text])[0] != 0).sum())
 
     def encode_texts(self, texts: Sequence[str], batch_size: int = 256) -> np.ndarray:

@@ -42,20 +42,36 @@ class EndpointError(ClipfindError):
     """The LLM endpoint is unreachable, too slow, or does not speak chat/completions."""
 
 
+# Descriptions shipped with the package, by name (`cupl:cifar10`, `--descriptions cifar10`).
+# They are hand-written (no language model runs offline); each file says so in its "_source".
+BUNDLED = {"cifar10": "cifar10_cupl.json"}
+
+
+def bundled_path(name: str) -> Path:
+    """The package-data file of a bundled set (templates or descriptions)."""
+    return Path(__file__).resolve().parent / "data" / name
+
+
 # -- reading -------------------------------------------------------------------------
 def load_descriptions(path: str | Path) -> dict[str, list[str]]:
-    """A CuPL descriptions file, checked: a JSON object of label -> non-empty list of strings."""
+    """A CuPL descriptions file or bundled set name, checked: a JSON object of label -> non-empty
+    list of strings (keys starting with `_` are notes about the file, not labels)."""
+    if str(path) in BUNDLED and not Path(path).exists():
+        path = bundled_path(BUNDLED[str(path)])
     path = Path(path).expanduser()
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
-        raise InputError(f"cannot read descriptions file {path}: {exc}") from exc
+        raise InputError(f"cannot read descriptions file {path} (bundled sets: {', '.join(BUNDLED)}): "
+                         f"{exc}") from exc
     try:
         doc = json.loads(text)
     except json.JSONDecodeError as exc:
         raise InputError(
             f"descriptions file {path} is not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg})"
         ) from exc
+    except RecursionError:  # found by the fuzz suite: `[[[[...` deeper than Python's stack
+        raise InputError(f"descriptions file {path} nests too deeply to be a descriptions file") from None
     return validate_descriptions(doc, str(path))
 
 
@@ -64,6 +80,8 @@ def validate_descriptions(doc: object, source: str = "descriptions") -> dict[str
         raise InputError(f"{source}: expected a JSON object {{label: [sentences]}}, got {type(doc).__name__}")
     out: dict[str, list[str]] = {}
     for label, sentences in doc.items():
+        if label.startswith("_"):
+            continue
         if isinstance(sentences, str):
             sentences = [sentences]
         if not isinstance(sentences, list) or not all(isinstance(s, str) for s in sentences):

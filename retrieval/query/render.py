@@ -29,6 +29,15 @@ def shown_path(path: str) -> str:
     return os.fsencode(path).decode("utf-8", "backslashreplace")
 
 
+def table_path(path: str) -> str:
+    """A path on one table row: control characters (a newline in a file name) escaped as
+    \\n, \\t, \\xNN, so a name cannot split a row or move the terminal's cursor."""
+    shown = shown_path(path)
+    if shown.isprintable():
+        return shown
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in shown)
+
+
 def human_size(size: int | None) -> str:
     if size is None:
         return "-"
@@ -41,12 +50,13 @@ def human_size(size: int | None) -> str:
 
 
 def table(results: Sequence[SearchResult]) -> str:
-    """rank, score, size, path: fixed columns first so paths of any length stay aligned."""
+    """rank, score, relevance, size, path: fixed columns first so paths of any length stay aligned."""
     if not results:
         return "no results\n"
-    lines = [f"{'rank':>4}  {'score':>6}  {'size':>9}  path"]
+    lines = [f"{'rank':>4}  {'score':>6}  {'relev':>5}  {'size':>9}  path"]
     for r in results:
-        lines.append(f"{r.rank:>4}  {r.score:>6.4f}  {human_size(r.size):>9}  {shown_path(r.path)}")
+        relevance = "    -" if r.relevance is None else f"{r.relevance:>5.2f}"
+        lines.append(f"{r.rank:>4}  {r.score:>6.4f}  {relevance}  {human_size(r.size):>9}  {table_path(r.path)}")
     return "\n".join(lines) + "\n"
 
 

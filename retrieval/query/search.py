@@ -16,6 +16,11 @@ FAISS searches only those (an id selector on an exact index; on an
 approximate index a filtered set small enough is scored exactly from the
 database's own vectors instead).
 
+Concept terms are stored directions (`clipfind concept learn`, weighted like
+any term); --more-like/--less-like then move q by Rocchio's rule
+(`retrieval.query.feedback`). Every result also gets a relevance in [0, 1],
+calibrated per query against a sample of the library (`retrieval.query.relevance`).
+
 Nothing here imports torch: the model is loaded only when a text is not in the
 cache or a query image is not in the library, and then through ONNX Runtime
 when the library has an export (`retrieval.query.runtime`), one tower at a time.
@@ -23,8 +28,9 @@ when the library has an export (`retrieval.query.runtime`), one tower at a time.
 
 from __future__ import annotations
 
-import math
+import contextlib
 import os
+import stat
 import time
 import weakref
 from collections.abc import Sequence
@@ -34,8 +40,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from sqlalchemy import select, text
 
-from retrieval.errors import InputError
+from retrieval.errors import InputError, UsageError
 from retrieval.media.images import ImageError, open_image
+from retrieval.media.regular import file_kind
 from retrieval.media.scan import content_hash
 from retrieval.prompting.prompts import encode_prompted
 from retrieval.query.runtime import QueryRuntimes
@@ -48,6 +55,7 @@ from retrieval.query.types import (
     SearchResponse,
     SearchResult,
     Term,
+    check_weight,
     normalise_path_filter,
 )
 from retrieval.store.schema import Image, blobs_to_matrix, path_from_db, path_to_db
@@ -83,6 +91,10 @@ class Searcher:
         self.cache = cache if cache is not None else TextCache(library.root / CACHE_NAME)
         self.query_threads = query_threads
         self._index_stamp: tuple[int, int] | None = None
+        self._background = None  # retrieval.query.relevance.Background, sampled on first query
+        # Held around the model, the text cache and FAISS only (none is thread-safe), never
+        # while a query image is read or decoded. A server shares it between its threads.
+        self.lock: contextlib.AbstractContextManager = contextlib.nullcontext()
         self.runtimes = QueryRuntimes(library, runtime, device, query_threads,
                                       torch_encoder=self.encoder)
 
@@ -152,6 +164,8 @@ class Searcher:
                     warnings.append(f"{path} is gone from disk; using its stored vector")
                     return self._unpack(row.embedding), row.id
                 raise InputError(f"cannot read query image {path}: {exc.strerror or exc}") from exc
+            if not stat.S_ISREG(st.st_mode):  # /dev/zero, a FIFO: reading would never end
+                raise InputError(f"query image {path} is not a regular file ({file_kind(st.st_mode)})")
             if row is not None and row.size == st.st_size and row.mtime_ns == st.st_mtime_ns:
                 return self._unpack(row.embedding), row.id
             try:
@@ -171,40 +185,69 @@ class Searcher:
             with self.runtimes.thread_limit(encoder):
                 return encoder.encode_images([image])[0]
 
-        return self.runtimes.run("image", self.runtimes.for_tower("image", warnings), encode, warnings), own_id
+        with self.lock:  # read and decoded above without it: a slow file stalls no other query
+            return self.runtimes.run("image", self.runtimes.for_tower("image", warnings), encode,
+                                     warnings), own_id
 
     def _unpack(self, blob: bytes) -> np.ndarray:
         return blobs_to_matrix([blob], int(self.record["embed_dim"]))[0].copy()
 
     def query_vector(self, query: Query, warnings: list[str]) -> tuple[np.ndarray, set[int]]:
         """The combined unit query vector, and the ids of library rows that are query images."""
-        if not query.positive:
-            raise InputError("nothing to search for: give a text, --image FILE, or both")
+        if not query.positive and not query.more_like:
+            raise InputError("nothing to search for: give a text, --image FILE, --concept NAME or --more-like FILE")
         for term in query.positive + query.negative:
             if term.kind == "text" and not term.value.strip():
                 raise InputError("empty query text")
-            if not math.isfinite(term.weight):
-                raise InputError(f"bad weight {term.weight} for {term.describe()}")
-        if not math.isfinite(query.negative_weight) or query.negative_weight < 0:
-            raise InputError("the negative weight must be a number >= 0")
+            check_weight(term.weight, term.describe())
+        if check_weight(query.negative_weight, "the negative terms") < 0:
+            raise UsageError("the negative weight must be a number >= 0")
         terms = query.positive + query.negative
         texts = [t.value.strip() for t in terms if t.kind == "text"]
-        text_vecs = iter(self.text_vectors(texts, query.templates, warnings))
+        # Images first: a bad query file is refused before any wait for the model lock.
+        image_vecs = {position: self.image_vector(term.value, warnings)
+                      for position, term in enumerate(terms) if term.kind == "image"}
+        if texts:
+            with self.lock:
+                text_vecs = iter(self.text_vectors(texts, query.templates, warnings))
         self_ids: set[int] = set()
         combined = np.zeros(int(self.record["embed_dim"]), np.float32)
         for position, term in enumerate(terms):
             if term.kind == "text":
                 vector = next(text_vecs)
+            elif term.kind == "concept":
+                vector = self.concept_vector(term.value)
             else:
-                vector, own_id = self.image_vector(term.value, warnings)
+                vector, own_id = image_vecs[position]
                 if own_id is not None and position < len(query.positive):
                     self_ids.add(own_id)
             sign = 1.0 if position < len(query.positive) else -query.negative_weight
             combined += sign * term.weight * vector
+        if query.more_like or query.less_like:
+            return self.feedback_vector(combined if terms else None, query, warnings, self_ids), self_ids
         norm = float(np.linalg.norm(combined))
         if norm < 1e-6:
             raise InputError("the query terms cancel out; change the weights or the negative terms")
         return (combined / norm).astype(np.float32), self_ids
+
+    def concept_vector(self, name: str) -> np.ndarray:
+        """A stored concept's unit direction (refused if another model learned it)."""
+        from retrieval.store.concepts import load_concept
+
+        return load_concept(self.library, name).direction
+
+    def feedback_vector(self, combined: np.ndarray | None, query: Query, warnings: list[str],
+                        self_ids: set[int]) -> np.ndarray:
+        """The query moved toward --more-like and away from --less-like images (Rocchio)."""
+        from retrieval.query.feedback import feedback_vector
+
+        def image_vector(path: str) -> np.ndarray:
+            vector, own_id = self.image_vector(path, warnings)
+            if own_id is not None and path in query.more_like:
+                self_ids.add(own_id)
+            return vector
+
+        return feedback_vector(combined, query.more_like, query.less_like, image_vector)
 
     # -- searching ---------------------------------------------------------------------
     def search(self, query: Query, k: int = 10, filters: Filters | None = None) -> SearchResponse:
@@ -227,21 +270,29 @@ class Searcher:
         exclude = query_files if leave_out_query_files else set()
         timings = {"encode": _ms(started)}
         mark = time.perf_counter()
-        vectors = self.fresh_vectors()
-        timings["sync"] = _ms(mark)
-        total = int(vectors.index.ntotal) if vectors.index is not None else 0
-        if total == 0:
-            raise self.library.empty_error()
-        mark = time.perf_counter()
         allowed = self.allowed_ids(filters) if filters.selects_rows else None
         timings["sql_filter"] = _ms(mark)
-        mark = time.perf_counter()
-        ids, scores = self._nearest(vectors, vector, k + len(exclude), allowed, filters)
-        timings["faiss"] = _ms(mark)
+        with self.lock:
+            mark = time.perf_counter()
+            vectors = self.fresh_vectors()
+            timings["sync"] = _ms(mark)
+            total = int(vectors.index.ntotal) if vectors.index is not None else 0
+            if total == 0:
+                raise self.library.empty_error()
+            mark = time.perf_counter()
+            ids, scores = self._nearest(vectors, vector, k + len(exclude), allowed, filters)
+            timings["faiss"] = _ms(mark)
         keep = [(i, s) for i, s in zip(ids, scores) if i not in exclude
                 and (filters.min_score is None or s >= filters.min_score)][:k]
         mark = time.perf_counter()
+        relevances = self.relevances(vector, [s for _, s in keep], total)
+        keep, relevances = cut_by_relevance(keep, relevances, filters)
+        timings["relevance"] = _ms(mark)
+        mark = time.perf_counter()
         results = self.fetch_results(keep)
+        by_id = {image_id: float(r) for (image_id, _), r in zip(keep, relevances)}
+        for result in results:
+            result.relevance = by_id[result.image_id]
         timings["sql_fetch"] = _ms(mark)
         timings["sql"] = round(timings.pop("sql_filter") + timings.pop("sql_fetch"), 3)
         timings["total"] = _ms(started)
@@ -252,6 +303,14 @@ class Searcher:
             warnings=warnings, timings=timings, library_size=total,
             text_cache={"hits": self.cache.hits - cache_before[0], "misses": self.cache.misses - cache_before[1]},
         )
+
+    def relevances(self, vector: np.ndarray, scores: list[float], total: int) -> np.ndarray:
+        """Calibrated relevance of each score down the list (background sampled once per library size)."""
+        from retrieval.query.relevance import Background, calibrate
+
+        if self._background is None or self._background.library_size != total:
+            self._background = Background.sample(self.library.engine, int(self.record["embed_dim"]), total)
+        return calibrate(vector, self._background).relevance(np.asarray(scores))
 
     def fresh_vectors(self):
         """The index, caught up with the database; re-read first if another process saved a newer one.
@@ -359,6 +418,20 @@ def filter_sql(filters: Filters) -> tuple[list[str], dict[str, Any]]:
     return clauses or ["1"], params
 
 
+def cut_by_relevance(pairs: list[tuple[int, float]], relevances: np.ndarray,
+                     filters: Filters) -> tuple[list[tuple[int, float]], np.ndarray]:
+    """Apply --until-irrelevant (stop at the first irrelevant result) and --min-relevance."""
+    from retrieval.query.relevance import cut_until_irrelevant
+
+    if filters.until_irrelevant:
+        n = cut_until_irrelevant(relevances)
+        pairs, relevances = pairs[:n], relevances[:n]
+    if filters.min_relevance is not None:
+        keep = relevances >= filters.min_relevance
+        pairs, relevances = [p for p, ok in zip(pairs, keep) if ok], relevances[keep]
+    return pairs, relevances
+
+
 def _stamp(path) -> tuple[int, int] | None:
     try:
         st = os.stat(path)
@@ -389,15 +462,21 @@ def search(library: Library, text: str | Sequence[str] = (), *, image: str | Seq
            k: int = 10, templates: str | None = DEFAULT_TEMPLATES, raw: bool = False,
            image_weight: float = 1.0, negative_weight: float = NEGATIVE_WEIGHT,
            path: str | None = None, after: datetime | None = None, before: datetime | None = None,
-           tags: Sequence[str] = (), min_score: float | None = None) -> SearchResponse:
-    """Search `library` by text and/or example images; see the module docstring for the formula.
+           tags: Sequence[str] = (), min_score: float | None = None, concept: str | Sequence[str] = (),
+           more_like: str | Sequence[str] = (), less_like: str | Sequence[str] = (),
+           min_relevance: float | None = None, until_irrelevant: bool = False) -> SearchResponse:
+    """Search `library` by text, example images and/or learned concepts; see the module docstring.
 
         lib.search("a red circle", k=5)
         lib.search("circle", negative="red", path="/photos/2024")
+        lib.search(concept="my dog", until_irrelevant=True, k=1000)
+        lib.search("a dog", more_like=["good.jpg"], less_like=["bad.jpg"])
     """
-    query = Query.build(text, image, negative, negative_image, image_weight, templates, raw, negative_weight)
+    query = Query.build(text, image, negative, negative_image, image_weight, templates, raw, negative_weight,
+                        concept, more_like, less_like)
     filters = Filters(path=normalise_path_filter(path) if path else None, after=after, before=before,
-                      tags=tuple([tags] if isinstance(tags, str) else tags), min_score=min_score)
+                      tags=tuple([tags] if isinstance(tags, str) else tags), min_score=min_score,
+                      min_relevance=min_relevance, until_irrelevant=until_irrelevant)
     if library.model_record is None:
         raise library.empty_error()
     return searcher_for(library).search(query, k, filters)

@@ -15,6 +15,7 @@ not there.
 from __future__ import annotations
 
 import hashlib
+import os
 import sqlite3
 import threading
 import time
@@ -67,6 +68,7 @@ class TextCache:
         if self._conn is not None or self._disk_failed:
             return self._conn
         try:
+            _create_private(self.path)
             conn = sqlite3.connect(str(self.path), timeout=0.5, check_same_thread=False,
                                    isolation_level=None)
             conn.execute("PRAGMA journal_mode=WAL")  # with NORMAL sync: no fsync per insert
@@ -74,7 +76,7 @@ class TextCache:
             conn.execute("CREATE TABLE IF NOT EXISTS text_vectors (key TEXT PRIMARY KEY, "
                          "vector BLOB NOT NULL, tokens INTEGER NOT NULL, context INTEGER NOT NULL, "
                          "added REAL NOT NULL)")
-        except sqlite3.Error:
+        except (sqlite3.Error, OSError):
             self._disk_failed = True
             return None
         self._conn = conn
@@ -141,3 +143,13 @@ class TextCache:
             if self._conn is not None:
                 self._conn.close()
                 self._conn = None
+
+
+def _create_private(path: Path) -> None:
+    """Make the cache file 0600 before SQLite does (its -wal and -shm copy that mode):
+    it holds every text this library was asked, which is nobody else's business."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return
+    os.close(fd)

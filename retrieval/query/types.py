@@ -9,27 +9,46 @@ starts without importing any of them. Stdlib only.
 from __future__ import annotations
 
 import base64
+import math
 import os
 import re
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 
+from retrieval.errors import UsageError
+
 DEFAULT_TEMPLATES = "photo"  # retrieval.prompting.prompts.PHOTO_TEMPLATES; see README for the measurement
 NEGATIVE_WEIGHT = 0.5  # lambda in `retrieval.query.search`'s formula: how hard negative terms push
-_WEIGHT_SUFFIX = re.compile(r"^(?P<term>.*\S)\^(?P<weight>[0-9]*\.?[0-9]+)$")
+# A weight past this is a typo or an attack, not a preference: 1e39 overflows float32 to inf
+# and the query to NaN, which used to come back as "no results". Ratios of 1000 are plenty.
+MAX_WEIGHT = 1e3
+_WEIGHT_SUFFIX = re.compile(r"^(?P<term>.*\S)\^(?P<weight>[0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)$")
 
 
 # -- the query ---------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Term:
-    kind: str  # "text" or "image"
+    kind: str  # "text", "image" or "concept" (a name from `clipfind concept learn`)
     value: str
     weight: float = 1.0
 
     def describe(self) -> str:
-        shown = f'"{self.value}"' if self.kind == "text" else f"image {os.path.basename(self.value)}"
+        shown = {"text": f'"{self.value}"', "concept": f"concept {self.value}"}.get(
+            self.kind, f"image {os.path.basename(self.value)}")
         return shown if self.weight == 1.0 else f"{self.weight:g}×{shown}"
+
+
+def check_weight(weight: float, what: str) -> float:
+    """A finite weight within +-MAX_WEIGHT, else a usage error (exit 2) naming the term."""
+    try:
+        value = float(weight)
+    except (TypeError, ValueError):
+        raise UsageError(f"the weight of {what} must be a number, not {weight!r}") from None
+    if not math.isfinite(value) or abs(value) > MAX_WEIGHT:
+        raise UsageError(f"the weight of {what} is {weight!r}; use a finite number between "
+                         f"-{MAX_WEIGHT:g} and {MAX_WEIGHT:g}")
+    return value
 
 
 def split_weight(term: str, default: float = 1.0) -> tuple[str, float]:
@@ -37,7 +56,7 @@ def split_weight(term: str, default: float = 1.0) -> tuple[str, float]:
     match = _WEIGHT_SUFFIX.match(term)
     if match is None or os.path.exists(term):
         return term, default
-    return match["term"], float(match["weight"])
+    return match["term"], check_weight(float(match["weight"]), repr(match["term"]))
 
 
 @dataclass
@@ -48,17 +67,23 @@ class Query:
     negative: list[Term] = field(default_factory=list)
     templates: tuple[str, ...] | None = None  # prompt templates ("a photo of {}."); None: texts as typed
     negative_weight: float = NEGATIVE_WEIGHT
+    more_like: list[str] = field(default_factory=list)  # relevance feedback (Rocchio), absolute paths
+    less_like: list[str] = field(default_factory=list)
 
     @classmethod
     def build(cls, texts: str | Sequence[str] = (), images: str | Sequence[str] = (),
               not_texts: str | Sequence[str] = (), not_images: str | Sequence[str] = (),
               image_weight: float = 1.0, templates: str | Sequence[str] | None = DEFAULT_TEMPLATES,
-              raw: bool = False, negative_weight: float = NEGATIVE_WEIGHT) -> Query:
+              raw: bool = False, negative_weight: float = NEGATIVE_WEIGHT, concepts: str | Sequence[str] = (),
+              more_like: str | Sequence[str] = (), less_like: str | Sequence[str] = ()) -> Query:
         """Terms from plain strings; `term^W` sets one term's weight (texts default 1, images `image_weight`).
 
         `templates` is a template set name or file (read here, so a server in another
         folder sees the same templates) or the templates themselves.
         """
+        check_weight(image_weight, "--image terms")
+        check_weight(negative_weight, "the negative terms")
+
         def terms(kind: str, values, default: float) -> list[Term]:
             values = [values] if isinstance(values, (str, os.PathLike)) else list(values or ())
             out = []
@@ -70,17 +95,22 @@ class Query:
             return out
 
         return cls(
-            positive=terms("text", texts, 1.0) + terms("image", images, image_weight),
+            positive=terms("text", texts, 1.0) + terms("image", images, image_weight)
+            + terms("concept", concepts, 1.0),
             negative=terms("text", not_texts, 1.0) + terms("image", not_images, 1.0),
             templates=None if raw or templates is None else _resolve_templates(templates),
             negative_weight=negative_weight,
+            more_like=[t.value for t in terms("image", more_like, 1.0)],
+            less_like=[t.value for t in terms("image", less_like, 1.0)],
         )
 
     def describe(self) -> str:
         out = " + ".join(t.describe() for t in self.positive)
         for term in self.negative:
             out += f" − {self.negative_weight:g}×{term.describe()}"
-        return out
+        if self.more_like or self.less_like:
+            out += f" (more like {len(self.more_like)}, less like {len(self.less_like)})"
+        return out.lstrip(" ")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -90,7 +120,8 @@ class Query:
         return cls(positive=[Term(**t) for t in data.get("positive", [])],
                    negative=[Term(**t) for t in data.get("negative", [])],
                    templates=tuple(data["templates"]) if data.get("templates") else None,
-                   negative_weight=float(data.get("negative_weight", NEGATIVE_WEIGHT)))
+                   negative_weight=float(data.get("negative_weight", NEGATIVE_WEIGHT)),
+                   more_like=list(data.get("more_like") or []), less_like=list(data.get("less_like") or []))
 
 
 def _resolve_templates(templates: str | Sequence[str]) -> tuple[str, ...]:
@@ -108,6 +139,8 @@ class Filters:
     before: datetime | None = None  # strictly before
     tags: tuple[str, ...] = ()  # every one of these tag labels
     min_score: float | None = None
+    min_relevance: float | None = None  # calibrated relevance in [0, 1]; see retrieval.query.relevance
+    until_irrelevant: bool = False  # stop the list where relevance falls below relevance.CUT
 
     @property
     def selects_rows(self) -> bool:
@@ -126,7 +159,9 @@ class Filters:
         for key in ("after", "before"):
             data[key] = datetime.fromisoformat(data[key]) if data.get(key) else None
         data["tags"] = tuple(data.get("tags") or ())
-        return cls(**{k: data.get(k) for k in ("path", "after", "before", "tags", "min_score")})
+        data["until_irrelevant"] = bool(data.get("until_irrelevant"))
+        return cls(**{k: data.get(k) for k in ("path", "after", "before", "tags", "min_score", "min_relevance",
+                                               "until_irrelevant")})
 
 
 def normalise_path_filter(value: str) -> str:
@@ -148,6 +183,7 @@ class SearchResult:
     width: int | None
     height: int | None
     taken_at: datetime | None
+    relevance: float | None = None  # calibrated per query, in [0, 1]; see retrieval.query.relevance
 
     def to_dict(self) -> dict:
         """JSON-ready; a file name that is not UTF-8 shows as \\xNN and keeps its bytes in path_b64."""
@@ -157,6 +193,7 @@ class SearchResult:
         if data["path"] != self.path:
             data["path_b64"] = base64.b64encode(raw).decode("ascii")
         data["score"] = round(float(self.score), 6)
+        data["relevance"] = None if self.relevance is None else round(float(self.relevance), 4)
         data["taken_at"] = self.taken_at.isoformat() if self.taken_at else None
         return data
 

@@ -33,8 +33,12 @@ SERVE_FILE = "serve.json"
 # A busy or wedged server must not hold a CLI query for long: the CLI falls back to
 # searching locally, which costs a model load (seconds), not a minute.
 DEFAULT_TIMEOUT = 30.0
+# What `ask` (the CLI's search and similar) waits on each step (connect, send, each read): a
+# warm server answers in milliseconds, so one silent for longer is busy or wedged (issue 15).
+ASK_TIMEOUT = 2.0
 _ERRORS_BY_CODE = {cls.exit_code: cls for cls in
-                   (errors.ModelError, errors.LibraryError, errors.InputError, errors.VerifyError)}
+                   (errors.UsageError, errors.ModelError, errors.LibraryError, errors.InputError,
+                    errors.VerifyError)}
 
 
 class ServerUnavailable(Exception):
@@ -89,4 +93,4 @@ def ask(info: dict, kind: str, subject, filters, k: int) -> SearchResponse:
         payload["query"] = subject.to_dict()
     else:
         payload["path"] = os.path.abspath(subject)
-    return SearchResponse.from_dict(call(info, f"/{kind}", payload))
+    return SearchResponse.from_dict(call(info, f"/{kind}", payload, timeout=ASK_TIMEOUT))

@@ -30,7 +30,7 @@ class _Strict(BaseModel):
 
 
 class TermModel(_Strict):
-    kind: Literal["text", "image"]
+    kind: Literal["text", "image", "concept"]
     value: Text
     weight: Weight = 1.0
 
@@ -42,6 +42,8 @@ class QueryModel(_Strict):
     negative: Annotated[list[TermModel], Field(max_length=MAX_TERMS)] = []
     templates: Annotated[list[Annotated[str, Field(max_length=500)]], Field(min_length=1, max_length=200)] | None = None
     negative_weight: Annotated[float, Field(ge=0, le=MAX_WEIGHT, allow_inf_nan=False)] = 0.5
+    more_like: Annotated[list[Annotated[str, Field(max_length=4096)]], Field(max_length=MAX_TERMS)] = []
+    less_like: Annotated[list[Annotated[str, Field(max_length=4096)]], Field(max_length=MAX_TERMS)] = []
 
 
 class FiltersModel(_Strict):
@@ -52,12 +54,15 @@ class FiltersModel(_Strict):
     before: datetime | None = None
     tags: Annotated[list[Text], Field(max_length=MAX_TERMS)] = []
     min_score: Annotated[float, Field(ge=-1, le=1, allow_inf_nan=False)] | None = None
+    min_relevance: Annotated[float, Field(ge=0, le=1, allow_inf_nan=False)] | None = None
+    until_irrelevant: bool = False
 
     def to_filters(self):
         from retrieval.query.types import Filters
 
         return Filters(path=self.path, after=self.after, before=self.before, tags=tuple(self.tags),
-                       min_score=self.min_score)
+                       min_score=self.min_score, min_relevance=self.min_relevance,
+                       until_irrelevant=self.until_irrelevant)
 
 
 class SearchRequest(_Strict):
@@ -85,7 +90,8 @@ class SearchRequest(_Strict):
             return Query(positive=[Term(t.kind, t.value, t.weight) for t in q.positive],
                          negative=[Term(t.kind, t.value, t.weight) for t in q.negative],
                          templates=tuple(q.templates) if q.templates else None,
-                         negative_weight=q.negative_weight)
+                         negative_weight=q.negative_weight, more_like=list(q.more_like),
+                         less_like=list(q.less_like))
         return Query.build(self.text or (), self.image or (), self.not_ or (), self.not_image or (),
                            raw=self.raw, templates=self.template or DEFAULT_TEMPLATES)
 

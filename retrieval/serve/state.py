@@ -61,6 +61,9 @@ class ServeState:
     jobs: Jobs = field(init=False)
 
     def __post_init__(self) -> None:
+        # The searcher takes this lock around the model and the index only, never while it
+        # reads or decodes a query image, so one slow or hostile file stalls no other query.
+        self.searcher.lock = self.search_lock
         if self.reader is None:
             self.reader = read_only_engine(self.library.db_path)
         self.thumbs = ThumbnailCache(self.library.root)
@@ -77,15 +80,14 @@ class ServeState:
             yield conn
 
     def search(self, query, k: int, filters=None):
-        """Searcher.search under the lock (torch and the FAISS selector are not thread-safe)."""
-        with self.search_lock:
-            self.queries += 1
-            return self.searcher.search(query, k, filters)
+        """Searcher.search; it holds `search_lock` around the model and the index (torch and
+        the FAISS selector are not thread-safe), not around reading query images."""
+        self.queries += 1
+        return self.searcher.search(query, k, filters)
 
     def similar(self, path: str, k: int, filters=None):
-        with self.search_lock:
-            self.queries += 1
-            return self.searcher.similar(path, k, filters)
+        self.queries += 1
+        return self.searcher.similar(path, k, filters)
 
     def count_images(self) -> int:
         with self.read() as conn:

@@ -14,6 +14,7 @@ import fcntl
 import json
 import os
 import shutil
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from importlib import resources
@@ -24,7 +25,7 @@ from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import func, select, text, update
+from sqlalchemy import func, select, update
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import DatabaseError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
@@ -32,6 +33,12 @@ from sqlalchemy.orm import Session, sessionmaker
 from retrieval import config
 from retrieval.errors import LibraryError
 from retrieval.model.spec import ModelSpec
+from retrieval.store.integrity import (
+    DamagedDatabase,
+    check_pages,
+    check_pages_if_small,
+    library_error_for,
+)
 from retrieval.store.schema import Image, Meta, Run, make_engine, utcnow
 from retrieval.store.vectors import VectorIndex, remove_temp_files
 
@@ -40,6 +47,7 @@ if TYPE_CHECKING:
 
 DB_NAME = "clipfind.db"
 LOCK_NAME = "write.lock"
+IDENTITY_KEY = "library_id"
 
 
 @dataclass
@@ -88,18 +96,27 @@ class Library:
     # -- opening ---------------------------------------------------------------------
     @classmethod
     def open(cls, path: str | Path | None = None, model: ModelSpec | None = None,
-             create: bool = True) -> Library:
+             create: bool = True, check: bool = True) -> Library:
+        """Open (or make) the library at `path`; `check` False skips the damaged-page check
+        (for `verify`, which reports damage as a finding instead of refusing)."""
         root = config.library_path(path)
         db_path = root / DB_NAME
         if not db_path.exists() and not create:
             raise LibraryError(f"no library at {root} (run `clipfind index` to make one)")
         created_dir = _make_dir(root)
+        # A library this user cannot write (a shared copy, a snapshot) is opened read-only:
+        # searching it works, and writing commands refuse in one line at the write lock.
+        readonly = db_path.exists() and not (os.access(root, os.W_OK | os.X_OK)
+                                             and os.access(db_path, os.W_OK))
         try:
-            engine = make_engine(str(db_path))
+            engine = make_engine(str(db_path), readonly=readonly)
             migrate(engine)
         except (OperationalError, DatabaseError) as exc:
             if created_dir:
                 shutil.rmtree(root, ignore_errors=True)
+            known = library_error_for(exc)
+            if isinstance(known, DamagedDatabase):  # (or never a library: a stray file at that path)
+                raise DamagedDatabase(known.detail, f"cannot use {db_path} as a library database") from None
             reason = str(exc.orig) if getattr(exc, "orig", None) else str(exc)
             raise LibraryError(f"cannot use {db_path} as a library database: {reason}") from exc
         except LibraryError:
@@ -107,6 +124,9 @@ class Library:
                 shutil.rmtree(root, ignore_errors=True)
             raise
         library = cls(root, engine)
+        if check:
+            check_pages_if_small(engine, db_path)
+        library.ensure_identity()
         if model is not None:
             library.check_model_spec(model)
         return library
@@ -136,6 +156,27 @@ class Library:
     def set_meta(self, key: str, value) -> None:
         with self.session() as s, s.begin():
             s.merge(Meta(key=key, value=json.dumps(value)))
+
+    # -- identity --------------------------------------------------------------------
+    def ensure_identity(self) -> str | None:
+        """The uuid that binds caches (FAISS) to this database; written on first open.
+
+        A database made again at the same path gets a new one, so a cache built
+        from the old database can never pass for this one's.
+        """
+        identity = self.get_meta(IDENTITY_KEY)
+        if identity is None:
+            try:
+                self.set_meta(IDENTITY_KEY, uuid.uuid4().hex)
+            except (OperationalError, DatabaseError):  # a read-only library from before identities
+                return None
+            identity = self.get_meta(IDENTITY_KEY)
+        return str(identity)
+
+    @property
+    def identity(self) -> str | None:
+        identity = self.get_meta(IDENTITY_KEY)
+        return None if identity is None else str(identity)
 
     # -- the model -------------------------------------------------------------------
     @property
@@ -202,7 +243,7 @@ class Library:
     def vectors(self, sync: bool = True) -> VectorIndex:
         """The FAISS index, caught up with the database (built on first use)."""
         if self._vectors is None:
-            self._vectors = VectorIndex(self.root, self.dim)
+            self._vectors = VectorIndex(self.root, self.dim, self.identity)
         if sync:
             self._vectors.sync(self.engine)
         return self._vectors
@@ -213,10 +254,23 @@ class Library:
 
     # -- writing ---------------------------------------------------------------------
     @contextlib.contextmanager
-    def write_lock(self, wait: bool = False) -> Iterator[None]:
-        """One writer at a time (index, tag, remove, reindex); readers never wait."""
+    def write_lock(self, wait: bool = False, check: bool = True) -> Iterator[None]:
+        """One writer at a time (index, tag, remove, reindex); readers never wait.
+
+        Holding it, a writer first checks every page of the database (`check`):
+        writing into a damaged file spreads the damage.
+        """
         lock_path = self.root / LOCK_NAME
-        with open(lock_path, "a+") as fh:
+        for needed in (self.root, self.db_path):
+            if not os.access(needed, os.W_OK):
+                raise LibraryError(f"cannot write to {needed}: permission denied (commands that "
+                                   "change a library need write permission on its folder and files)")
+        try:
+            handle = open(lock_path, "a+")
+        except OSError as exc:
+            raise LibraryError(f"cannot take the write lock {lock_path}: {exc.strerror or exc} "
+                               "(commands that change a library need write permission on it)") from None
+        with handle as fh:
             try:
                 fcntl.flock(fh, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
             except BlockingIOError:
@@ -230,11 +284,27 @@ class Library:
             fh.write(f"pid {os.getpid()}")
             fh.flush()
             try:
+                if check:
+                    check_pages(self.engine)
                 yield
             finally:
                 fh.truncate(0)
                 fcntl.flock(fh, fcntl.LOCK_UN)
 
+    def writer_active(self) -> bool:
+        """Whether some process holds the write lock now (a run marked 'running' without one was
+        killed). Takes a shared lock for an instant, which works on a read-only library too."""
+        try:
+            fd = os.open(self.root / LOCK_NAME, os.O_RDONLY)
+        except OSError:
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        finally:
+            os.close(fd)  # closing releases the shared lock if we got it
+        return False
     # -- runs ------------------------------------------------------------------------
     @contextlib.contextmanager
     def run(self, kind: str) -> Iterator[RunRecord]:
@@ -282,15 +352,12 @@ class Library:
             run = s.get(Run, run_id)
             run.status, run.finished_at, run.stats = status, utcnow(), stats
 
-    def integrity_ok(self) -> bool:
-        with self.engine.connect() as conn:
-            return conn.execute(text("PRAGMA quick_check")).scalar_one() == "ok"
 
 
 def _make_dir(root: Path) -> bool:
     """Create the library directory; True if we made it (so a failure can undo it)."""
     if root.is_dir():
-        if not os.access(root, os.W_OK | os.X_OK):
+        if not os.access(root, os.W_OK | os.X_OK) and not (root / DB_NAME).exists():
             raise LibraryError(f"cannot write to the library directory {root}")
         return False
     try:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 from datetime import datetime, timezone
+from urllib.parse import quote
 
 import numpy as np
 from sqlalchemy import (
@@ -135,6 +136,29 @@ class Tag(Base):
     rank: Mapped[int] = mapped_column(Integer)
 
 
+class Concept(Base):
+    """A concept learned from example images: a direction in the image-embedding space.
+
+    Every method stores what search needs to use it as one more query term and
+    tagging as one more label: a unit `direction`, and `scale` and `bias` so that
+    sigmoid(scale * cosine + bias) is the probability an image shows the concept.
+    It is only meaningful with the weights that made it (`fingerprint`).
+    """
+
+    __tablename__ = "concepts"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String, unique=True)
+    method: Mapped[str] = mapped_column(String)
+    fingerprint: Mapped[str] = mapped_column(String)
+    embed_dim: Mapped[int] = mapped_column(Integer)
+    direction: Mapped[bytes] = mapped_column(LargeBinary)
+    scale: Mapped[float] = mapped_column(Float)
+    bias: Mapped[float] = mapped_column(Float)
+    prompt: Mapped[str | None] = mapped_column(Text, nullable=True)
+    params: Mapped[dict] = mapped_column(JSON, default=dict)
+    created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+
+
 def vector_to_blob(vector: np.ndarray) -> bytes:
     return np.ascontiguousarray(vector, dtype=EMBEDDING_DTYPE).tobytes()
 
@@ -164,10 +188,22 @@ def path_from_db(path: str, path_bytes: bytes | None) -> str:
     return os.fsdecode(path_bytes) if path_bytes is not None else path
 
 
-def make_engine(db_path: str) -> Engine:
-    """A SQLite engine in WAL mode with foreign keys on and a patient busy timeout."""
+def make_engine(db_path: str, readonly: bool = False) -> Engine:
+    """A SQLite engine in WAL mode with foreign keys on and a patient busy timeout.
+
+    `readonly` opens the file for reading only (a shared copy, a mounted
+    snapshot). A WAL database needs its `-shm` file to be read; when there is
+    none and the folder cannot hold one, the file is opened as immutable, which
+    is what a read-only copy is.
+    """
+    url = f"sqlite:///{db_path}"
+    if readonly:
+        folder = os.path.dirname(os.path.abspath(db_path))
+        immutable = not os.access(folder, os.W_OK) and not os.path.exists(f"{db_path}-shm")
+        url = f"sqlite:///file:{quote(os.path.abspath(db_path))}?mode=ro" + (
+            "&immutable=1" if immutable else "") + "&uri=true"
     engine = create_engine(
-        f"sqlite:///{db_path}",
+        url,
         connect_args={"timeout": 30},
         json_serializer=lambda obj: json.dumps(obj, default=str),
     )
@@ -175,8 +211,9 @@ def make_engine(db_path: str) -> Engine:
     @event.listens_for(engine, "connect")
     def _sqlite_pragmas(dbapi_conn, _record) -> None:  # pragma: no cover - trivial
         cur = dbapi_conn.cursor()
-        cur.execute("PRAGMA journal_mode=WAL")
-        cur.execute("PRAGMA synchronous=FULL")
+        if not readonly:
+            cur.execute("PRAGMA journal_mode=WAL")
+            cur.execute("PRAGMA synchronous=FULL")
         cur.execute("PRAGMA foreign_keys=ON")
         cur.close()
 

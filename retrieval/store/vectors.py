@@ -1,10 +1,17 @@
 """The FAISS index: a cache of `images.embedding`, keyed by image id.
 
-The index file (`index.faiss`) and its state (`index.json`: the last
-`vector_log` seq it covers, its factory string, size) are each written to a
+The index file (`index.faiss`) and its state (`index.json`: the database it
+was built from, the last `vector_log` seq it covers, its factory string, size)
+are each written to a
 temp file, fsynced and renamed, faiss first. A crash between the two leaves an
 older watermark than the index really covers; catching up is idempotent
 (remove the logged ids, re-add what the database still has), so that is safe.
+
+The cache is bound to one database by the library's identity (a uuid written
+into `meta` when the database is made): a database deleted and made again, a
+zero-byte one, or another library's `index.*` files copied in all carry
+another identity (or none), so the saved index is discarded and rebuilt
+instead of answering for rows it never saw.
 """
 
 from __future__ import annotations
@@ -77,14 +84,16 @@ class IndexState:
     factory: str = "Flat"
     ntotal: int = 0
     nprobe: int = 16
+    library_id: str | None = None  # the database this index was built from
 
 
 class VectorIndex:
     """FAISS over the database's embeddings; `sync()` makes it agree with the database."""
 
-    def __init__(self, root: Path, dim: int) -> None:
+    def __init__(self, root: Path, dim: int, library_id: str | None = None) -> None:
         self.root = Path(root)
         self.dim = dim
+        self.library_id = library_id  # None (an old library opened read-only): not checked
         self.index_path = self.root / INDEX_FILE
         self.state_path = self.root / STATE_FILE
         self.index: faiss.Index | None = None
@@ -92,9 +101,12 @@ class VectorIndex:
 
     # -- persistence -----------------------------------------------------------------
     def load(self) -> bool:
-        """Read the saved index; False (and nothing loaded) if it is missing or unreadable."""
+        """Read the saved index; False (and nothing loaded) if it is missing, unreadable or
+        was built from another database."""
         try:
             state = IndexState(**json.loads(self.state_path.read_text()))
+            if self.library_id is not None and state.library_id != self.library_id:
+                return False
             index = faiss.read_index(str(self.index_path))
         except (OSError, ValueError, TypeError, RuntimeError):
             return False
@@ -136,7 +148,8 @@ class VectorIndex:
                 index.add_with_ids(blobs_to_matrix([r[1] for r in rows], self.dim), ids)
                 last_id = int(ids[-1])
         self.index = index
-        self.state = IndexState(watermark=watermark, factory=factory, nprobe=self.state.nprobe)
+        self.state = IndexState(watermark=watermark, factory=factory, nprobe=self.state.nprobe,
+                                library_id=self.library_id)
 
     def _training_sample(self, conn, factory: str, n: int) -> np.ndarray:
         if not factory.startswith(("IVF", "PQ", "OPQ")) or n == 0:

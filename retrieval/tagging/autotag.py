@@ -227,9 +227,16 @@ class TagResult:
 
 def tag_library(library, scorer: Scorer, name: str, strategy: str, options: TagOptions,
                 params: dict | None = None, progress: bool = True, wait: bool = False,
-                notes: list[str] | None = None) -> TagResult:
-    """Score every stored vector and replace the tag run `name` atomically."""
-    options.check()
+                notes: list[str] | None = None, thresholds: np.ndarray | None = None) -> TagResult:
+    """Score every stored vector and replace the tag run `name` atomically.
+
+    `thresholds` (multi-label, one per label on the score scale) are used as given
+    instead of being calibrated: learned concepts bring their own.
+    """
+    if thresholds is None:
+        options.check()
+    else:
+        options.multi_label, options.calibrate, options.threshold = True, False, None
     if not name.strip():
         raise InputError("a tag run needs a name (--name)")
     n_images = library.image_count()
@@ -240,7 +247,6 @@ def tag_library(library, scorer: Scorer, name: str, strategy: str, options: TagO
     started = time.perf_counter()
     with library.write_lock(wait=wait):
         with _bar(n_images * (2 if options.calibrate else 1), progress) as bar:
-            thresholds = None
             if options.calibrate:
                 with library.engine.connect() as conn:
                     thresholds = calibrate(conn.connection.dbapi_connection, scorer, options.chunk,
@@ -331,11 +337,12 @@ def query_tags(library, run: str | None = None, label: str | None = None,
 def auto_tag(library, labels, strategy: str = "template", *, name: str | None = None,
              descriptions: str | dict | None = None, shots: str | None = None, alpha: float | None = None,
              beta: float | None = None, search_alpha_beta: bool = False, options: TagOptions | None = None,
-             encoder=None, progress: bool = False, wait: bool = False) -> TagResult:
+             encoder=None, progress: bool = False, wait: bool = False, train: bool = False) -> TagResult:
     """Build class vectors for `labels` (a label file, built-in set name or Label list) and tag the library.
 
     Everything that can fail on bad input (labels, descriptions, shots) fails
     before the first write, so a bad run leaves the tag tables as they were.
+    `train` fine-tunes the shots' cache keys (Tip-Adapter-F, `retrieval.tagging.tipf`).
     """
     options = options or TagOptions()
     options.check()
@@ -353,6 +360,8 @@ def auto_tag(library, labels, strategy: str = "template", *, name: str | None = 
     notes = list(classes.notes)
     params: dict = {"texts_per_label": sum(classes.texts_per_label)}
     adapter = None
+    if train and not shots:
+        raise InputError("--train fine-tunes the example cache: give --shots DIR too")
     if shots:
         cache = fewshot.build_cache(encoder, shots, labels)
         notes.extend(cache.notes)
@@ -361,6 +370,14 @@ def auto_tag(library, labels, strategy: str = "template", *, name: str | None = 
             alpha = found["alpha"] if alpha is None else alpha
             beta = found["beta"] if beta is None else beta
             params["alpha_beta_search"] = {k: found[k] for k in ("alpha", "beta", "accuracy", "zero_shot_accuracy")}
+        if train:  # after the search, on the raw cache: searching again on tuned keys would reuse the shots
+            from retrieval.tagging.tipf import fine_tuned_cache
+
+            cache, tuned = fine_tuned_cache(cache, classes.matrix, scale,
+                                            fewshot.DEFAULT_ALPHA if alpha is None else alpha,
+                                            fewshot.DEFAULT_BETA if beta is None else beta)
+            params["tip_adapter_f"] = {"epochs": tuned.epochs, "loss": round(tuned.loss, 4),
+                                       "seconds": round(tuned.seconds, 3)}
         adapter = fewshot.TipAdapter(cache, fewshot.DEFAULT_ALPHA if alpha is None else alpha,
                                      fewshot.DEFAULT_BETA if beta is None else beta)
         params["tip_adapter"] = {**adapter.describe(), "shots_dir": str(shots)}

@@ -1,0 +1,111 @@
+"""`clipfind concept ...`, `search --concept/--more-like/--until-irrelevant`, `tag --concepts` through click."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from retrieval import cli
+from retrieval.errors import EXIT_INPUT, EXIT_LIBRARY, EXIT_USAGE
+from retrieval.media import synthetic
+
+PER_CLASS = 8
+
+
+def clipfind(*args):
+    result = CliRunner().invoke(cli.cli, [str(a) for a in args])
+    assert "Traceback" not in result.output, result.output
+    return result
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory, tiny_model_dir):
+    base = tmp_path_factory.mktemp("cli-concepts")
+    pairs = synthetic.write_collection(base / "photos", per_class=PER_CLASS, seed=23)
+    labels = {str(p): label for p, label in pairs}
+    lib = base / "lib"
+    result = clipfind("index", base / "photos", "-L", lib, "--model-dir", tiny_model_dir, "--workers", "0", "-q")
+    assert result.exit_code == 0, result.output
+    return {"lib": str(lib), "photos": base / "photos", "labels": labels}
+
+
+def test_learn_list_show_search_tag_remove(setup):
+    lib, photos, labels = setup["lib"], setup["photos"], setup["labels"]
+    learned = clipfind("concept", "learn", "rc", photos / "red_circle" / "0000.jpg", "-p",
+                       photos / "red_circle" / "0001.jpg", "--prompt", "a photo of a red circle.",
+                       "-L", lib, "--json")
+    assert learned.exit_code == 0, learned.output
+    info = json.loads(learned.stdout)
+    assert info["name"] == "rc" and info["method"] == "probe" and info["params"]["positives"] == 2
+
+    listed = clipfind("concept", "list", "-L", lib, "--json")
+    assert [json.loads(line)["name"] for line in listed.stdout.splitlines()] == ["rc"]
+    shown = clipfind("concept", "show", "rc", "-L", lib)
+    assert "P = sigmoid(" in shown.stdout and "a photo of a red circle." in shown.stdout
+    vector = json.loads(clipfind("concept", "show", "rc", "-L", lib, "--json", "--vector").stdout)["direction"]
+    assert len(vector) > 8
+
+    found = clipfind("search", "--concept", "rc", "-L", lib, "--no-server", "--json", "-k", "5")
+    rows = [json.loads(line) for line in found.stdout.splitlines()]
+    assert len(rows) == 5 and all(0 <= r["relevance"] <= 1 for r in rows)
+    assert sum(labels[r["path"]] == "red circle" for r in rows) >= 4
+
+    tagged = clipfind("tag", "--concepts", "-L", lib, "--json", "-q")
+    assert tagged.exit_code == 0, tagged.output
+    assert json.loads(tagged.stdout)["name"] == "concepts"
+
+    removed = clipfind("concept", "remove", "rc", "-L", lib)
+    assert removed.exit_code == 0 and "removed" in removed.stdout
+    assert clipfind("concept", "list", "-L", lib, "--json").stdout == ""
+
+
+def test_until_irrelevant_and_feedback_flags(setup):
+    lib, photos, labels = setup["lib"], setup["photos"], setup["labels"]
+    cut = clipfind("search", "blue square", "--until-irrelevant", "-L", lib, "--no-server", "--json")
+    assert cut.exit_code == 0, cut.output
+    rows = [json.loads(line) for line in cut.stdout.splitlines()]
+    assert 1 <= len(rows) < len(labels) and all(r["relevance"] >= 0.5 for r in rows)
+    strict = clipfind("search", "blue square", "--min-relevance", "0.99", "-k", "50", "-L", lib, "--no-server",
+                      "--json")
+    assert all(json.loads(line)["relevance"] >= 0.99 for line in strict.stdout.splitlines())
+    feedback = clipfind("search", "--more-like", photos / "green_square" / "0000.jpg", "--more-like",
+                        photos / "green_square" / "0001.jpg", "--less-like", photos / "green_circle" / "0000.jpg",
+                        "-L", lib, "--no-server", "--paths", "-k", "8")
+    assert feedback.exit_code == 0, feedback.output
+    found = [labels[p] for p in feedback.stdout.splitlines()]
+    # The tiny model's image vectors are mostly colour (test_concepts checks feedback on a text query).
+    assert found[:2] == ["green square"] * 2 and all(f.startswith("green") for f in found[:5]), found
+
+
+def test_mistakes_are_one_line_with_their_exit_codes(setup, tmp_path):
+    lib, photos = setup["lib"], setup["photos"]
+    text_file = tmp_path / "a.jpg"
+    text_file.write_text("hello")
+    ok = clipfind("concept", "learn", "dup", photos / "blue_circle", "-L", lib)
+    assert ok.exit_code == 0, ok.output
+    cases = [
+        (("concept", "learn", "dup", photos / "blue_circle"), EXIT_INPUT, "exists"),
+        (("concept", "learn", "x"), EXIT_INPUT, "no positive"),
+        (("concept", "learn", "x", text_file), EXIT_INPUT, "a.jpg"),
+        (("concept", "show", "nope"), EXIT_INPUT, "no concept named"),
+        (("concept", "remove", "nope"), EXIT_INPUT, "no concept named"),
+        (("search", "--concept", "nope", "--no-server"), EXIT_INPUT, "no concept named"),
+        (("tag",), EXIT_USAGE, "--labels"),
+        (("tag", "--labels", "cifar10", "--train"), EXIT_INPUT, "--shots"),
+        (("search", "--min-relevance", "2", "x", "--no-server"), EXIT_USAGE, "min-relevance"),
+    ]
+    for args, code, message in cases:
+        result = clipfind(*args, "-L", lib)
+        assert result.exit_code == code, (args, result.output)
+        assert message in result.output, (args, result.output)
+    import sqlite3
+
+    with sqlite3.connect(f"{lib}/clipfind.db") as conn:
+        conn.execute("UPDATE concepts SET fingerprint = 'another' WHERE name = 'dup'")
+    other = clipfind("search", "--concept", "dup", "-L", lib, "--no-server")
+    assert other.exit_code == EXIT_LIBRARY and "other weights" in other.output
+    listed = clipfind("concept", "list", "-L", lib)
+    assert "another model" in listed.stdout
+    assert clipfind("concept", "remove", "dup", "-L", lib).exit_code == 0
