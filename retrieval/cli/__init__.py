@@ -11,10 +11,16 @@ import sqlite3
 import sys
 
 import click
-from sqlalchemy.exc import DBAPIError
 
 from retrieval.errors import EXIT_CODES_HELP, ClipfindError
-from retrieval.store.integrity import library_error_for
+
+
+def _storage_error(exc: Exception) -> bool:
+    """sqlite3/OS errors, or SQLAlchemy's DBAPIError when SQLAlchemy is loaded at all: looked up
+    lazily, so that a command that never touches a database (`search` through a running
+    server) does not import SQLAlchemy just to name the exception."""
+    dbapi = getattr(sys.modules.get("sqlalchemy.exc"), "DBAPIError", None)
+    return isinstance(exc, (sqlite3.Error, OSError)) or (dbapi is not None and isinstance(exc, dbapi))
 
 
 class ClipfindGroup(click.Group):
@@ -26,7 +32,11 @@ class ClipfindGroup(click.Group):
         except ClipfindError as exc:
             click.echo(f"error: {exc}", err=True)
             ctx.exit(exc.exit_code)
-        except (DBAPIError, sqlite3.Error, OSError) as exc:  # damaged, read-only or full storage
+        except Exception as exc:  # damaged, read-only or full storage
+            if not _storage_error(exc):
+                raise
+            from retrieval.store.integrity import library_error_for
+
             known = library_error_for(exc)
             if known is None:
                 raise

@@ -9,7 +9,7 @@ import click
 
 from retrieval import config
 from retrieval.errors import ModelError
-from retrieval.model.spec import PRECISIONS, ModelSpec
+from retrieval.model.spec import PRECISIONS, RUNTIMES, ModelSpec
 
 MODEL_HELP = (
     "Model: --model NAME --pretrained TAG (open_clip weights, fetched when online), "
@@ -44,6 +44,15 @@ def model_options(func: Callable) -> Callable:
     for option in reversed(options):
         func = option(func)
     return func
+
+
+def runtime_option(func: Callable) -> Callable:
+    """--runtime auto|onnx|torch: who encodes query texts and images."""
+    return click.option(
+        "--runtime", type=click.Choice(RUNTIMES), default="auto", show_default=True,
+        help="Who encodes the query: onnx (ONNX Runtime, no torch import: a fresh query in about a "
+             "second), torch, or auto (onnx when the library's export is usable, else torch, "
+             "with a one-line notice).")(func)
 
 
 def spec_from_options(model_name, pretrained, checkpoint, model_dir, random_weights) -> ModelSpec | None:

@@ -16,7 +16,14 @@ from collections.abc import Callable
 import click
 
 from retrieval import config
-from retrieval.cli.common import MODEL_HELP, library_option, model_options, pop_model_options, warn
+from retrieval.cli.common import (
+    MODEL_HELP,
+    library_option,
+    model_options,
+    pop_model_options,
+    runtime_option,
+    warn,
+)
 from retrieval.errors import ClipfindError
 from retrieval.query.types import (
     DEFAULT_TEMPLATES,
@@ -104,7 +111,7 @@ def _format(as_json: bool, as_paths: bool, as_paths0: bool) -> str:
 
 
 def _answer(kind: str, subject, k: int, filters: Filters, library_path, use_server: bool,
-            model_kwargs: dict):
+            model_kwargs: dict, runtime: str = "auto"):
     """Searcher.search/similar: by the library's warm server if one runs (and no model flags), else here."""
     spec, device, precision = pop_model_options(model_kwargs)
     root = config.library_path(library_path)
@@ -121,7 +128,8 @@ def _answer(kind: str, subject, k: int, filters: Filters, library_path, use_serv
     from retrieval.store.library import Library
 
     with Library.open(root, model=spec, create=False) as library:
-        return getattr(Searcher(library, spec, device, precision), kind)(subject, k, filters)
+        searcher = Searcher(library, spec, device, precision, runtime=runtime)
+        return getattr(searcher, kind)(subject, k, filters)
 
 
 def _emit(response, fmt: str, html_file: str | None) -> None:
@@ -166,11 +174,12 @@ def _emit(response, fmt: str, html_file: str | None) -> None:
 @filter_options
 @output_options
 @library_option
+@runtime_option
 @model_options
 def search_command(texts, images, image_weight, not_texts, not_images, not_weight, template, raw, concepts,
                    more_like, less_like, path_filter, after, before, tags, min_score, min_relevance,
                    until_irrelevant, k, as_json, as_paths, as_paths0, html_file, use_server, library_path,
-                   **model_kwargs) -> None:
+                   runtime, **model_kwargs) -> None:
     """Find images by TEXTS, example images, or both.
 
     \b
@@ -190,8 +199,8 @@ def search_command(texts, images, image_weight, not_texts, not_images, not_weigh
                         templates=template, raw=raw, negative_weight=not_weight, concepts=concepts,
                         more_like=more_like, less_like=less_like)
     filters = _filters(path_filter, after, before, tags, min_score, min_relevance, until_irrelevant)
-    _emit(_answer("search", query, _k(k, until_irrelevant), filters, library_path, use_server, model_kwargs),
-          fmt, html_file)
+    _emit(_answer("search", query, _k(k, until_irrelevant), filters, library_path, use_server, model_kwargs,
+                  runtime), fmt, html_file)
 
 
 @click.command("similar", epilog=MODEL_HELP)
@@ -199,9 +208,11 @@ def search_command(texts, images, image_weight, not_texts, not_images, not_weigh
 @filter_options
 @output_options
 @library_option
+@runtime_option
 @model_options
 def similar_command(path, path_filter, after, before, tags, min_score, min_relevance, until_irrelevant, k,
-                    as_json, as_paths, as_paths0, html_file, use_server, library_path, **model_kwargs) -> None:
+                    as_json, as_paths, as_paths0, html_file, use_server, library_path, runtime,
+                    **model_kwargs) -> None:
     """Images most like PATH, best first; PATH itself is left out.
 
     Exact copies score 1.0, re-encoded or resized copies a little less, so
@@ -215,8 +226,8 @@ def similar_command(path, path_filter, after, before, tags, min_score, min_relev
     """
     fmt = _format(as_json, as_paths, as_paths0)
     filters = _filters(path_filter, after, before, tags, min_score, min_relevance, until_irrelevant)
-    _emit(_answer("similar", path, _k(k, until_irrelevant), filters, library_path, use_server, model_kwargs),
-          fmt, html_file)
+    _emit(_answer("similar", path, _k(k, until_irrelevant), filters, library_path, use_server, model_kwargs,
+                  runtime), fmt, html_file)
 
 
 @click.command("serve", epilog=MODEL_HELP)
@@ -230,8 +241,9 @@ def similar_command(path, path_filter, after, before, tags, min_score, min_relev
                    "login URL and written to serve.json).")
 @click.option("--verbose", "-v", is_flag=True, help="Log every request to stderr.")
 @library_option
+@runtime_option
 @model_options
-def serve_command(host, port, token, verbose, library_path, **model_kwargs) -> None:
+def serve_command(host, port, token, verbose, library_path, runtime, **model_kwargs) -> None:
     """Serve the library in a browser (search, photos, tags, status) and answer the CLI.
 
     Open the printed login URL once; the browser keeps a cookie. While it runs,
@@ -263,7 +275,7 @@ def serve_command(host, port, token, verbose, library_path, **model_kwargs) -> N
     if not is_loopback(host):
         warn(f"listening on {host}: anyone who can reach it and has the token can see your photos")
     library = Library.open(config.library_path(library_path), model=spec, create=False)
-    searcher = Searcher(library, spec, device, precision)
+    searcher = Searcher(library, spec, device, precision, runtime=runtime)
     state = ServeState(library, searcher, token=token or secrets.token_urlsafe(24))
     quiet_logging(verbose)
     try:
@@ -272,9 +284,8 @@ def serve_command(host, port, token, verbose, library_path, **model_kwargs) -> N
         state.close()
         library.close()
         raise ClipfindError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
-    _warm_up(searcher)
-    if searcher.random_weights:
-        warn(f"using {searcher.model_label}")
+    for message in dict.fromkeys(_warm_up(searcher)):  # once each, in order
+        warn(message)
     server.announce()
     click.echo(f"clipfind serve: {server.url} for {library.root} (Ctrl-C to stop)")
     click.echo(f"open {server.login_url}")
@@ -296,13 +307,16 @@ def _stop(_signum, _frame) -> None:
     raise KeyboardInterrupt
 
 
-def _warm_up(searcher) -> None:
-    """Load what the first query would: the index, the model, one text through the tower."""
+def _warm_up(searcher) -> list[str]:
+    """Load what the first queries would: the index, both towers (ONNX Runtime when the library
+    has an export, else torch), one text through its tower. Returns the notices to show
+    (runtime fallbacks, random weights)."""
     from retrieval.query.types import Query
 
     searcher.fresh_vectors()
-    searcher.encoder()
-    searcher.search(Query.build("a photo"), k=1)
+    notices: list[str] = []
+    searcher.runtimes.warm_up(notices)
+    return notices + searcher.search(Query.build("a photo"), k=1).warnings
 
 
 COMMANDS = [search_command, similar_command, serve_command]

@@ -34,6 +34,7 @@ from retrieval.index.planner import (
     stored_ids,
 )
 from retrieval.index.refresh import check_factory, refresh_vectors
+from retrieval.index.threads import ThreadTuner
 from retrieval.media.images import DEFAULT_MAX_PIXELS
 from retrieval.model.spec import ModelSpec
 from retrieval.store.library import LOCK_NAME, Library
@@ -50,7 +51,7 @@ NO_MODEL = "no model given: pass --model-dir DIR, or --model NAME --pretrained T
 @dataclass
 class IndexOptions:
     workers: int | None = None  # None: config.decode_workers()
-    threads: int | None = None  # encoder torch threads; None: config.encoder_threads()
+    threads: int | None = None  # encoder torch threads; None: measured (index/threads.py)
     batch_size: int | None = None  # None: 32 on CPU, 256 on GPU
     follow_symlinks: bool = False
     max_pixels: int = DEFAULT_MAX_PIXELS
@@ -99,12 +100,14 @@ def index_paths(library: Library, roots: Iterable[str | os.PathLike], spec: Mode
         return IndexResult(os.path.abspath(library.root), plan, plan.counts(), plan.skipped,
                            dry_run=True)
     with library.write_lock(wait=options.wait):
+        export_warning = None
         if library.model_record is None:  # a new library: record the model before anything
-            library.encoder(spec, device=device, precision=precision)
+            export_warning = export_onnx(library, library.encoder(spec, device=device, precision=precision))
         started = time.perf_counter()
         plan = Plan()
         with library.run("index") as run:
             stages = IndexStages(library, run.id, options, spec, device, precision)
+            stages.warnings += [export_warning] if export_warning else []
             try:
                 plan = plan_index(library, roots, options.follow_symlinks, options.retry_failed,
                                   options.max_pixels)
@@ -117,6 +120,17 @@ def index_paths(library: Library, roots: Iterable[str | os.PathLike], spec: Mode
                 run.stats["faiss"] = refresh_vectors(library, options.index_type)
     return IndexResult(os.path.abspath(library.root), plan, run.stats, stages.skipped, run.id,
                        run.status, warnings=stages.warnings)
+
+
+def export_onnx(library: Library, encoder: Encoder) -> str | None:
+    """Export the towers for torch-free queries while the model is loaded anyway; a warning if not."""
+    from retrieval.store.onnx_exports import ExportError, ensure_export
+
+    try:
+        ensure_export(library, "fp32", encoder)
+    except ExportError as exc:
+        return f"could not export the model to ONNX ({exc}); queries will use torch"
+    return None
 
 
 class IndexStages:
@@ -200,8 +214,11 @@ class IndexStages:
         encoder = self._load_encoder()
         opts = self.options
         threads = torch.get_num_threads()
+        tuner = None
         if encoder.device.type == "cpu":
-            torch.set_num_threads(opts.threads or config.encoder_threads())
+            if opts.threads is None:  # measured on the run's own batches (index/threads.py)
+                tuner = ThreadTuner(config.usable_cores())
+            torch.set_num_threads(opts.threads or (tuner.next_threads() if tuner else 1))
         self.stats.update(threads=torch.get_num_threads(),
                           workers=config.decode_workers() if opts.workers is None else opts.workers,
                           batch_size=opts.batch_size or pipeline.default_batch_size(encoder.device))
@@ -213,17 +230,26 @@ class IndexStages:
         bar = _progress(len(plan.encode), opts.progress)
         try:
             for batch in loader:
-                vectors = encoder.encode_pixels(batch.pixels) if batch.pixels is not None else []
+                vectors = []
+                if batch.pixels is not None:
+                    if tuner is not None:
+                        torch.set_num_threads(tuner.next_threads())
+                    started = time.perf_counter()
+                    vectors = encoder.encode_pixels(batch.pixels)
+                    if tuner is not None:
+                        tuner.record(torch.get_num_threads(), len(batch.decoded), time.perf_counter() - started)
                 self._commit_batch(plan, batch, vectors)
                 self.stats["encoded"] += len(batch.decoded)
                 bar.update(len(batch))
         finally:
             bar.close()
+            if tuner is not None:  # assigned, not Counter.update (which would add)
+                self.stats["threads"], self.stats["thread_rates"] = tuner.chosen, tuner.history
             torch.set_num_threads(threads)
 
     def _load_encoder(self) -> Encoder:
         library = self.library
-        encoder = library.encoder(self.spec, device=self.device, precision=self.precision)
+        encoder = library.encoder(self.spec, device=self.device, precision=self.precision_to_use())
         if self.options.index_type:
             check_factory(self.options.index_type, encoder.embed_dim)
         with library.session() as s, s.begin():
@@ -235,6 +261,24 @@ class IndexStages:
                 f"this library's vectors were made at {', '.join(sorted(made_with))} precision; "
                 f"new ones now at {encoder.precision} (re-embed all with one precision for consistency)")
         return encoder
+
+    def precision_to_use(self) -> str:
+        """`auto` on a library whose vectors were all made at one CPU precision keeps it.
+
+        Otherwise a new machine, a torch upgrade or a re-measurement could silently add
+        vectors of another precision (issue 17); asked for explicitly, any precision goes.
+        """
+        if self.precision != "auto" or self.device not in ("auto", "cpu"):
+            return self.precision
+        import torch
+
+        if self.device == "auto" and torch.cuda.is_available():
+            return self.precision
+        made_with = set(vectors_by_precision(self.library.engine)) - {"unknown"}
+        runnable = {"fp32", "int8"} | ({"bf16"} if config.cpu_has_native_bf16() else set())
+        if len(made_with) == 1 and (only := made_with.pop()) in runnable:
+            return only
+        return self.precision
 
     def _commit_batch(self, plan: Plan, batch, vectors) -> None:
         inserts, updates, stale, skipped = [], [], [], []

@@ -19,6 +19,7 @@ from sqlalchemy import select, text
 from retrieval.model.precision_cache import cached_choice
 from retrieval.store.integrity import RESTORE_HINT, damage_of
 from retrieval.store.library import Library
+from retrieval.store.onnx_exports import export_problems
 from retrieval.store.runs import mixed_precision_problem, vectors_by_precision
 from retrieval.store.schema import Image, blobs_to_matrix, path_from_db
 from retrieval.store.sql import in_chunks
@@ -87,7 +88,7 @@ class Finding:
     """One problem verify found: `kind` (what code acts on) and `message` (what a person reads)."""
 
     kind: str  # integrity, no_model, bad_vectors, bad_norms, missing_files, faiss_unreadable,
-    #            faiss_stale, faiss_ids, faiss_vectors, mixed_precision
+    #            faiss_stale, faiss_ids, faiss_vectors, mixed_precision, onnx_export
     message: str
 
     def __str__(self) -> str:
@@ -143,6 +144,10 @@ def verify_library(library: Library, wait: bool = False, sample: int = 1000,
         mixed = mixed_precision_problem(library.engine)
         if mixed:
             report.problem("mixed_precision", mixed)
+        exported, notes = export_problems(library, full=True)
+        for message in exported:
+            report.problem("onnx_export", message)
+        report.notes += notes
     return report
 
 

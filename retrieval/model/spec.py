@@ -8,6 +8,8 @@ from dataclasses import asdict, dataclass
 from retrieval.errors import ModelError
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16", "int8")
+# Who runs the model: torch (trains, exports, GPU) or ONNX Runtime (fast fresh-process queries).
+RUNTIMES = ("auto", "onnx", "torch")
 
 
 @dataclass(frozen=True)

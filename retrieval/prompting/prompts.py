@@ -9,65 +9,15 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 
 from retrieval.errors import InputError
 from retrieval.prompting.cupl import descriptions_for, load_descriptions
 
-SINGLE_TEMPLATE = ("a photo of a {}.",)
-
-# A small set for free-text *search* queries: photo-ish phrasings that still read
-# well around arbitrary phrases ("a dog on a beach"), unlike class-name templates.
-PHOTO_TEMPLATES = (
-    "a photo of {}.",
-    "a photo of a {}.",
-    "a picture of {}.",
-    "an image of {}.",
-    "{}",
-)
-
-
-def _openai_templates(name: str) -> tuple[str, ...]:
-    """open_clip's template lists are callables (`lambda c: f"a photo of a {c}."`); turn them into `{}` strings."""
-    from open_clip import zero_shot_metadata as meta
-
-    return tuple(t("{}") for t in getattr(meta, name))
-
-
-def template_set(name_or_file: str) -> tuple[str, ...]:
-    """A named template set, or a file with one template containing `{}` per line.
-
-    Names: `single` (a photo of a {}.), `photo` (the search default), `simple7`
-    (the CLIP paper's 7-template subset), `imagenet80` (all 80 templates),
-    `cifar10` (the CLIP paper's 18 CIFAR-10 templates, shipped as package data).
-    """
-    from retrieval.prompting.cupl import bundled_path
-
-    named = {
-        "single": lambda: SINGLE_TEMPLATE,
-        "photo": lambda: PHOTO_TEMPLATES,
-        "simple7": lambda: _openai_templates("SIMPLE_IMAGENET_TEMPLATES"),
-        "imagenet80": lambda: _openai_templates("OPENAI_IMAGENET_TEMPLATES"),
-        "cifar10": lambda: template_set(str(bundled_path("cifar10_templates.txt"))),
-    }
-    if name_or_file in named:
-        return named[name_or_file]()
-    path = Path(name_or_file)
-    if not path.is_file():
-        raise InputError(f"no template set or file named {name_or_file!r} (sets: {', '.join(named)})")
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise InputError(f"cannot read template file {path}: {exc}") from exc
-    templates = tuple(line.strip() for line in lines if line.strip() and not line.startswith("#"))
-    if not templates:
-        raise InputError(f"template file {path} has no templates")
-    bad = [t for t in templates if "{}" not in t]
-    if bad:
-        raise InputError(f"template file {path}: every template needs a {{}} placeholder (not: {bad[0]!r})")
-    return templates
+# The template sets live in a module without numpy (a query sent to a running server names
+# one, and its client must stay light); re-exported here, where tests and benches look.
+from retrieval.prompting.templates import PHOTO_TEMPLATES, SINGLE_TEMPLATE, template_set  # noqa: F401
 
 
 def normalise(matrix: np.ndarray) -> np.ndarray:

@@ -22,7 +22,8 @@ any term); --more-like/--less-like then move q by Rocchio's rule
 calibrated per query against a sample of the library (`retrieval.query.relevance`).
 
 Nothing here imports torch: the model is loaded only when a text is not in the
-cache or a query image is not in the library.
+cache or a query image is not in the library, and then through ONNX Runtime
+when the library has an export (`retrieval.query.runtime`), one tower at a time.
 """
 
 from __future__ import annotations
@@ -43,8 +44,8 @@ from retrieval.errors import InputError, UsageError
 from retrieval.media.images import ImageError, open_image
 from retrieval.media.regular import file_kind
 from retrieval.media.scan import content_hash
-from retrieval.model.runtime import torch_threads
 from retrieval.prompting.prompts import encode_prompted
+from retrieval.query.runtime import QueryRuntimes
 from retrieval.query.textcache import CACHE_NAME, CachedText, TextCache, cache_key
 from retrieval.query.types import (
     DEFAULT_TEMPLATES,
@@ -78,7 +79,8 @@ class Searcher:
     """Answers queries on one library; keeps the model (once needed), index and text cache warm."""
 
     def __init__(self, library: Library, spec=None, device: str = "auto", precision: str = "auto",
-                 cache: TextCache | None = None, query_threads: int | None = QUERY_THREADS) -> None:
+                 cache: TextCache | None = None, query_threads: int | None = QUERY_THREADS,
+                 runtime: str = "auto") -> None:
         record = library.model_record
         if record is None:
             raise library.empty_error()
@@ -95,6 +97,8 @@ class Searcher:
         # Held around the model, the text cache and FAISS only (none is thread-safe), never
         # while a query image is read or decoded. A server shares it between its threads.
         self.lock: contextlib.AbstractContextManager = contextlib.nullcontext()
+        self.runtimes = QueryRuntimes(library, runtime, device, query_threads,
+                                      torch_encoder=self.encoder)
 
     @property
     def model_label(self) -> str:
@@ -119,8 +123,8 @@ class Searcher:
                 found[i] = entry
         missing = [i for i in range(len(texts)) if i not in found]
         if missing:
-            encoder = self.encoder()
-            vectors = self._encode_texts(encoder, [texts[i] for i in missing], template_list)
+            encoder = self.runtimes.for_tower("text", warnings)
+            vectors = self._encode_texts(encoder, [texts[i] for i in missing], template_list, warnings)
             for i, vector in zip(missing, vectors):
                 entry = CachedText(vector, self._tokens(encoder, texts[i], template_list),
                                    encoder.context_length)
@@ -133,11 +137,15 @@ class Searcher:
                                 f"reads only {found[i].context}, so the rest was cut off")
         return np.stack([found[i].vector for i in range(len(texts))]) if texts else np.zeros((0, 0))
 
-    def _encode_texts(self, encoder, texts: list[str], templates: tuple[str, ...] | None) -> np.ndarray:
-        with torch_threads(self.query_threads):
-            if templates is None:
-                return encoder.encode_texts(texts)
-            return encode_prompted(encoder, texts, templates)
+    def _encode_texts(self, encoder, texts: list[str], templates: tuple[str, ...] | None,
+                      warnings: list[str]) -> np.ndarray:
+        def encode(encoder):
+            with self.runtimes.thread_limit(encoder):
+                if templates is None:
+                    return encoder.encode_texts(texts)
+                return encode_prompted(encoder, texts, templates)
+
+        return self.runtimes.run("text", encoder, encode, warnings)
 
     @staticmethod
     def _tokens(encoder, phrase: str, templates: tuple[str, ...] | None) -> int:
@@ -175,10 +183,13 @@ class Searcher:
             image = open_image(path)
         except ImageError as exc:
             raise ImageError(exc.kind, f"query image {exc}") from None
+        def encode(encoder):
+            with self.runtimes.thread_limit(encoder):
+                return encoder.encode_images([image])[0]
+
         with self.lock:  # read and decoded above without it: a slow file stalls no other query
-            encoder = self.encoder()
-            with torch_threads(self.query_threads):
-                return encoder.encode_images([image])[0], own_id
+            return self.runtimes.run("image", self.runtimes.for_tower("image", warnings), encode,
+                                     warnings), own_id
 
     def _unpack(self, blob: bytes) -> np.ndarray:
         return blobs_to_matrix([blob], int(self.record["embed_dim"]))[0].copy()

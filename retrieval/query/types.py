@@ -125,9 +125,7 @@ class Query:
 
 
 def _resolve_templates(templates: str | Sequence[str]) -> tuple[str, ...]:
-    from retrieval.prompting.prompts import (
-        template_set,  # deferred: it imports numpy, this module none
-    )
+    from retrieval.prompting.templates import template_set
 
     return template_set(templates) if isinstance(templates, str) else tuple(templates)
 

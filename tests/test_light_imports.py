@@ -1,0 +1,61 @@
+"""Everyday commands that must stay light: what a fresh process imports, read from sys.modules."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from retrieval.media import synthetic
+
+ROOT = Path(__file__).resolve().parents[1]
+HEAVY = ("torch", "torchvision", "open_clip", "onnxruntime", "faiss", "numpy", "sqlalchemy")
+
+
+def run_clipfind(*args: str) -> tuple[dict, list[str]]:
+    """`clipfind ARGS --json` in a fresh process: (its JSON output, the heavy modules it imported)."""
+    code = ("import sys, atexit, json\n"
+            f"atexit.register(lambda: print('HEAVY=' + json.dumps([m for m in {HEAVY!r} if m in sys.modules]), "
+            "file=sys.stderr))\n"
+            "from retrieval.cli import main\n"
+            f"sys.argv = ['clipfind', *{list(args)!r}]\n"
+            "main()\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
+                         env={**os.environ, "PYTHONPATH": str(ROOT)})
+    heavy = [line for line in out.stderr.splitlines() if line.startswith("HEAVY=")]
+    assert out.returncode == 0 and heavy, out.stderr
+    return json.loads(out.stdout.strip().splitlines()[-1]), json.loads(heavy[-1][len("HEAVY="):])
+
+
+@pytest.fixture(scope="module")
+def indexed(tmp_path_factory, tiny_model_dir):
+    base = tmp_path_factory.mktemp("light")
+    synthetic.write_collection(base / "photos", per_class=2, seed=4)
+    _, heavy = run_clipfind("index", str(base / "photos"), "-L", str(base / "lib"), "--model-dir",
+                            str(tiny_model_dir), "--workers", "0", "--json")
+    assert "torch" in heavy  # the first run encodes: it must load the model
+    return base
+
+
+def test_unchanged_rerun_imports_no_torch(indexed):
+    stats, heavy = run_clipfind("index", str(indexed / "photos"), "-L", str(indexed / "lib"), "--json")
+    assert stats["unchanged"] == stats["scanned"] > 0 and stats["encoded"] == 0
+    assert not {"torch", "open_clip", "onnxruntime"} & set(heavy), heavy
+
+
+def test_search_through_a_running_server_is_a_light_client(indexed):
+    server = subprocess.Popen([sys.executable, "-m", "retrieval.cli", "serve", "-L", str(indexed / "lib"),
+                               "--port", "0"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    try:
+        ready = server.stdout.readline()
+        assert ready.startswith("clipfind serve:"), ready + server.stderr.read()
+        result, heavy = run_clipfind("search", "a red circle", "-L", str(indexed / "lib"), "--json")
+        assert result["rank"] == 10 and heavy == [], heavy  # asked the server, imported nothing heavy
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
