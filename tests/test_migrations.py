@@ -40,9 +40,10 @@ def revisions() -> list[str]:
 
 
 def run(*args) -> str:
+    """The command's stdout (notices such as a first ONNX export go to stderr)."""
     result = CliRunner().invoke(cli.cli, [str(a) for a in args])
     assert result.exit_code == 0, result.output
-    return result.output
+    return result.stdout
 
 
 @pytest.fixture(scope="module")

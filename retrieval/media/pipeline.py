@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import os
+import sys
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -126,31 +127,38 @@ def _close_inherited(paths: tuple[str, ...]) -> None:
 
 
 def _quiet_hangups_of_the_fd_sharer() -> None:
-    """Keep Ctrl-C's one line one line: no thread traceback from multiprocessing's fd sharer.
+    """Keep Ctrl-C's one line one line: no traceback from multiprocessing's fd sharer.
 
     Batches from workers travel as shared-memory tensors whose file descriptors a background
     thread of this process (multiprocessing.resource_sharer) hands over. When a run is
-    interrupted the workers are shut down mid-handover, and that thread dies with an EOFError
-    whose traceback lands on stderr after our "interrupted" line (seen in
-    tests/test_exit_codes.py). Only that thread's hang-ups are silenced; anything else still
-    reaches the previous hook.
+    interrupted the workers are shut down mid-handover, and that thread reports its EOFError or
+    ConnectionResetError through sys.excepthook, a traceback on stderr after our "interrupted"
+    line (seen in tests/test_exit_codes.py and test_index_faults.py). Only hang-ups raised
+    inside resource_sharer are silenced; anything else still reaches the previous hooks.
     """
-    previous = threading.excepthook
-    if getattr(previous, "clipfind_quiet_fd_sharer", False):
+    if getattr(sys.excepthook, "clipfind_quiet_fd_sharer", False):
         return
+    previous_sys, previous_thread = sys.excepthook, threading.excepthook
 
-    def hook(args: threading.ExceptHookArgs) -> None:
-        frames, tb = [], args.exc_traceback
+    def is_sharer_hangup(exc_type, tb) -> bool:
+        if not issubclass(exc_type, (EOFError, ConnectionError)):
+            return False
         while tb is not None:
-            frames.append(tb.tb_frame.f_code.co_filename)
+            if tb.tb_frame.f_code.co_filename.endswith("resource_sharer.py"):
+                return True
             tb = tb.tb_next
-        hung_up = issubclass(args.exc_type, (EOFError, ConnectionError))
-        if hung_up and any(f.endswith("resource_sharer.py") for f in frames):
-            return
-        previous(args)
+        return False
 
-    hook.clipfind_quiet_fd_sharer = True
-    threading.excepthook = hook
+    def sys_hook(exc_type, value, tb) -> None:
+        if not is_sharer_hangup(exc_type, tb):
+            previous_sys(exc_type, value, tb)
+
+    def thread_hook(args: threading.ExceptHookArgs) -> None:
+        if not is_sharer_hangup(args.exc_type, args.exc_traceback):
+            previous_thread(args)
+
+    sys_hook.clipfind_quiet_fd_sharer = True
+    sys.excepthook, threading.excepthook = sys_hook, thread_hook
 
 
 def default_batch_size(device: torch.device) -> int:
