@@ -105,3 +105,25 @@ def test_a_library_at_an_older_revision_upgrades_with_its_rows(revision, current
     # the upgraded library answers as the original does
     assert (run("search", "a red circle", "-L", old, "-k", "3", "--paths")
             == run("search", "a red circle", "-L", current_library, "-k", "3", "--paths"))
+
+
+def test_the_light_schema_check_knows_the_newest_migration(tmp_path):
+    """`Library.open` skips alembic when the database is at SCHEMA_HEAD: it must be alembic's head,
+    or a library one migration behind would never be upgraded."""
+    from retrieval.store.library import SCHEMA_HEAD, schema_revision
+
+    assert SCHEMA_HEAD == ScriptDirectory.from_config(alembic_config(None)).get_current_head()
+    with Library.open(tmp_path / "lib") as library:
+        assert schema_revision(library.engine) == SCHEMA_HEAD
+
+
+def test_opening_a_current_library_imports_no_alembic(tmp_path):
+    import subprocess
+    import sys
+
+    Library.open(tmp_path / "lib").close()
+    code = ("import sys; from retrieval.store.library import Library; "
+            f"Library.open({str(tmp_path / 'lib')!r}, create=False).close(); "
+            "print('alembic' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

@@ -61,3 +61,30 @@ def test_the_same_relevance_for_shifted_and_stretched_scores():
         cal.mixture = (0.3 + 1.5 * mu0, 1.5 * s0, 0.3 + 1.5 * mu1, 1.5 * s1, p1)
     moved = cal.relevance(0.3 + 1.5 * scores)
     assert np.allclose(base, moved, atol=1e-3)
+
+
+def test_the_scipy_free_helpers_match_scipy():
+    """relevance.py avoids importing scipy (peak RSS of a fresh query): its CDF and its
+    non-increasing fit must give scipy's numbers."""
+    from scipy.optimize import isotonic_regression
+    from scipy.special import ndtr as scipy_ndtr
+
+    from retrieval.query.relevance import ndtr, non_increasing_fit
+
+    rng = np.random.default_rng(7)
+    x = np.concatenate([rng.normal(0, 3, 500), [-40.0, 0.0, 40.0]])
+    np.testing.assert_allclose(ndtr(x), scipy_ndtr(x), rtol=1e-12, atol=1e-300)
+    for values in (rng.random(300), np.sort(rng.random(50)), np.sort(rng.random(50))[::-1],
+                   np.repeat(rng.random(20), 3), np.zeros(0), np.array([0.5])):
+        np.testing.assert_allclose(non_increasing_fit(values),
+                                   isotonic_regression(values, increasing=False).x, atol=1e-12)
+
+
+def test_a_query_process_imports_no_scipy():
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", "import sys, retrieval.query.search; "
+                          "print(sorted(m for m in ('scipy', 'alembic') if m in sys.modules))"],
+                         capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

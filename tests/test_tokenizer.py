@@ -75,3 +75,41 @@ def test_imports_no_torch():
 
 def test_vocab_file_ships_with_open_clip():
     assert packaged_vocab().is_file()
+
+
+def test_printable_ascii_skips_ftfy_without_changing_the_text():
+    """`clean` skips ftfy for printable ASCII without '&' (a query then never imports it):
+    ftfy and the double unescape must leave such text unchanged."""
+    import html
+
+    import ftfy
+
+    from retrieval.model.tokenizer import clean
+
+    rng = random.Random(3)
+    printable = [chr(c) for c in range(0x20, 0x7F) if chr(c) != "&"]
+    texts = ["  a photo of a dog.  ", "it's `quoted' \"twice\"", "<b>bold</b> #1 ~50% off!", "a;b",
+             *("".join(rng.choice(printable) for _ in range(rng.randint(1, 60))) for _ in range(3000))]
+    for text in texts:  # what the skipped path would have given: the text, stripped
+        assert html.unescape(html.unescape(ftfy.fix_text(text))).strip() == text.strip()
+        assert clean(text, "whitespace") == " ".join(text.split())
+    out = subprocess.run([sys.executable, "-c", "import sys; from retrieval.model.tokenizer import clean; "
+                          "clean('a photo of a dog'); print('ftfy' in sys.modules)"],
+                         capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+def test_cached_tables_give_the_same_ids(tmp_path, monkeypatch):
+    """The tables are built once and then loaded from $CLIPFIND_CACHE/tokenizer; a damaged or
+    unwritable cache is rebuilt or skipped, with the same ids every time."""
+    monkeypatch.setenv("CLIPFIND_CACHE", str(tmp_path / "cache"))
+    texts = varied_texts(400, seed=5)
+    built = BpeTokenizer()(texts)
+    (saved,) = (tmp_path / "cache" / "tokenizer").glob("*.npz")
+    assert np.array_equal(BpeTokenizer()(texts), built)  # loaded from the cache
+    saved.write_bytes(saved.read_bytes()[:100])  # truncated: rebuilt
+    assert np.array_equal(BpeTokenizer()(texts), built)
+    assert saved.stat().st_size > 100
+    (tmp_path / "file").write_text("not a folder")
+    monkeypatch.setenv("CLIPFIND_CACHE", str(tmp_path / "file"))  # the cache cannot be made
+    assert np.array_equal(BpeTokenizer()(texts), built)

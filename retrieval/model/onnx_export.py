@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from retrieval.model.preprocess import PreprocessConfig
-from retrieval.model.tokenizer import VOCAB_FILE, packaged_vocab
+from retrieval.model.tokenizer import VOCAB_FILE, load_tables, packaged_vocab
 
 if TYPE_CHECKING:
     from retrieval.model.encoder import Encoder
@@ -182,6 +182,7 @@ def export_towers(encoder: Encoder, dest: str | os.PathLike, precision: str = "f
             tokens = encoder.tokenize(["a photo of a dog.", "a"]).cpu()
             export_graph(text_tower, tokens, tmp / TOWER_FILES["text"], "tokens")
             shutil.copyfile(packaged_vocab(), tmp / VOCAB_FILE)
+            load_tables(tmp / VOCAB_FILE)  # the tokenizer's tables, cached now, not by the first query
             files.update(text=TOWER_FILES["text"], text_data=externalise(tmp / TOWER_FILES["text"]),
                          vocab=VOCAB_FILE)
         pixels = torch.zeros(2, 3, *pre.size)

@@ -46,8 +46,6 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
-from scipy.optimize import isotonic_regression
-from scipy.special import ndtr
 
 BACKGROUND_SIZE = 4096
 BACKGROUND_SEED = 20_261_201
@@ -120,7 +118,33 @@ class Calibration:
         relevance = 1.0 - np.clip(null / np.maximum(seen, 1.0), 0.0, 1.0)
         relevance = np.maximum(relevance, self.posterior(scores))
         # The ranking is by score, so relevance may only fall down the list (least squares fit).
-        return np.clip(isotonic_regression(relevance, increasing=False).x, 0.0, 1.0)
+        return np.clip(non_increasing_fit(relevance), 0.0, 1.0)
+
+
+_ERFC = np.frompyfunc(math.erfc, 1, 1)
+
+
+def ndtr(x: np.ndarray) -> np.ndarray:
+    """The standard normal CDF (scipy.special.ndtr's values, without importing scipy: its
+    import is ~40 MB of a fresh text query's peak RSS)."""
+    return 0.5 * _ERFC(-np.asarray(x, np.float64) / math.sqrt(2.0)).astype(np.float64)
+
+
+def non_increasing_fit(values: np.ndarray) -> np.ndarray:
+    """The least-squares non-increasing fit to `values` (pool adjacent violators; what
+    scipy.optimize.isotonic_regression(values, increasing=False) gives)."""
+    means: list[float] = []
+    sizes: list[int] = []
+    for value in np.asarray(values, np.float64).tolist():
+        means.append(value)
+        sizes.append(1)
+        while len(means) > 1 and means[-2] < means[-1]:  # a rise: pool the two blocks
+            size = sizes[-2] + sizes[-1]
+            means[-2] = (means[-2] * sizes[-2] + means[-1] * sizes[-1]) / size
+            sizes[-2] = size
+            means.pop()
+            sizes.pop()
+    return np.repeat(np.asarray(means, np.float64), sizes)
 
 
 def calibrate(query: np.ndarray, background: Background) -> Calibration:
