@@ -26,7 +26,8 @@ from retrieval.model import precision_cache, runtime
 from retrieval.model.encoder import Encoder, ModelSpec, resolve_precision
 from retrieval.store import runs as run_sql
 
-CPU_MODES = ["int8", *(["bf16"] if cpu_has_native_bf16() else [])]
+ONNX_MODES = ["onnx-fp32", "onnx-int8"] if precision_cache.onnxruntime_version() else []
+CPU_MODES = ["int8", *(["bf16"] if cpu_has_native_bf16() else []), *ONNX_MODES]
 QUERIES = [f"a photo of a {label}." for label in synthetic.LABELS]
 
 
@@ -141,7 +142,9 @@ def test_bad_modes_for_the_device_are_clear_errors_and_auto_skips_them(monkeypat
     monkeypatch.setattr("retrieval.config.cpu_has_native_bf16", lambda: False)
     with pytest.raises(ModelError, match="needs a CPU with AVX512-BF16 or AMX"):
         resolve_precision("bf16", torch.device("cpu"))
-    assert precision.candidates("cpu") == ["fp32", "int8"]  # auto just leaves bf16 out
+    assert precision.candidates("cpu") == ["fp32", "int8", *ONNX_MODES]  # auto just leaves bf16 out
+    with pytest.raises(ModelError, match="CPU only"):
+        resolve_precision("onnx-int8", torch.device("cuda"))  # a GPU keeps torch fp16
     assert precision.candidates("cuda") == []
 
 
@@ -223,17 +226,19 @@ def test_cache_hit_miss_on_other_torch_or_cpu_and_atomic_file(encoder, cache, mo
     assert precision.settle(encoder, "auto")["source"] == "measured" and len(calls) == 2
     monkeypatch.setattr("retrieval.config.cpu_model_name", lambda: "Some Other CPU @ 3.0GHz")
     assert precision.settle(encoder, "auto")["source"] == "measured" and len(calls) == 3
-    assert len(json.loads(cache.read_text())["entries"]) == 3  # one per machine key, none lost
+    monkeypatch.setattr(precision_cache, "onnxruntime_version", lambda: "0.0.1")  # another ONNX Runtime
+    assert precision.settle(encoder, "auto")["source"] == "measured" and len(calls) == 4
+    assert len(json.loads(cache.read_text())["entries"]) == 4  # one per machine key, none lost
 
     # An entry filed under this key but describing another machine is not trusted.
     doc = json.loads(cache.read_text())
     key_id = precision_cache.key_id(precision_cache.machine_key(encoder.fingerprint))
     doc["entries"][key_id]["key"]["torch"] = "1.0"
     cache.write_text(json.dumps(doc))
-    assert precision.settle(encoder, "auto")["source"] == "measured" and len(calls) == 4
+    assert precision.settle(encoder, "auto")["source"] == "measured" and len(calls) == 5
 
     cache.write_text("{not json")  # a damaged cache is measured again and rewritten
-    assert precision.settle(encoder, "auto")["source"] == "measured" and len(calls) == 5
+    assert precision.settle(encoder, "auto")["source"] == "measured" and len(calls) == 6
     assert json.loads(cache.read_text())["version"] == precision_cache.CACHE_VERSION
 
 
@@ -339,3 +344,41 @@ def _vectors(library) -> dict[str, np.ndarray]:
     with library.session() as s:
         rows = s.query(Image.path, Image.embedding).all()
     return {path: blobs_to_matrix([blob], library.dim)[0] for path, blob in rows}
+
+
+@pytest.mark.skipif(not ONNX_MODES, reason="onnxruntime is not installed")
+def test_onnx_runtime_is_measured_and_a_runtime_mix_is_reported(tmp_path, tiny_spec, cache):
+    """ONNX Runtime's towers are auto candidates judged like the torch modes; a library whose
+    vectors came from two runtimes is a mix `verify` reports, and the run says what it used."""
+    from click.testing import CliRunner
+
+    from retrieval import cli
+    from retrieval.index.inspection import verify_library
+    from retrieval.store.library import Library
+
+    encoder = Encoder(tiny_spec, device="cpu", precision="fp32")
+    entry = precision.measure(encoder)
+    assert {"onnx-fp32", "onnx-int8"} <= set(entry["rates"]) and not entry["errors"]
+    assert entry["agreement"]["onnx-fp32"]["cosine_mean"] >= 0.9999  # the same maths, another runtime
+    onnx = Encoder(tiny_spec, device="cpu", precision="onnx-fp32")
+    assert onnx.precision == "onnx-fp32"
+    rng = random.Random(2)
+    images = [synthetic.draw(label, 32, rng) for label in synthetic.LABELS]
+    cos = np.sum(onnx.encode_images(images) * encoder.encode_images(images), axis=1)
+    assert cos.min() >= 0.9999
+
+    photos = tmp_path / "photos"
+    synthetic.write_collection(photos / "a", per_class=1, seed=3, labels=synthetic.LABELS[:4])
+    synthetic.write_collection(photos / "b", per_class=1, seed=4, labels=synthetic.LABELS[4:8])
+    lib_dir = tmp_path / "lib"
+    first = CliRunner().invoke(cli.cli, ["index", str(photos / "a"), "-L", str(lib_dir), "--model-dir",
+                                         tiny_spec.model_dir, "--precision", "fp32", "--workers", "0"])
+    assert first.exit_code == 0 and "encoded with fp32 (torch) on cpu" in first.output, first.output
+    second = CliRunner().invoke(cli.cli, ["index", str(photos / "b"), "-L", str(lib_dir), "--precision",
+                                          "onnx-fp32", "--workers", "0", "--threads", "1", "--json"])
+    assert second.exit_code == 0, second.output
+    stats = json.loads(second.output.strip().splitlines()[-1])
+    assert (stats["runtime"], stats["precision"], stats["threads"], stats["workers"]) == ("onnx", "onnx-fp32", 1, 0)
+    with Library.open(lib_dir) as library:
+        report = verify_library(library)
+        assert any("4 at fp32, 4 at onnx-fp32" in p.message for p in report.problems), report.problems

@@ -68,9 +68,10 @@ def _sigterm_as_interrupt() -> Iterator[None]:
 @click.argument("paths", nargs=-1, required=True, type=click.Path())
 @library_option
 @model_options
-@click.option("--workers", type=click.IntRange(0), help="Decode worker processes (default: cores - 1, at least 1).")
+@click.option("--workers", type=click.IntRange(0),
+              help="Decode worker processes (default: cores - 1, one more while the encoder waits on decoding).")
 @click.option("--threads", type=click.IntRange(1),
-              help="Encoder threads on a CPU (default: the cores other processes leave free).")
+              help="Encoder threads on a CPU (default: chosen by timing the run's first batches).")
 @click.option("--batch-size", type=click.IntRange(1), help="Images per encoder batch (default: 32 on CPU, 256 on GPU).")
 @click.option("--index-type", metavar="FACTORY", help="FAISS index factory string, e.g. Flat, IVF1024,Flat, HNSW32 (default: by size).")
 @click.option("--follow-symlinks", is_flag=True, help="Enter symlinked folders too (loops are detected).")
@@ -161,6 +162,8 @@ def _report_index(result, as_json: bool, verbose: bool, quiet: bool) -> None:
         click.echo(f"indexed {stats.get('indexed', 0)} in {stats.get('seconds', 0):.1f} s "
                    f"(encoded {stats.get('encoded', 0)}, {rate:.1f} img/s overall); "
                    f"library {result.library}")
+        if stats.get("encoded") and stats.get("precision"):
+            click.echo(f"encoded with {run_mix(stats)}")
     if result.skipped:
         click.echo(f"skipped {len(result.skipped)} files: {_by_kind(result.skipped)}"
                    + ("" if verbose else " (--verbose lists them)"), err=not verbose and quiet)
@@ -169,6 +172,17 @@ def _report_index(result, as_json: bool, verbose: bool, quiet: bool) -> None:
                 click.echo(f"  {s.kind:<11} {shown_path(s.path)}: {shown_path(_reason(s.path, s.message))}")
     if not result.dry_run and c["scanned"] == 0 and not result.skipped:
         warn("no image files found there")
+
+
+def run_mix(stats: dict) -> str:
+    """'onnx-int8 (ONNX Runtime) on cpu, 2 encoder threads, 1 decode worker': what a run used."""
+    runtime = "ONNX Runtime" if stats.get("runtime") == "onnx" else "torch"
+    parts = [f"{stats['precision']} ({runtime}) on {stats.get('device', 'cpu')}"]
+    if stats.get("threads"):
+        parts.append(f"{stats['threads']} encoder thread{'s' * (stats['threads'] != 1)}")
+    if stats.get("workers") is not None:
+        parts.append(f"{stats['workers']} decode worker{'s' * (stats['workers'] != 1)}")
+    return ", ".join(parts)
 
 
 def _dry_run_changes(plan) -> list[tuple[str, str]]:

@@ -35,7 +35,9 @@ from retrieval.index.planner import (
 )
 from retrieval.index.refresh import check_factory, refresh_vectors
 from retrieval.index.threads import ThreadTuner
+from retrieval.index.workers import WorkerTuner
 from retrieval.media.images import DEFAULT_MAX_PIXELS
+from retrieval.model.precision_cache import onnxruntime_version
 from retrieval.model.spec import ModelSpec
 from retrieval.store.library import LOCK_NAME, Library
 from retrieval.store.runs import vectors_by_precision
@@ -219,32 +221,56 @@ class IndexStages:
             if opts.threads is None:  # measured on the run's own batches (index/threads.py)
                 tuner = ThreadTuner(config.usable_cores())
             torch.set_num_threads(opts.threads or (tuner.next_threads() if tuner else 1))
-        self.stats.update(threads=torch.get_num_threads(),
-                          workers=config.decode_workers() if opts.workers is None else opts.workers,
+        workers = config.decode_workers() if opts.workers is None else opts.workers
+        workers_tuner = None
+        if opts.workers is None and encoder.device.type == "cpu":  # watched (index/workers.py)
+            workers_tuner = WorkerTuner(workers, min(8, config.usable_cores()))
+        self.stats.update(threads=torch.get_num_threads(), workers=workers,
                           batch_size=opts.batch_size or pipeline.default_batch_size(encoder.device))
-        loader = pipeline.make_loader(
-            [w.entry.path for w in plan.encode], encoder.preprocess, encoder.image_size,
-            batch_size=self.stats["batch_size"], workers=self.stats["workers"],
-            pin_memory=encoder.device.type == "cuda", max_pixels=opts.max_pixels,
-            close_in_workers=[self.library.root / LOCK_NAME])
+        paths = [w.entry.path for w in plan.encode]
+
+        def batches_from(start: int, workers: int):
+            return iter(pipeline.make_loader(
+                paths, encoder.preprocess, encoder.image_size, start=start,
+                batch_size=self.stats["batch_size"], workers=workers,
+                pin_memory=encoder.device.type == "cuda", max_pixels=opts.max_pixels,
+                close_in_workers=[self.library.root / LOCK_NAME]))
+
+        batches = batches_from(0, workers)
+        taken = 0
         bar = _progress(len(plan.encode), opts.progress)
         try:
-            for batch in loader:
+            while True:
+                waited = time.perf_counter()
+                batch = next(batches, None)
+                waited = time.perf_counter() - waited
+                if batch is None:
+                    break
                 vectors = []
+                encoding = 0.0
                 if batch.pixels is not None:
                     if tuner is not None:
                         torch.set_num_threads(tuner.next_threads())
                     started = time.perf_counter()
                     vectors = encoder.encode_pixels(batch.pixels)
+                    encoding = time.perf_counter() - started
                     if tuner is not None:
-                        tuner.record(torch.get_num_threads(), len(batch.decoded), time.perf_counter() - started)
+                        tuner.record(torch.get_num_threads(), len(batch.decoded), encoding)
                 self._commit_batch(plan, batch, vectors)
                 self.stats["encoded"] += len(batch.decoded)
+                taken += len(batch)
                 bar.update(len(batch))
+                if workers_tuner is not None and encoding and not (tuner is not None and tuner.measuring):
+                    more = workers_tuner.record(waited, encoding, len(batch.decoded))
+                    if more is not None and taken < len(paths):
+                        batches = None  # its workers stop before the new ones start
+                        batches = batches_from(taken, more)
         finally:
             bar.close()
             if tuner is not None:  # assigned, not Counter.update (which would add)
                 self.stats["threads"], self.stats["thread_rates"] = tuner.chosen, tuner.history
+            if workers_tuner is not None:
+                self.stats["workers"], self.stats["worker_waits"] = workers_tuner.workers, workers_tuner.history
             torch.set_num_threads(threads)
 
     def _load_encoder(self) -> Encoder:
@@ -255,6 +281,9 @@ class IndexStages:
         with library.session() as s, s.begin():
             run = s.get(Run, self.run_id)
             run.precision, run.device = encoder.precision, str(encoder.device)
+        # What made this run's vectors, in runs.stats and the `index` summary (issue 17).
+        self.stats["precision"], self.stats["device"] = encoder.precision, str(encoder.device)  # set, not added
+        self.stats["runtime"] = "onnx" if encoder.precision.startswith("onnx-") else "torch"
         made_with = set(vectors_by_precision(library.engine)) - {"unknown"}
         if made_with - {encoder.precision}:
             self.warnings.append(
@@ -275,7 +304,8 @@ class IndexStages:
         if self.device == "auto" and torch.cuda.is_available():
             return self.precision
         made_with = set(vectors_by_precision(self.library.engine)) - {"unknown"}
-        runnable = {"fp32", "int8"} | ({"bf16"} if config.cpu_has_native_bf16() else set())
+        runnable = {"fp32", "int8"} | ({"bf16"} if config.cpu_has_native_bf16() else set()) \
+            | ({"onnx-fp32", "onnx-int8"} if onnxruntime_version() else set())
         if len(made_with) == 1 and (only := made_with.pop()) in runnable:
             return only
         return self.precision

@@ -37,6 +37,11 @@ class ThreadTuner:
         timed = [(threads, True) for _ in range(self.rounds) for threads in self.candidates]
         return ([(self.candidates[0], False)] if warm_up else []) + timed
 
+    @property
+    def measuring(self) -> bool:
+        """Whether batches now run at trial thread counts (their times say little about decoding)."""
+        return bool(self._plan)
+
     def next_threads(self) -> int:
         if not self._plan and self._since_choice >= self.recheck and len(self.candidates) > 1:
             self._plan, self.rates = self._measuring_plan(warm_up=False), {}

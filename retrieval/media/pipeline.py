@@ -62,8 +62,9 @@ class ImageFiles(Dataset):
     """Item i is file `paths[i]`, decoded upright and preprocessed, or a `Failed`."""
 
     def __init__(self, paths: Sequence[str], preprocess: Callable, image_size: int,
-                 max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
+                 max_pixels: int = DEFAULT_MAX_PIXELS, first_key: int = 0) -> None:
         self.paths = list(paths)
+        self.first_key = first_key  # keys are positions in the caller's full list (a remade loader starts late)
         self.preprocess = preprocess
         self.draft = (image_size, image_size)
         self.max_pixels = max_pixels
@@ -71,8 +72,9 @@ class ImageFiles(Dataset):
     def __len__(self) -> int:
         return len(self.paths)
 
-    def __getitem__(self, key: int) -> Decoded | Failed:
-        path = self.paths[key]
+    def __getitem__(self, index: int) -> Decoded | Failed:
+        path = self.paths[index]
+        key = self.first_key + index
         try:
             info = read_info(path)
             image = open_image(path, self.max_pixels, draft_size=self.draft)
@@ -167,12 +169,13 @@ def default_batch_size(device: torch.device) -> int:
 
 def make_loader(paths: Sequence[str], preprocess: Callable, image_size: int, *, batch_size: int,
                 workers: int, pin_memory: bool = False, max_pixels: int = DEFAULT_MAX_PIXELS,
-                close_in_workers: Sequence[str] = ()) -> DataLoader:
-    """Batches of `Batch`, in the order of `paths`; workers=0 decodes in this process.
+                close_in_workers: Sequence[str] = (), start: int = 0) -> DataLoader:
+    """Batches of `Batch`, in the order of `paths[start:]` (items keyed by their position in
+    `paths`); workers=0 decodes in this process.
 
     `close_in_workers`: files (lock files) whose inherited descriptors workers must close.
     """
-    dataset = ImageFiles(paths, preprocess, image_size, max_pixels)
+    dataset = ImageFiles(list(paths)[start:], preprocess, image_size, max_pixels, first_key=start)
     if workers > 0:
         _quiet_hangups_of_the_fd_sharer()
     init = functools.partial(_worker_init, tuple(str(p) for p in close_in_workers))

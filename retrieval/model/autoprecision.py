@@ -39,7 +39,13 @@ from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any, Protocol
 
 from retrieval import config
-from retrieval.model.precision_cache import cached_entry, machine_key, store_entry
+from retrieval.model.onnx_tower import ONNX_MODES, onnx_image_model
+from retrieval.model.precision_cache import (
+    cached_entry,
+    machine_key,
+    onnxruntime_version,
+    store_entry,
+)
 from retrieval.model.runtime import image_model_at
 
 if TYPE_CHECKING:  # torch is imported inside the functions that encode, so `status` stays light
@@ -128,7 +134,7 @@ def agreement_with_fp32(encoder: Measurable, precision: str, images: Sequence, q
     import numpy as np
 
     pixels = encoder.preprocess_images(images)
-    models = {"fp32": encoder.model, precision: image_model_at(encoder.model, precision)}
+    models = {"fp32": encoder.model, precision: candidate_model(encoder, precision)}
     out = {}
     for mode, model in models.items():
         out[mode] = np.concatenate([encoder.encode_pixels_with(model, pixels[i:i + batch_size])
@@ -141,10 +147,19 @@ def agreement_with_fp32(encoder: Measurable, precision: str, images: Sequence, q
 
 
 def candidates(device_type: str = "cpu") -> list[str]:
-    """The CPU modes worth timing here: fp32, bf16 where the CPU has it natively, int8."""
+    """The CPU modes worth timing here: fp32, bf16 where the CPU has it natively, int8, and
+    ONNX Runtime's fp32 and int8 where onnxruntime is installed. A GPU keeps torch fp16."""
     if device_type != "cpu":
         return []
-    return ["fp32", *(["bf16"] if config.cpu_has_native_bf16() else []), "int8"]
+    onnx = ["onnx-fp32", "onnx-int8"] if onnxruntime_version() else []
+    return ["fp32", *(["bf16"] if config.cpu_has_native_bf16() else []), "int8", *onnx]
+
+
+def candidate_model(encoder: Measurable, mode: str) -> Any:
+    """The image model that runs `mode`: a torch copy (bf16, int8) or an ONNX Runtime tower."""
+    if mode in ONNX_MODES:
+        return onnx_image_model(encoder, mode)
+    return image_model_at(encoder.model, mode)
 
 
 def probe_pictures(size: int, count: int, seed: int = 20261124) -> tuple[list, list[str]]:
@@ -192,7 +207,7 @@ def _measure(encoder: Measurable, modes: Sequence[str] | None, batch_size: int, 
         if mode == "fp32":
             continue
         try:
-            models[mode] = image_model_at(encoder.model, mode)
+            models[mode] = candidate_model(encoder, mode)
         except Exception as exc:  # e.g. no quantised engine on this CPU: auto falls back
             errors[mode] = f"{type(exc).__name__}: {exc}"[:200]
     models.update(extra_models or {})
@@ -291,7 +306,7 @@ def settle(encoder: Measurable, requested: str) -> dict:
         entry = choose(encoder)
         if entry["chosen"] != encoder.precision:
             encoder.set_precision(entry["chosen"], check=False)
-    elif requested in ("bf16", "int8"):
+    elif requested in ("bf16", "int8", *ONNX_MODES):
         entry = choose(encoder)
         if requested not in entry.get("agreement", {}) and requested not in entry.get("errors", {}):
             entry = choose(encoder, refresh=True)  # cached before this mode was a candidate
@@ -335,7 +350,8 @@ def describe(report: dict | None) -> str:
         head += f"; {mode} {verdict} (cos {figures['cosine_mean']:.4f}{overlap})"
     key = report.get("key")
     if key:
-        head += f"; measured {str(report.get('measured_at', ''))[:10]} on {key['cpu']} x{key['cores']}, torch {key['torch']}"
+        head += (f"; measured {str(report.get('measured_at', ''))[:10]} on {key['cpu']} x{key['cores']}, "
+                 f"torch {key['torch']}, onnxruntime {key.get('onnxruntime') or 'absent'}")
     return head
 
 

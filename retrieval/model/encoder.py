@@ -27,6 +27,8 @@ import torch
 from retrieval import config
 from retrieval.errors import ModelError
 from retrieval.model import autoprecision, hftext
+from retrieval.model.onnx_export import ExportError
+from retrieval.model.onnx_tower import ONNX_MODES, onnx_image_model
 from retrieval.model.runtime import image_model_at
 from retrieval.model.spec import PRECISIONS, ModelSpec
 
@@ -55,8 +57,8 @@ def resolve_precision(requested: str, device: torch.device) -> str:
         raise ModelError(f"unknown precision {requested!r}; choose one of {', '.join(PRECISIONS)}")
     if requested == "auto":
         return "fp16" if device.type in ("cuda", "mps") else "fp32"
-    if requested == "int8" and device.type != "cpu":
-        raise ModelError("--precision int8 runs on the CPU only; use fp16 on a GPU")
+    if requested in ("int8", "onnx-fp32", "onnx-int8") and device.type != "cpu":
+        raise ModelError(f"--precision {requested} runs on the CPU only; use fp16 on a GPU")
     if requested == "fp16" and device.type == "cpu":
         raise ModelError("--precision fp16 needs a GPU; on a CPU use fp32, bf16 or int8")
     if requested == "bf16" and device.type == "cpu" and not config.cpu_has_native_bf16():
@@ -244,12 +246,12 @@ class Encoder:
         self.model, self.preprocess, self.tokenizer = load_model(spec, self.device)
         self.fingerprint = weights_fingerprint(self.model)
         self._precision = resolve_precision(precision, self.device)
-        self._image_model = self._prepare_for_precision(self._precision)
         self.embed_dim = self._probe_dim()
         self.image_size = _image_size(self.model)
         # The tokenizer's limit is the one texts are cut at (a BERT tower reports 512 positions).
         self.context_length = int(getattr(self.tokenizer, "context_length", None)
                                   or getattr(self.model, "context_length", 77))
+        self._image_model = self._prepare_for_precision(self._precision)  # ONNX exports need the above
         self._precision_report: dict | None = None
         # Settled on first need (an image to encode, or `precision` read), so that commands
         # that only encode text never pay for measuring the image tower.
@@ -265,6 +267,13 @@ class Encoder:
         """
         if self.device.type == "cpu" and precision in ("bf16", "int8"):
             return image_model_at(self.model, precision)
+        if precision in ONNX_MODES:
+            try:
+                return onnx_image_model(self, precision)
+            except ImportError as exc:
+                raise ModelError(f"--precision {precision} needs onnxruntime (pip install onnxruntime)") from exc
+            except ExportError as exc:
+                raise ModelError(f"--precision {precision}: cannot export this model to ONNX ({exc})") from exc
         return self.model
 
     @property

@@ -28,7 +28,7 @@ from retrieval import config
 log = logging.getLogger("clipfind.precision")
 
 CACHE_FILE = "precision.json"
-CACHE_VERSION = 2  # bumped when the way of measuring changes: old choices are re-measured
+CACHE_VERSION = 3  # bumped when the way of measuring changes: old choices are re-measured
 MAX_CACHE_ENTRIES = 200
 
 
@@ -55,14 +55,24 @@ def torch_version() -> str:
         return torch.__version__
 
 
+@functools.cache
+def onnxruntime_version() -> str | None:
+    """The installed onnxruntime's version, without importing it (None when absent)."""
+    for name in ("onnxruntime", "onnxruntime-gpu"):
+        with contextlib.suppress(metadata.PackageNotFoundError):
+            return metadata.version(name)
+    return None
+
+
 def machine_key(fingerprint: str) -> dict:
-    """What a measurement is valid for: these weights, on this CPU, with this torch."""
+    """What a measurement is valid for: these weights, on this CPU and core count, with these
+    torch and onnxruntime versions (either one's upgrade measures again)."""
     return {"fingerprint": fingerprint, "cpu": config.cpu_model_name(), "cores": config.usable_cores(),
-            "torch": torch_version()}
+            "torch": torch_version(), "onnxruntime": onnxruntime_version()}
 
 
 def key_id(key: dict) -> str:
-    return "|".join(str(key[f]) for f in ("fingerprint", "cpu", "cores", "torch"))
+    return "|".join(str(key.get(f)) for f in ("fingerprint", "cpu", "cores", "torch", "onnxruntime"))
 
 
 def _read_cache(path: Path) -> dict:

@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass
 
 from retrieval.errors import ModelError
 
-PRECISIONS = ("auto", "fp32", "bf16", "fp16", "int8")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16", "int8", "onnx-fp32", "onnx-int8")  # onnx-*: CPU image tower on ONNX Runtime
 # Who runs the model: torch (trains, exports, GPU) or ONNX Runtime (fast fresh-process queries).
 RUNTIMES = ("auto", "onnx", "torch")
 

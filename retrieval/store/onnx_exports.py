@@ -55,9 +55,9 @@ def _export_lock(root: Path) -> Iterator[None]:
 def machine_export(fingerprint: str, precision: str) -> Path:
     """The machine-wide copy of an export ($CLIPFIND_CACHE/onnx/...): libraries of the same
     weights share one export instead of tracing the model again (seconds for a ViT-B-32)."""
-    from retrieval.config import cache_root
+    from retrieval.model.onnx_tower import machine_folder
 
-    return cache_root() / ONNX_DIR / fingerprint / precision
+    return machine_folder(fingerprint, precision)
 
 
 def _share(source: Path, target: Path) -> None:
