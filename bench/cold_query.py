@@ -3,6 +3,7 @@
     .venv/bin/python bench/cold_query.py                        # ViT-B-32, random weights, 1k + 100k
     .venv/bin/python bench/cold_query.py --sizes 1000 --repeats 3 --json
     .venv/bin/python bench/cold_query.py --model-dir DIR        # any open_clip model folder
+    .venv/bin/python bench/cold_query.py --quick                # 1k vectors, 2 processes a cell
 
 Libraries: N rows of SYNTHETIC random unit vectors (bench/query_latency.py's
 `build_library`) bound to the model, so the FAISS and SQL phases see N real
@@ -193,6 +194,8 @@ def print_report(report: dict) -> None:
         phases = " ".join(f"{row[p]:10.3f}" if p in row else f"{'-':>10}" for p in PHASES)
         print(f"{row['vectors']:>8} {row['kind']:<6} {row['path']:<7} {row['wall']:6.2f} {phases} "
               f"{row['rss_mb']:11.0f}  {','.join(row.get('used', [])) or '-'}")
+    print("# targets (2 idle cores): onnx text <= 0.4 s at 1k and <= 0.6 s at 100k vectors, image <= 0.6 s, "
+          "server <= 0.25 s; text peak RSS <= 300 MB")
     print("# ratios (torch / onnx, same run):")
     by = {(r["vectors"], r["kind"], r["path"]): r for r in report["rows"]}
     for (n, kind, path), row in by.items():
@@ -214,7 +217,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-server", action="store_true", help="skip the rows with `clipfind serve`")
     parser.add_argument("--work", type=Path, default=DEFAULT_WORK)
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--quick", action="store_true", help="1k vectors only, 2 processes per cell")
     args = parser.parse_args(argv)
+    if args.quick:
+        args.sizes, args.repeats = "1000", min(args.repeats, 2)
     from retrieval.model.spec import ModelSpec
 
     spec = ModelSpec(model_dir=args.model_dir) if args.model_dir else ModelSpec(model=args.model,

@@ -3,6 +3,8 @@
     .venv/bin/python bench/index_throughput.py                 # 2,000 photos, ViT-B-32 random weights
     .venv/bin/python bench/index_throughput.py --count 300 --json
     .venv/bin/python bench/index_throughput.py --model-dir DIR --workers 2
+    .venv/bin/python bench/index_throughput.py --runtimes          # + runtime axis, default vs best explicit
+    .venv/bin/python bench/index_throughput.py --runtimes --quick  # the same, small (a smoke run)
 
 Measures, on the same model, workers and batch size:
   (a) decode + preprocess alone, through the indexer's own DataLoader;
@@ -11,6 +13,11 @@ Measures, on the same model, workers and batch size:
       encoder, one SQLite transaction per batch, FAISS build and atomic save),
       including the model load, and (c)/min(a, b): 1.0 is perfect overlap;
   then a re-index of the unchanged collection (time and ratio to (c)).
+With --runtimes: the encoder alone on torch and ONNX Runtime at fp32 and int8, and the
+"default flags vs best explicit flags" row: the default run (threads, workers and
+precision all measured by clipfind) against every explicit --threads x --workers
+setting, each a first run into its own library, after one warm-up run that fills
+the per-machine caches (precision choice, ONNX exports) so no run pays for them.
 Each phase runs in its own process, so "peak RSS" is that phase's own high-water mark
 (main process + its largest child). Photos (1024x768 JPEG, quality 90, drawn:
 gradients, noise, shapes) are generated once into --cache-dir and reused.
@@ -98,9 +105,10 @@ def _spec(args):
 def _loader(args, encoder, paths):
     from retrieval.media.pipeline import default_batch_size, make_loader
 
+    workers = config.decode_workers() if args.workers is None else args.workers
     return make_loader(paths, encoder.preprocess, encoder.image_size,
                        batch_size=args.batch_size or default_batch_size(encoder.device),
-                       workers=args.workers, pin_memory=encoder.device.type == "cuda")
+                       workers=workers, pin_memory=encoder.device.type == "cuda")
 
 
 def phase_decode(args, folder: Path) -> dict:
@@ -197,7 +205,7 @@ def phase_index(args, folder: Path) -> dict:
     with Library.open(lib_dir) as lib:
         loaded = start
         if lib.model_record is None:  # the first run loads the model: timed apart as well
-            lib.encoder(_spec(args), args.device, args.precision)
+            _ = lib.encoder(_spec(args), args.device, args.precision).precision  # settles auto (cached)
             loaded = time.perf_counter()
         result = index_paths(lib, [str(folder)], _spec(args), args.device, args.precision, options)
     seconds = time.perf_counter() - start
@@ -206,7 +214,23 @@ def phase_index(args, folder: Path) -> dict:
     size = sum(f.stat().st_size for f in lib_dir.iterdir() if f.is_file())
     return {"images": n, "encoded": stats["encoded"], "seconds": seconds, "per_s": n / seconds,
             "model_load_s": loaded - start, "per_s_after_load": n / (seconds - (loaded - start)),
-            "skipped": stats["skipped"], "library_bytes": size, "threads": stats.get("threads")}
+            "skipped": stats["skipped"], "library_bytes": size, "threads": stats.get("threads"),
+            "workers": stats.get("workers"), "precision_used": stats.get("precision"),
+            "runtime": stats.get("runtime"), "thread_rates": stats.get("thread_rates"),
+            "worker_waits": stats.get("worker_waits")}
+
+
+def _without(argv: list[str], flag: str) -> list[str]:
+    """`argv` less `flag` and its value (either `--flag V` or `--flag=V`)."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == flag:
+            skip = True
+        elif not a.startswith(flag + "="):
+            out.append(a)
+    return out
 
 
 def run_phase(name: str, argv: list[str]) -> dict:
@@ -234,7 +258,7 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--model-dir", help="an open_clip model folder instead of --model")
     p.add_argument("--device", default="auto")
     p.add_argument("--precision", default="auto")
-    p.add_argument("--workers", type=int, default=config.decode_workers())
+    p.add_argument("--workers", type=int, default=None, help="decode workers (default: as the indexer, measured)")
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--threads", type=int, default=None, help="encoder threads (default: as the indexer)")
     p.add_argument("--encode-images", type=int, default=320, help="images for (b) (default 320)")
@@ -243,6 +267,8 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--runtimes", action="store_true",
                    help="also time the encoder on torch and ONNX Runtime, fp32 and int8, and index "
                         "with each explicit --threads to compare with the default (measured) choice")
+    p.add_argument("--quick", action="store_true",
+                   help="a smoke run: 96 photos, 64 images for (b) (numbers mean little)")
     p.add_argument("--phase", help=argparse.SUPPRESS)
     p.add_argument("--library", help=argparse.SUPPRESS)
     return p.parse_args(argv)
@@ -250,6 +276,10 @@ def parse(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse(argv)
+    if args.quick:
+        args.count, args.encode_images = min(args.count, 96), min(args.encode_images, 64)
+        argv = [*(argv if argv is not None else sys.argv[1:]), "--count", str(args.count),
+                "--encode-images", str(args.encode_images)]
     if args.phase:
         folder = symlinked_subset(args.cache_dir, args.count)
         phase = {"decode": phase_decode, "encode": phase_encode, "index": phase_index,
@@ -258,22 +288,28 @@ def main(argv=None) -> int:
         return 0
     ensure_photos(args.cache_dir, args.count)
     folder = symlinked_subset(args.cache_dir, args.count)
-    passthrough = [a for a in (argv if argv is not None else sys.argv[1:]) if a != "--json"]
+    passthrough = [a for a in (argv if argv is not None else sys.argv[1:]) if a not in ("--json", "--quick")]
     with tempfile.TemporaryDirectory(prefix="clipfind-bench-") as tmp:
         lib = ["--library", str(Path(tmp) / "lib")]
+        if args.runtimes:  # fills the per-machine caches, so the timed first runs all find them
+            warm = ["--library", str(Path(tmp) / "lib-warm")]
+            run_phase("index", _without(passthrough, "--count") + ["--count", "64"] + warm)
         results = {"a_decode": run_phase("decode", passthrough),
                    "b_encode": run_phase("encode", passthrough),
                    "c_index": run_phase("index", passthrough + lib),
                    "reindex": run_phase("index", passthrough + lib)}
         if args.runtimes:
             results["runtimes"] = run_phase("runtimes", passthrough)
-            explicit = [a for a in passthrough if not a.startswith("--threads")]
-            for threads in range(1, len(os.sched_getaffinity(0)) + 1):
-                own = ["--library", str(Path(tmp) / f"lib-t{threads}")]
-                results[f"index_threads_{threads}"] = run_phase("index", explicit + own + ["--threads", str(threads)])
+            explicit = _without(_without(passthrough, "--threads"), "--workers")
+            cores = len(os.sched_getaffinity(0))
+            for threads in range(1, cores + 1):
+                for workers in range(1, cores + 1):
+                    own = ["--library", str(Path(tmp) / f"lib-t{threads}-w{workers}")]
+                    results[f"index_threads_{threads}_workers_{workers}"] = run_phase(
+                        "index", explicit + own + ["--threads", str(threads), "--workers", str(workers)])
     a, b, c, r = (results[k] for k in ("a_decode", "b_encode", "c_index", "reindex"))
     summary = {"count": args.count, "model": b["model"], "device": b["device"], "precision": b["precision"],
-               "workers": args.workers, "batch_size": args.batch_size or "default", "cpus": os.cpu_count(),
+               "workers": c.get("workers") if args.workers is None else args.workers, "batch_size": args.batch_size or "default", "cpus": os.cpu_count(),
                "overlap_ratio": c["per_s"] / min(a["per_s"], b["per_s"]),
                "overlap_ratio_after_load": c["per_s_after_load"] / min(a["per_s"], b["per_s"]),
                "reindex_ratio": r["seconds"] / c["seconds"], **results}
@@ -281,7 +317,7 @@ def main(argv=None) -> int:
         print(json.dumps(summary))
         return 0
     print(f"model: {summary['model']} | device {summary['device']} {summary['precision']} | "
-          f"{args.count} photos 1024x768 | workers {args.workers} | batch {summary['batch_size']} | "
+          f"{args.count} photos 1024x768 | workers {summary['workers']} | batch {summary['batch_size']} | "
           f"encoder threads {b['threads']} | {summary['cpus']} CPUs, load average {os.getloadavg()[0]:.1f}")
     print(f"{'phase':<44} {'images':>7} {'seconds':>8} {'img/s':>8} {'peak RSS MB':>12}")
     rows = [("(a) decode + preprocess (DataLoader)", a), ("(b) encoder forward only", b),
@@ -308,15 +344,22 @@ def print_runtimes(results: dict, default_run: dict) -> None:
     for name, rate in rt["rates"].items():
         print(f"  {name:<12} {rate:8.1f} {rate / base:13.2f} {rt['cosine_to_torch_fp32'][name]:21.6f}")
     explicit = {k: v for k, v in results.items() if k.startswith("index_threads_")}
-    # Rates after the model load: the default run is a library's first (it also loads the model
-    # and exports ONNX), the explicit ones run later; still minutes apart, so on a busy machine
-    # re-run before trusting the ratio.
+    # Rates after the model load; every run is a first run into its own library, after the
+    # warm-up run filled the machine's caches. Minutes apart: on a busy machine, re-run.
     rate = "per_s_after_load"
     best_name, best = max(explicit.items(), key=lambda kv: kv[1][rate])
-    print(f"default flags (threads measured: {default_run.get('threads')}): {default_run[rate]:.1f} img/s; "
-          + ", ".join(f"--threads {k.rsplit('_', 1)[1]}: {v[rate]:.1f}" for k, v in explicit.items())
-          + f"; default / best explicit = {default_run[rate] / best[rate]:.2f} (target >= 0.9; "
-          "img/s after the model load)")
+    print(f"{'index run (first run, own library)':<44} {'img/s':>8}  precision (runtime), threads, workers")
+
+    def row(label: str, run: dict) -> None:
+        print(f"  {label:<42} {run[rate]:8.1f}  {run.get('precision_used')} ({run.get('runtime')}), "
+              f"{run.get('threads')} threads, {run.get('workers')} workers")
+
+    row("default flags (all measured)", default_run)
+    for name, run in explicit.items():
+        _, _, threads, _, workers = name.split("_")
+        row(f"--threads {threads} --workers {workers}" + ("  (best explicit)" if name == best_name else ""), run)
+    print(f"default flags vs best explicit flags: {default_run[rate] / best[rate]:.2f} "
+          f"(target >= 0.9; img/s after the model load)")
 
 
 if __name__ == "__main__":

@@ -234,3 +234,17 @@ def test_vit_b_32_export_agrees_with_torch(tmp_path):
     export_towers(encoder, tmp_path / "fp32", "fp32")
     figures = agreement(encoder, OnnxEncoder(tmp_path / "fp32", threads=None), TEXTS[:16], pictures(64, 16))
     assert figures["text_cos"] >= 0.999 and figures["image_cos"] >= 0.999, figures
+
+
+def test_an_int8_export_quantised_another_way_is_stale(tmp_path):
+    """int8 exports are U8U8 (signed weights saturated on CPUs without VNNI): an older int8
+    export must be remade, not reused."""
+    import json
+
+    from retrieval.model.onnx_export import EXPORT_VERSION, MANIFEST, QUANTISATION, problems
+
+    manifest = {"version": EXPORT_VERSION, "fingerprint": "f", "precision": "int8", "files": {}}
+    (tmp_path / MANIFEST).write_text(json.dumps(manifest))
+    assert "quantised another way" in problems(tmp_path, "f", "int8")[0]
+    (tmp_path / MANIFEST).write_text(json.dumps({**manifest, "quantisation": QUANTISATION}))
+    assert problems(tmp_path, "f", "int8") == []
