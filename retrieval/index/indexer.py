@@ -52,7 +52,7 @@ NO_MODEL = "no model given: pass --model-dir DIR, or --model NAME --pretrained T
 
 @dataclass
 class IndexOptions:
-    workers: int | None = None  # None: config.decode_workers()
+    workers: int | None = None  # None: config.decode_workers(), grown while the encoder waits (index/workers.py)
     threads: int | None = None  # encoder torch threads; None: measured (index/threads.py)
     batch_size: int | None = None  # None: 32 on CPU, 256 on GPU
     follow_symlinks: bool = False
