@@ -108,8 +108,14 @@ def build(work: Path, n: int, spec) -> Path:
     if not (marker.exists() and json.loads(marker.read_text()).get("n") == n):
         encoder = Encoder(spec, device="cpu", precision="fp32")
         build_library(root, n, encoder)
+    from retrieval.model.precision_cache import cached_choice
+
     with Library.open(root, create=False) as library:
         ensure_export(library, "fp32")
+        if cached_choice(library.model_record["fingerprint"]) is None:
+            # Measured once per machine (with ONNX Runtime's int8 export, a minute for a
+            # ViT-B-32): done here, or the first torch image query would time it.
+            _ = library.encoder(device="cpu").precision
     return root
 
 
