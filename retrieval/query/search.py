@@ -236,7 +236,7 @@ class Searcher:
         """A stored concept's unit direction (refused if another model learned it)."""
         from retrieval.store.concepts import load_concept
 
-        return load_concept(self.library, name).direction
+        return load_concept(self.library, name, str(self.record["fingerprint"])).direction
 
     def feedback_vector(self, combined: np.ndarray | None, query: Query, warnings: list[str],
                         self_ids: set[int]) -> np.ndarray:

@@ -96,8 +96,12 @@ def concept_exists(library, name: str) -> bool:
         return s.scalar(select(Concept.id).where(Concept.name == name.strip())) is not None
 
 
-def load_concept(library, name: str) -> ConceptRecord:
-    """The concept `name`, refused (exit 4) if the library's model is not the one that learned it."""
+def load_concept(library, name: str, fingerprint: str | None = None) -> ConceptRecord:
+    """The concept `name`, refused (exit 4) if the library's model is not the one that learned it.
+
+    `fingerprint`: the library's model fingerprint when the caller already holds it (a warm
+    Searcher does), which saves reading the model record again on every query.
+    """
     name = _check_name(name)
     with library.session() as s:
         row = s.scalar(select(Concept).where(Concept.name == name))
@@ -105,7 +109,7 @@ def load_concept(library, name: str) -> ConceptRecord:
             known = ", ".join(s.scalars(select(Concept.name).order_by(Concept.name))) or "none yet"
             raise InputError(f"no concept named {name!r} (concepts: {known})")
     record = _record(row)
-    if record.fingerprint != _library_fingerprint(library):
+    if record.fingerprint != (fingerprint or _library_fingerprint(library)):
         raise LibraryError(f"concept {name!r} was learned with other weights (fingerprint "
                            f"{record.fingerprint[:12]}) than this library's model; learn it again")
     return record

@@ -1,7 +1,7 @@
 """A seeded random sample of the library's stored vectors.
 
 Used as learned concepts' negatives and as the background a query's scores
-are calibrated against. Ids are read first (an index-only scan) and only the
+are calibrated against. Ids are read first (an index-only scan, sorted here) and only the
 chosen rows' embeddings after, so a sample of 2,000 from 100,000 images
 reads 2,000 blobs, not 100,000.
 """
@@ -21,7 +21,9 @@ def sample_vectors(engine: Engine, dim: int, n: int, seed: int = 0,
                    exclude: set[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(ids, vectors) of up to `n` stored rows drawn without replacement, none in `exclude`."""
     with engine.connect() as conn:
-        ids = np.asarray(conn.execute(text("SELECT id FROM images ORDER BY id")).scalars().all(), dtype=np.int64)
+        # No ORDER BY: with it SQLite walks the table itself (every row's embedding pages: 1.26 s at
+        # 100k rows, measured); without it a covering index (any index holds the rowid) is read.
+        ids = np.sort(np.fromiter((r[0] for r in conn.exec_driver_sql("SELECT id FROM images")), np.int64))
         if exclude:
             ids = ids[~np.isin(ids, np.fromiter(exclude, np.int64))]
         if len(ids) > n:
