@@ -234,9 +234,9 @@ class Searcher:
 
     def concept_vector(self, name: str) -> np.ndarray:
         """A stored concept's unit direction (refused if another model learned it)."""
-        from retrieval.store.concepts import load_concept
+        from retrieval.store.concepts import concept_direction
 
-        return load_concept(self.library, name, str(self.record["fingerprint"])).direction
+        return concept_direction(self.library, name, str(self.record["fingerprint"]))
 
     def feedback_vector(self, combined: np.ndarray | None, query: Query, warnings: list[str],
                         self_ids: set[int]) -> np.ndarray:

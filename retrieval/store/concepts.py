@@ -126,3 +126,18 @@ def remove_concept(library, name: str) -> None:
     with library.session() as s, s.begin():
         if s.execute(delete(Concept).where(Concept.name == name)).rowcount == 0:
             raise InputError(f"no concept named {name!r}")
+
+
+def concept_direction(library, name: str, fingerprint: str) -> np.ndarray:
+    """Only a concept's unit direction, for a query: one light Core SELECT (no ORM session).
+
+    A warm query pays for this on every search with --concept; errors (no such concept,
+    another model's concept) are left to `load_concept`, which words them.
+    """
+    table = Concept.__table__
+    with library.engine.connect() as conn:
+        row = conn.execute(select(table.c.direction, table.c.embed_dim, table.c.fingerprint)
+                           .where(table.c.name == name.strip())).first()
+    if row is None or row.fingerprint != fingerprint:
+        return load_concept(library, name, fingerprint).direction  # raises the worded error
+    return blobs_to_matrix([row.direction], row.embed_dim)[0].copy()
