@@ -157,24 +157,29 @@ def fit_mixture(scores: np.ndarray, mu: float, sigma: float,
     w = counts[keep].astype(np.float64)
     x = ((edges[:-1] + edges[1:]) / 2)[keep]
     n = float(w.sum())
+    powers = np.stack([np.ones_like(x), x, x * x], axis=1)  # (bins, 3): one product gives every weighted sum
 
     def parts(mu0, s0, mu1, s1, p1):
         return ((1 - p1) * np.exp(-0.5 * ((x - mu0) / s0) ** 2) / s0, p1 * np.exp(-0.5 * ((x - mu1) / s1) ** 2) / s1)
 
     top = scores[scores >= np.quantile(scores, 0.9)]
     mu0, s0, mu1, s1, p1 = mu, sigma, float(top.mean()), max(float(top.std()), 1e-3), 0.1
+    centres = np.empty((2, 1))
+    widths = np.empty((2, 1))
     for _ in range(iterations):
         before = (mu0, s0, mu1, s1, p1)
-        low, high = parts(mu0, s0, mu1, s1, p1)
-        r = w * high / np.maximum(low + high, 1e-300)  # weighted responsibilities of the upper part
-        q = w - r
-        p1 = float(r.sum() / n)
+        centres[:, 0], widths[:, 0] = (mu0, mu1), (s0, s1)
+        dens = np.exp(-0.5 * ((x - centres) / widths) ** 2) / widths  # (2, bins): bulk, upper part
+        dens[0] *= 1 - p1
+        dens[1] *= p1
+        r = w * dens[1] / np.maximum(dens[0] + dens[1], 1e-300)  # weighted responsibilities of the upper part
+        (n0, sx0, sxx0), (n1, sx1, sxx1) = np.stack([w - r, r]) @ powers
+        p1 = float(n1 / n)
         if not 1e-4 < p1 < 0.5:
             return None
-        mu1 = float((r * x).sum() / r.sum())
-        s1 = float(np.sqrt((r * (x - mu1) ** 2).sum() / r.sum())) + 1e-6
-        mu0 = float((q * x).sum() / q.sum())
-        s0 = float(np.sqrt((q * (x - mu0) ** 2).sum() / q.sum())) + 1e-6
+        mu0, mu1 = float(sx0 / n0), float(sx1 / n1)
+        s0 = math.sqrt(max(float(sxx0 / n0) - mu0 * mu0, 0.0)) + 1e-6
+        s1 = math.sqrt(max(float(sxx1 / n1) - mu1 * mu1, 0.0)) + 1e-6
         if max(abs(a - b) for a, b in zip(before, (mu0, s0, mu1, s1, p1))) < MIXTURE_TOLERANCE * s0:
             break  # converged: most queries stop well before MIXTURE_STEPS
     if mu1 - mu0 < MIXTURE_SEPARATION * s0:
