@@ -9,6 +9,8 @@ them) pays the ~30-60 s of training; concurrent pytest processes share it.
 
 from __future__ import annotations
 
+import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -20,3 +22,43 @@ from retrieval.devmodels.tiny import ensure_tiny_model
 def tiny_model_dir() -> Path:
     """Directory of the tiny shapes model, in open_clip's local-dir layout."""
     return ensure_tiny_model()
+
+
+# -- the store: SQLite (the default) or PostgreSQL ---------------------------------------------
+@pytest.fixture(scope="session")
+def pg_server():
+    """One throw-away PostgreSQL server for the session (tests/pg_server.py); skipped when this
+    machine cannot start one, unless $CLIPFIND_REQUIRE_POSTGRES=1 (CI), where that fails."""
+    from tests.pg_server import REQUIRE_ENV, PostgresServer, ServerUnavailable
+
+    try:
+        import psycopg  # noqa: F401
+    except ImportError:
+        problem = "psycopg is not installed (pip install 'clipfind[postgres]')"
+    else:
+        try:
+            server = PostgresServer().start()
+        except (ServerUnavailable, OSError, subprocess.SubprocessError) as exc:
+            problem = f"cannot start a PostgreSQL server: {exc}"
+        else:
+            yield server
+            server.stop()
+            return
+    if os.environ.get(REQUIRE_ENV) == "1":
+        pytest.fail(problem)
+    pytest.skip(problem)
+
+
+STORES = ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
+
+
+@pytest.fixture(params=STORES)
+def store(request, monkeypatch) -> str | None:
+    """Run the test on each store: None for SQLite, else the URL of a fresh PostgreSQL database,
+    also put in $CLIPFIND_DB so every library the test opens (CLI and subprocesses too) uses it."""
+    if request.param == "sqlite":
+        monkeypatch.delenv("CLIPFIND_DB", raising=False)
+        return None
+    url = request.getfixturevalue("pg_server").database()
+    monkeypatch.setenv("CLIPFIND_DB", url)
+    return url
