@@ -62,3 +62,38 @@ def store(request, monkeypatch) -> str | None:
     url = request.getfixturevalue("pg_server").database()
     monkeypatch.setenv("CLIPFIND_DB", url)
     return url
+
+
+@pytest.fixture(scope="module", params=STORES)
+def module_store(request) -> str | None:
+    """`store` for a module whose fixtures build one library and copy it per test: None for
+    SQLite, else a database to build in (tests copy it with `copy_database`)."""
+    if request.param == "sqlite":
+        return None
+    return request.getfixturevalue("pg_server").database()
+
+
+@pytest.fixture
+def copy_store(request, monkeypatch):
+    """copy_store(module_store) -> the store a test's copy of the module's library uses:
+    None (SQLite: copying the folder copies the database), or a PostgreSQL copy of the
+    database (CREATE DATABASE ... TEMPLATE), put in $CLIPFIND_DB like `store` does."""
+    def copy(source: str | None) -> str | None:
+        if source is None:
+            monkeypatch.delenv("CLIPFIND_DB", raising=False)
+            return None
+        from tests.pg_server import database_name
+
+        url = request.getfixturevalue("pg_server").database(template=database_name(source))
+        monkeypatch.setenv("CLIPFIND_DB", url)
+        return url
+    return copy
+
+
+@pytest.fixture
+def new_database(request):
+    """new_database(store) -> a fresh, empty database on the test's store (None for SQLite,
+    whose fresh database is a new folder), for tests that open a second library."""
+    def make(store: str | None) -> str | None:
+        return request.getfixturevalue("pg_server").database() if store else None
+    return make
