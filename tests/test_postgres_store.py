@@ -211,3 +211,34 @@ def test_concurrent_writers_keep_the_change_log_in_commit_order(tmp_path, pg_ser
         with lib.engine.connect() as conn:
             ids = sorted(conn.execute(text("SELECT id FROM images")).scalars())
         assert sorted(index.ids().tolist()) == ids
+
+
+# -- what differs for a PostgreSQL library --------------------------------------------------------
+def test_status_backup_and_the_web_apps_reader(tmp_path, pg_server, tiny_model_dir, monkeypatch):
+    from retrieval.query.search import Searcher
+    from retrieval.serve.state import ServeState
+
+    url = pg_server.database()
+    photos = tmp_path / "photos"
+    from retrieval.media import synthetic
+
+    synthetic.write_collection(photos, per_class=1, seed=3, labels=synthetic.LABELS[:3])
+    monkeypatch.setenv("CLIPFIND_DB", url)
+    lib = tmp_path / "lib"
+    assert cli_run("index", photos, "-L", lib, "--model-dir", tiny_model_dir, "--workers", "0").exit_code == 0
+    status = cli_run("status", "-L", lib)
+    assert f"database:  {url.replace(':' + PASSWORD, '')}" in status.output and PASSWORD not in status.output
+    result = cli_run("backup", tmp_path / "copy", "-L", lib)
+    assert result.exit_code == EXIT_LIBRARY and "pg_dump" in one_line_error(result)
+    assert not (tmp_path / "copy").exists()
+
+    with Library.open(lib, create=False) as library:
+        state = ServeState(library, Searcher(library))
+        try:
+            assert state.count_images() == 3
+            with state.read() as conn, pytest.raises(Exception, match="read-only transaction"):
+                conn.execute(text("DELETE FROM images"))
+            assert state.jobs.database_url == url  # a web-started index run connects as we did
+        finally:
+            state.close()
+        assert library.image_count() == 3

@@ -195,6 +195,8 @@ def status_command(library_path, as_json) -> None:
     index = info["index"]
     sizes = info["size_bytes"]
     click.echo(f"library:   {info['library']}")
+    if info["database"].startswith("postgresql"):
+        click.echo(f"database:  {info['database']}")
     click.echo(f"images:    {info['images']}")
     click.echo(f"model:     {info['model'] or '(none yet)'}" +
                (f" ({info['embed_dim']}-d)" if info["embed_dim"] else ""))

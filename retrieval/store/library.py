@@ -401,10 +401,19 @@ class Library:
 
 
 def library_exists(path: str | Path | None) -> bool:
-    """Whether `Library.open(path, create=False)` would find a library (without opening it):
-    the folder's SQLite file, or a PostgreSQL URL (given or remembered), which may hold one."""
+    """Whether `Library.open(path, create=False)` would find a library (without making one):
+    the folder's SQLite file, or a PostgreSQL database (given or remembered) that holds one."""
     root = config.library_path(path)
-    return locate(root, config.database_url()).exists()
+    store = locate(root, config.database_url())
+    if not store.is_postgres:
+        return store.exists()
+    engine = store.engine()
+    try:
+        return postgres.holds_library(engine)
+    except (OperationalError, DatabaseError) as exc:
+        raise (library_error_for(exc) or LibraryError(f"cannot use {store.label}: {exc}")) from None
+    finally:
+        engine.dispose()
 
 
 def _make_dir(root: Path) -> bool:
