@@ -97,6 +97,7 @@ def index_command(paths, library_path, workers, threads, batch_size, index_type,
       clipfind index ~/Pictures --model-dir ./my-clip-model
       clipfind index ~/Pictures                 # again: only what changed
       clipfind index ~/Pictures --dry-run -v
+      clipfind index ~/Pictures --db postgresql+psycopg://me@dbhost/photos   # metadata in PostgreSQL
     """
     from retrieval.errors import ModelError
     from retrieval.index.indexer import NO_MODEL, IndexOptions, IndexResult, index_paths

@@ -27,7 +27,7 @@ from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import func, select, text, update
 from sqlalchemy.engine import Engine
-from sqlalchemy.exc import DatabaseError, OperationalError
+from sqlalchemy.exc import DatabaseError, IntegrityError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from retrieval import config
@@ -183,6 +183,8 @@ class Library:
         if identity is None:
             try:
                 self.set_meta(IDENTITY_KEY, uuid.uuid4().hex)
+            except IntegrityError:  # PostgreSQL: another machine's first open wrote it first
+                pass
             except (OperationalError, DatabaseError):  # a read-only library from before identities
                 return None
             identity = self.get_meta(IDENTITY_KEY)
