@@ -131,7 +131,7 @@ class Library:
                 raise DamagedDatabase(known.detail, f"cannot use {db_path} as a library database") from None
             if known is not None and store.is_postgres:
                 raise known from None
-            reason = str(exc.orig) if getattr(exc, "orig", None) else str(exc)
+            reason = " ".join(str(exc.orig if getattr(exc, "orig", None) else exc).split())[:300]
             raise LibraryError(f"cannot use {store.label} as a library database: {reason}") from exc
         except LibraryError:
             if created_dir:
