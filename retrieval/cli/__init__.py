@@ -45,6 +45,10 @@ class ClipfindGroup(click.Group):
         except KeyboardInterrupt:
             click.echo("interrupted: everything committed so far is kept; run again to resume", err=True)
             ctx.exit(130)
+        finally:
+            from retrieval import config
+
+            config.use_database(None)  # --db belongs to this command only (tests run many in one process)
 
 
 @click.group(cls=ClipfindGroup, epilog=EXIT_CODES_HELP,

@@ -97,12 +97,13 @@ def index_command(paths, library_path, workers, threads, batch_size, index_type,
       clipfind index ~/Pictures --model-dir ./my-clip-model
       clipfind index ~/Pictures                 # again: only what changed
       clipfind index ~/Pictures --dry-run -v
+      clipfind index ~/Pictures --db postgresql+psycopg://me@dbhost/photos   # metadata in PostgreSQL
     """
     from retrieval.errors import ModelError
     from retrieval.index.indexer import NO_MODEL, IndexOptions, IndexResult, index_paths
     from retrieval.index.planner import check_roots, plan_index
     from retrieval.model.spec import ModelSpec
-    from retrieval.store.library import DB_NAME, Library
+    from retrieval.store.library import Library, library_exists
 
     spec, device, precision = pop_model_options(model_kwargs)
     options = IndexOptions(workers=workers, threads=threads, batch_size=batch_size, follow_symlinks=follow_symlinks,
@@ -110,7 +111,7 @@ def index_command(paths, library_path, workers, threads, batch_size, index_type,
                            wait=wait, dry_run=dry_run, retry_failed=retry_failed)
     root = str(config.library_path(library_path))
     roots = check_roots(paths)  # mistakes first, before a library directory is made
-    exists = os.path.exists(os.path.join(root, DB_NAME))
+    exists = library_exists(root)
     if spec is None and not exists:
         raise ModelError(NO_MODEL)
     if dry_run and not exists:
@@ -195,6 +196,8 @@ def status_command(library_path, as_json) -> None:
     index = info["index"]
     sizes = info["size_bytes"]
     click.echo(f"library:   {info['library']}")
+    if info["database"].startswith("postgresql"):
+        click.echo(f"database:  {info['database']}")
     click.echo(f"images:    {info['images']}")
     click.echo(f"model:     {info['model'] or '(none yet)'}" +
                (f" ({info['embed_dim']}-d)" if info["embed_dim"] else ""))

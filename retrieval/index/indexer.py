@@ -37,7 +37,7 @@ from retrieval.index.refresh import check_factory, refresh_vectors
 from retrieval.index.threads import ThreadTuner
 from retrieval.media.images import DEFAULT_MAX_PIXELS
 from retrieval.model.spec import ModelSpec
-from retrieval.store.library import LOCK_NAME, Library
+from retrieval.store.library import Library
 from retrieval.store.runs import vectors_by_precision
 from retrieval.store.schema import ErrorRow, Image, Run, path_to_db, vector_to_blob
 from retrieval.store.sql import delete_images, in_chunks
@@ -226,7 +226,7 @@ class IndexStages:
             [w.entry.path for w in plan.encode], encoder.preprocess, encoder.image_size,
             batch_size=self.stats["batch_size"], workers=self.stats["workers"],
             pin_memory=encoder.device.type == "cuda", max_pixels=opts.max_pixels,
-            close_in_workers=[self.library.root / LOCK_NAME])
+            close_in_workers=self.library.lock_handles())
         bar = _progress(len(plan.encode), opts.progress)
         try:
             for batch in loader:
