@@ -106,7 +106,8 @@ def connected(address: str | None, progress: bool = False) -> Iterator[None]:
         with _stderr_silenced():
             ray.init(**kwargs)
     except (ConnectionError, TimeoutError, RuntimeError, ValueError) as exc:
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        cause = exc.__cause__ or exc  # e.g. an AuthenticationError behind "Failed to connect"
+        first = (str(cause).strip().splitlines() or [type(cause).__name__])[0]
         raise EngineError(f"cannot join the Ray cluster at {address or 'this machine'}: {first[:300]}") from None
     try:
         _quiet_data(progress)
