@@ -16,7 +16,7 @@ from click.testing import CliRunner
 from sqlalchemy import select
 
 from retrieval import cli
-from retrieval.errors import EXIT_INPUT, EXIT_LIBRARY
+from retrieval.errors import EXIT_INPUT, EXIT_LIBRARY, LibraryError
 from retrieval.index.indexer import IndexOptions, index_paths
 from retrieval.index.inspection import verify_library
 from retrieval.media import synthetic
@@ -134,3 +134,21 @@ def test_not_a_shard_folder(tmp_path):
     (tmp_path / "empty").mkdir()
     code, out = ingest(tmp_path / "empty", tmp_path / "lib")
     assert code == EXIT_INPUT and out.count("\n") == 1 and "manifest.json" in out, out
+
+
+def test_a_killed_writer_leaves_listed_shards_whole_and_a_rerun_takes_over(source, tmp_path):
+    """What a kill between a shard's rename and its manifest leaves (an unlisted shard) is removed;
+    the listed rows come back to the resumed writer, so it writes only the rest."""
+    shards = write_shards_of(source, tmp_path / "shards")
+    manifest = read_manifest(shards)
+    (shards / "shard-deadbeef-00009.parquet").write_bytes(b"PAR1 half a shard")
+    (shards / ".shard-deadbeef-00010.parquet.tmp").write_bytes(b"PAR1")
+    with Library.open(source) as lib:
+        writer = ShardWriter(shards, dict(lib.model_record), "fp32", "cpu")
+    done = writer.open()
+    assert len(done) == manifest.rows == 24
+    assert sorted(p.name for p in shards.iterdir()) == sorted([MANIFEST, *(s["file"] for s in manifest.shards)])
+    with Library.open(source) as lib:
+        other = ShardWriter(shards, {**lib.model_record, "fingerprint": "another"}, "fp32", "cpu")
+    with pytest.raises(LibraryError, match="another model"):
+        other.open()

@@ -61,7 +61,7 @@ class RayStages(IndexStages):
             layout = plan_layout(self.ray, self.device, self.options.batch_size)
             encoder = self.driver_encoder(layout)
             precision = encoder.precision if layout.device == "cpu" else self.precision
-            for key, value in dict(engine="ray", actors=layout.actors, threads=layout.threads,
+            for key, value in dict(engine="ray", actors=layout.actors, threads=layout.threads or "measured",
                                    batch_size=layout.batch_size, blocks=0).items():
                 self.stats[key] = value  # assigned: Counter.update would add
             expected = self.library.model_record["fingerprint"]
@@ -135,7 +135,7 @@ def export_shards(library: Library | None, roots: Sequence[str], out_dir: str | 
         precision = encoder.precision if layout.device == "cpu" else precision
         writer = ShardWriter(Path(out_dir), encoder.describe(), precision, layout.device)
         done = writer.open()
-        todo = [w for w in plan.encode if _key(w.entry.path) not in done]
+        todo = [w for w in plan.encode if not _in(done, w)]
         rows_by_digest = {row["content_hash"]: row for row in done.values()}
         skipped = [{"path": path_to_db(s.path)[0], "kind": s.kind, "message": path_to_db(s.message)[0]}
                    for s in plan.skipped]
@@ -156,7 +156,7 @@ def export_shards(library: Library | None, roots: Sequence[str], out_dir: str | 
                 skipped += [{"path": path_to_db(todo[f.key].entry.path)[0], "kind": f.kind,
                              "message": path_to_db(f.message)[0]} for f in failed]
         writer.write([{**rows_by_digest[w.digest], **_file_fields(w)} for w in plan.late_copies
-                      if w.digest in rows_by_digest and _key(w.entry.path) not in done])
+                      if w.digest in rows_by_digest and not _in(done, w)])
         manifest = writer.finish(skipped)
     return {"shards": str(Path(out_dir).resolve()), **plan.counts(), "encoded": encoded,
             "already_in_shards": len(plan.encode) - len(todo), "rows": manifest.rows,
@@ -178,6 +178,13 @@ def _export_encoder(library: Library | None, spec: ModelSpec | None, layout: Lay
 
 def _key(path: str) -> bytes:
     return os.fsencode(path)
+
+
+def _in(done: dict, work) -> bool:
+    """Already in the shards with these bytes (a file changed since gets a new row, which wins
+    at ingest by its newer mtime)."""
+    row = done.get(_key(work.entry.path))
+    return row is not None and row["content_hash"] == work.digest
 
 
 def _file_fields(work) -> dict:

@@ -47,7 +47,7 @@ class RayOptions:
     actors: int | None = None  # encoder actors (None: one per GPU, else 1)
     actor_cpus: float | None = None  # CPUs reserved per actor (None: 1 with a GPU, else shared, see plan)
     decode_cpus: float | None = None  # CPUs per decode task (None: see plan)
-    threads: int | None = None  # torch threads per CPU actor (None: its CPUs, at least 1)
+    threads: int | None = None  # torch threads per CPU actor (None: measured, see ImageEncoder)
 
 
 # -- connecting --------------------------------------------------------------------------
@@ -154,7 +154,8 @@ class Layout:
     actor_cpus: float
     actor_gpus: float
     decode_cpus: float
-    threads: int
+    threads: int  # 0: each CPU actor times its own batches (index/threads.py), up to max_threads
+    max_threads: int
     device: str
     batch_size: int
 
@@ -172,12 +173,15 @@ def plan_layout(options: RayOptions, device: str, batch_size: int | None) -> Lay
     if gpus and (device == "auto" or device.startswith("cuda")):
         actors = options.actors or max(1, gpus)
         return Layout(actors, options.actor_cpus or 1.0, 1.0, options.decode_cpus or 1.0,
-                      options.threads or 1, "cuda", batch_size or 256)
+                      options.threads or 1, 1, "cuda", batch_size or 256)
     actors = options.actors or 1
     decode = options.decode_cpus or (1.0 if actors == 1 else 0.5)
     actor_cpus = options.actor_cpus or max(0.25, (cpus - decode) / actors)
-    threads = options.threads or max(1, math.floor(actor_cpus + 0.25))
-    return Layout(actors, actor_cpus, 0.0, decode, threads, "cpu", batch_size or 32)
+    # Reservations are Ray's bookkeeping; threads are what runs. Like the single-process
+    # indexer, an actor may use the cores decoding leaves idle: it times 1..max_threads.
+    max_threads = max(1, round(cpus / actors))
+    return Layout(actors, actor_cpus, 0.0, decode, options.threads or 0, max_threads, "cpu",
+                  batch_size or 32)
 
 
 # -- the stages --------------------------------------------------------------------------
@@ -214,25 +218,34 @@ def decode_files(batch: dict[str, np.ndarray], preprocess: Callable, image_size:
 class ImageEncoder:
     """An actor of the pool: loads the model once, then turns decoded blocks into unit vectors."""
 
-    def __init__(self, spec_json: str, device: str, precision: str, threads: int) -> None:
+    def __init__(self, spec_json: str, device: str, precision: str, threads: int, max_threads: int = 1) -> None:
         import torch
 
+        from retrieval.index.threads import ThreadTuner
         from retrieval.model.encoder import Encoder
         from retrieval.model.spec import ModelSpec
 
+        self.tuner = ThreadTuner(max_threads) if device == "cpu" and not threads else None
         if device == "cpu":
-            torch.set_num_threads(threads)
+            torch.set_num_threads(threads or max_threads)
         self.encoder = Encoder(ModelSpec.from_json(spec_json), device=device, precision=precision)
         self.info = (self.encoder.fingerprint, self.encoder.precision, str(self.encoder.device))
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        import time
+
         import torch
 
         ok = np.asarray(batch["ok"], bool)
         n = len(ok)
         vectors = np.zeros((n, self.encoder.embed_dim), np.float32)
         if ok.any():
+            if self.tuner is not None:
+                torch.set_num_threads(self.tuner.next_threads())
+            started = time.perf_counter()
             vectors[ok] = self.encoder.encode_pixels(torch.from_numpy(np.ascontiguousarray(batch["pixels"][ok])))
+            if self.tuner is not None:
+                self.tuner.record(torch.get_num_threads(), int(ok.sum()), time.perf_counter() - started)
         out = {k: v for k, v in batch.items() if k != "pixels"}
         out["vector"] = vectors
         for name, value in zip(("fingerprint", "precision", "device"), self.info):
@@ -261,7 +274,8 @@ def embed(paths: Sequence[str], spec_json: str, preprocess: Callable, image_size
     ds = ds.map_batches(ImageEncoder, batch_size=layout.batch_size, batch_format="numpy",
                         concurrency=layout.actors, num_cpus=layout.actor_cpus, num_gpus=layout.actor_gpus,
                         fn_constructor_kwargs={"spec_json": spec_json, "device": layout.device,
-                                               "precision": precision, "threads": layout.threads})
+                                               "precision": precision, "threads": layout.threads,
+                                               "max_threads": layout.max_threads})
     yield from ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=1)
 
 
