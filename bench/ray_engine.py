@@ -70,6 +70,7 @@ def one_run(args, paths: list[str], workdir: Path, name: str, make_stages=None) 
     return {"run": name, "images": len(paths), "seconds": round(seconds, 2),
             "img_s": round(len(paths) / seconds, 2), "threads": stats.get("threads"),
             "actors": stats.get("actors"), "blocks": stats.get("blocks"),
+            "first_block_s": stats.get("first_block_s"),
             "load_before": round(load, 2)}
 
 
@@ -117,12 +118,14 @@ def main(argv=None) -> int:
           f"{header['cpus']} CPUs (Ray: {cpus}) | load average {os.getloadavg()[0]:.1f} (1 min), "
           f"{os.getloadavg()[1]:.1f} (5 min)")
     print(f"{'run':<28} {'images':>6} {'seconds':>8} {'img/s':>8} {'ratio':>6} {'actors':>6} "
-          f"{'threads':>7} {'load':>5}")
+          f"{'threads':>8} {'1st block s':>11} {'load':>5}")
     for r in rows:
         print(f"{r['run']:<28} {r['images']:>6} {r['seconds']:>8.2f} {r['img_s']:>8.2f} {r['ratio']:>6.3f} "
-              f"{r['actors'] or '-':>6} {str(r['threads']):>7} {r['load_before']:>5.1f}")
-    print(f"ratio = img/s / single process's (target >= 0.85); the local Ray cluster took "
-          f"{start:.1f} s to start, once, before the Ray rows")
+              f"{r['actors'] or '-':>6} {str(r['threads']):>8} {r['first_block_s'] or '-':>11} "
+              f"{r['load_before']:>5.1f}")
+    print(f"ratio = img/s / single process's (target >= 0.85); 1st block s = from the start of the "
+          f"encode stage to the first block back (Ray workers start, import torch, load the model); "
+          f"the local Ray cluster took {start:.1f} s to start, once, before the Ray rows")
     return 0
 
 

@@ -65,13 +65,15 @@ class RayStages(IndexStages):
                                    batch_size=layout.batch_size, blocks=0).items():
                 self.stats[key] = value  # assigned: Counter.update would add
             expected = self.library.model_record["fingerprint"]
+            started = time.perf_counter()
             bar = _progress(len(plan.encode), self.options.progress)
             try:
                 for block in embed([w.entry.path for w in plan.encode], encoder.spec.to_json(),
                                    encoder.preprocess, encoder.image_size, layout, precision,
                                    self.options.max_pixels):
                     made_by = check_block(block, expected)
-                    if self.stats["blocks"] == 0:
+                    if self.stats["blocks"] == 0:  # workers started, model loaded: the fixed cost
+                        self.stats["first_block_s"] = round(time.perf_counter() - started, 2)
                         self._record_precision(*made_by)
                     decoded, vectors, failed = split_block(block)
                     self.commit_batch(plan, Batch(decoded=decoded, failed=failed), vectors)
