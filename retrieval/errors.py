@@ -56,5 +56,11 @@ class InputError(ClipfindError):
     exit_code = EXIT_INPUT
 
 
+class EngineError(ClipfindError):
+    """The distributed engine could not run the job: Ray missing, or its address not answering."""
+
+    exit_code = EXIT_FAILURE
+
+
 class VerifyError(ClipfindError):
     exit_code = EXIT_VERIFY

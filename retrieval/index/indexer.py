@@ -83,12 +83,14 @@ class IndexResult:
 # -- running -----------------------------------------------------------------------------
 def index_paths(library: Library, roots: Iterable[str | os.PathLike], spec: ModelSpec | None = None,
                 device: str = "auto", precision: str = "auto",
-                options: IndexOptions | None = None) -> IndexResult:
+                options: IndexOptions | None = None,
+                make_stages: Callable[..., IndexStages] | None = None) -> IndexResult:
     """Bring the library up to date with `roots`; see the module docstring for how.
 
     The stages, in order: `plan_index`, then `IndexStages.apply`, `.encode` (which
     commits each batch), `.copy_late`, and finally `refresh_vectors`, inside one
-    recorded run (`Library.run`) under the write lock.
+    recorded run (`Library.run`) under the write lock. `make_stages` swaps the engine that
+    decodes and encodes (`retrieval.index.ray_engine.RayStages`); everything else stays.
     """
     options = options or IndexOptions()
     roots = check_roots(roots)
@@ -106,7 +108,7 @@ def index_paths(library: Library, roots: Iterable[str | os.PathLike], spec: Mode
         started = time.perf_counter()
         plan = Plan()
         with library.run("index") as run:
-            stages = IndexStages(library, run.id, options, spec, device, precision)
+            stages = (make_stages or IndexStages)(library, run.id, options, spec, device, precision)
             stages.warnings += [export_warning] if export_warning else []
             try:
                 plan = plan_index(library, roots, options.follow_symlinks, options.retry_failed,
@@ -211,7 +213,7 @@ class IndexStages:
 
         from retrieval.media import pipeline
 
-        encoder = self._load_encoder()
+        encoder = self.load_encoder()
         opts = self.options
         threads = torch.get_num_threads()
         tuner = None
@@ -238,7 +240,7 @@ class IndexStages:
                     vectors = encoder.encode_pixels(batch.pixels)
                     if tuner is not None:
                         tuner.record(torch.get_num_threads(), len(batch.decoded), time.perf_counter() - started)
-                self._commit_batch(plan, batch, vectors)
+                self.commit_batch(plan, batch, vectors)
                 self.stats["encoded"] += len(batch.decoded)
                 bar.update(len(batch))
         finally:
@@ -247,7 +249,8 @@ class IndexStages:
                 self.stats["threads"], self.stats["thread_rates"] = tuner.chosen, tuner.history
             torch.set_num_threads(threads)
 
-    def _load_encoder(self) -> Encoder:
+    def load_encoder(self) -> Encoder:
+        """The library's encoder at the precision this run uses; records it on the run."""
         library = self.library
         encoder = library.encoder(self.spec, device=self.device, precision=self.precision_to_use())
         if self.options.index_type:
@@ -280,7 +283,10 @@ class IndexStages:
             return only
         return self.precision
 
-    def _commit_batch(self, plan: Plan, batch, vectors) -> None:
+    def commit_batch(self, plan: Plan, batch, vectors) -> None:
+        """One transaction for one batch: rows of `batch.decoded` (with `vectors`, in order), and
+        error rows for `batch.failed`. Items carry `key`, an index into `plan.encode`; any engine
+        (DataLoader here, Ray in `retrieval.index.ray_engine`) commits through this one door."""
         inserts, updates, stale, skipped = [], [], [], []
         for item, vector in zip(batch.decoded, vectors):
             w = plan.encode[item.key]
