@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-slow test-all lint bench install
+.PHONY: demo test test-postgres test-slow test-all lint bench install
 
 install: $(STAMP)
 
@@ -18,7 +18,11 @@ demo: $(STAMP)
 	$(VENV)/bin/clipfind demo
 
 test: $(STAMP)
-	$(VENV)/bin/python -m pytest -m "not slow" -q
+	$(VENV)/bin/python -m pytest -m "not slow and not postgres" -q
+
+# The store tests on PostgreSQL: they start their own server (needs PostgreSQL's server binaries).
+test-postgres: $(STAMP)
+	$(VENV)/bin/python -m pytest -m "postgres and not slow" -q
 
 test-slow: $(STAMP)
 	$(VENV)/bin/python -m pytest -m slow -q

@@ -297,6 +297,7 @@ def save(result: dict, text: str, out_dir: Path) -> Path:
               "few-shot methods, concepts as search, the --until-irrelevant cut-off.")
 @click.option("--learned-shots", default="1,2,4,8,16", show_default=True, help="Shot counts for --learned.")
 @click.option("--draws", type=click.IntRange(1), default=3, show_default=True, help="Shot draws for --learned.")
+@click.option("--quick", is_flag=True, help="With --learned: 1 draw, shots 1 and 16, smaller grids (minutes, not an hour).")
 @click.option("--probe-lambda", type=float, help="Probe regularisation (default: retrieval.learn.probe's).")
 @click.option("--batch-size", type=click.IntRange(1), default=256, show_default=True)
 @click.option("--workers", type=click.IntRange(0), default=2, show_default=True, help="Decode worker processes.")
@@ -306,7 +307,7 @@ def save(result: dict, text: str, out_dir: Path) -> Path:
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON instead of a table.")
 @model_options
 def main(data_root, per_class, descriptions, test_model, shots_spec, seed, search_alpha_beta, learned, learned_shots,
-         draws, probe_lambda, batch_size, workers, out_dir, no_save, as_json, **model_kwargs) -> None:
+         draws, quick, probe_lambda, batch_size, workers, out_dir, no_save, as_json, **model_kwargs) -> None:
     """Zero-shot, few-shot and retrieval quality of a model on the CIFAR-10 test photos.
 
     Default model: the CIFAR-10 test model (tests.models.cifar, trained and cached on first use);
@@ -341,9 +342,10 @@ def main(data_root, per_class, descriptions, test_model, shots_spec, seed, searc
     if learned:
         from retrieval.learn.probe import DEFAULT_LAMBDA
 
-        learned_options = {"shot_counts": tuple(int(s) for s in learned_shots.split(",") if s.strip()),
-                           "draws": draws, "concept_ks": (1, 4, 16),
-                           "probe_lam": DEFAULT_LAMBDA if probe_lambda is None else probe_lambda}
+        learned_options = {"shot_counts": (1, 16) if quick else tuple(int(s) for s in learned_shots.split(",") if s.strip()),
+                           "draws": 1 if quick else draws, "concept_ks": (1, 4, 16), "quick": quick,
+                           "probe_lam": DEFAULT_LAMBDA if probe_lambda is None else probe_lambda,
+                           "log": lambda m: click.echo(m, err=True)}
     result = run(encoder, data_root, per_class, descriptions, shots, seed, search_alpha_beta, batch_size,
                  workers, progress=sys.stderr.isatty(), learned=learned_options)
     result["command"] = " ".join(["bench/quality.py", *sys.argv[1:]])

@@ -8,6 +8,7 @@ Environment variables (all optional):
 
     CLIPFIND_HOME       the default library directory
     CLIPFIND_LIBRARY    --library for every command (read by click)
+    CLIPFIND_DB         --db for every command: a PostgreSQL URL holding the library's metadata
     CLIPFIND_CACHE      cache root: test models, the demo, precision choices (~/.cache/clipfind)
     CLIPFIND_MODEL_DIR  the model `clipfind demo` uses instead of looking for one
     CLIPFIND_LLM_MODEL  --model of `clipfind prompts generate` (read by click)
@@ -28,6 +29,9 @@ ENV_CACHE = "CLIPFIND_CACHE"
 ENV_MODEL_DIR = "CLIPFIND_MODEL_DIR"
 ENV_LLM_MODEL = "CLIPFIND_LLM_MODEL"
 ENV_DATA = "CLIPFIND_DATA"
+ENV_DB = "CLIPFIND_DB"
+
+_db_override: str | None = None  # --db of the command being run (set by the CLI, then cleared)
 
 
 # -- paths ---------------------------------------------------------------------------------
@@ -42,6 +46,19 @@ def library_home() -> Path:
 def library_path(given: str | os.PathLike | None) -> Path:
     """The library directory a command means: the one given (`~` expanded), else `library_home()`."""
     return Path(given).expanduser() if given else library_home()
+
+
+def use_database(url: str | None) -> None:
+    """Make `url` the database for libraries this process opens (the CLI's --db; None clears it)."""
+    global _db_override
+    _db_override = url or None
+
+
+def database_url(explicit: str | None = None) -> str | None:
+    """The PostgreSQL URL a library should use: the one given, else --db, else $CLIPFIND_DB.
+
+    None means the library folder's own SQLite file (the default)."""
+    return explicit or _db_override or os.environ.get(ENV_DB) or None
 
 
 def cache_root() -> Path:

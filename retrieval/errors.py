@@ -22,7 +22,7 @@ EXIT_CODES: dict[int, str] = {
     EXIT_FAILURE: "failed: the command ran but could not do its job",
     EXIT_USAGE: "usage error: bad flags or arguments",
     EXIT_MODEL: "model error: unknown model, weights missing or not matching",
-    EXIT_LIBRARY: "library error: missing, empty, unwritable, damaged, disk full, newer schema, another model, locked",
+    EXIT_LIBRARY: "library error: missing, empty, unwritable, damaged, disk full, newer schema, another model, locked, database unreachable",
     EXIT_INPUT: "bad input: unreadable image, bad label file or dataset",
     EXIT_VERIFY: "`verify` found problems",
     EXIT_INTERRUPTED: "interrupted: everything committed so far is kept; run again to resume",
@@ -54,6 +54,12 @@ class LibraryError(ClipfindError):
 
 class InputError(ClipfindError):
     exit_code = EXIT_INPUT
+
+
+class EngineError(ClipfindError):
+    """The distributed engine could not run the job: Ray missing, or its address not answering."""
+
+    exit_code = EXIT_FAILURE
 
 
 class VerifyError(ClipfindError):

@@ -37,15 +37,21 @@ class Library(store.Library):
               **options: Any) -> IndexResult:
         """Add the images under `paths` or bring them up to date; returns an `IndexResult`.
 
-        `options`: `device`, `precision` and the fields of `retrieval.index.indexer.IndexOptions`
-        (workers, batch_size, index_type, dry_run, ...). See `retrieval.index.indexer.index_paths`.
+        `options`: `device`, `precision`, `ray` (a `retrieval.index.ray_pipeline.RayOptions`: decode
+        and encode on Ray) and the fields of `retrieval.index.indexer.IndexOptions` (workers,
+        batch_size, index_type, dry_run, ...). See `retrieval.index.indexer.index_paths`.
         """
         # Deferred: the indexer's encoding stage imports torch, and searching needs none of it.
         from retrieval.index.indexer import IndexOptions, index_paths
 
         device, precision = options.pop("device", "auto"), options.pop("precision", "auto")
+        ray, make_stages = options.pop("ray", None), None
+        if ray is not None:
+            from retrieval.index.ray_engine import ray_stages
+
+            make_stages = ray_stages(ray)
         roots = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
-        return index_paths(self, roots, model, device, precision, IndexOptions(**options))
+        return index_paths(self, roots, model, device, precision, IndexOptions(**options), make_stages)
 
     def search(self, text: str | Iterable[str] = (), **options: Any) -> SearchResponse:
         """Text and/or image search; typed results. See `retrieval.query.search.search` for the options."""

@@ -10,6 +10,7 @@ from click.testing import CliRunner
 from retrieval import cli
 from retrieval.errors import EXIT_INPUT, EXIT_LIBRARY, EXIT_USAGE
 from retrieval.media import synthetic
+from retrieval.query.relevance import CUT
 
 PER_CLASS = 8
 
@@ -66,7 +67,7 @@ def test_until_irrelevant_and_feedback_flags(setup):
     cut = clipfind("search", "blue square", "--until-irrelevant", "-L", lib, "--no-server", "--json")
     assert cut.exit_code == 0, cut.output
     rows = [json.loads(line) for line in cut.stdout.splitlines()]
-    assert 1 <= len(rows) < len(labels) and all(r["relevance"] >= 0.5 for r in rows)
+    assert 1 <= len(rows) < len(labels) and all(r["relevance"] >= CUT for r in rows)
     strict = clipfind("search", "blue square", "--min-relevance", "0.99", "-k", "50", "-L", lib, "--no-server",
                       "--json")
     assert all(json.loads(line)["relevance"] >= 0.99 for line in strict.stdout.splitlines())

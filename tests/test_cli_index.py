@@ -22,7 +22,8 @@ def photos(tmp_path):
 
 
 @pytest.fixture
-def lib(tmp_path):
+def lib(tmp_path, store):
+    """A library folder; every test here runs on both stores (PostgreSQL through $CLIPFIND_DB)."""
     return str(tmp_path / "lib")
 
 

@@ -13,6 +13,7 @@ from click.testing import CliRunner
 from retrieval import cli
 from retrieval.errors import EXIT_FAILURE, EXIT_INPUT, EXIT_LIBRARY, EXIT_USAGE
 from retrieval.media import synthetic
+from tests.pg_server import PASSWORD
 
 PER_CLASS = 6
 
@@ -24,8 +25,10 @@ def clipfind(*args):
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory, tiny_model_dir):
-    """Photos (one exact copy among them, two old files) indexed by the real `clipfind index`."""
+def setup(tmp_path_factory, tiny_model_dir, module_store):
+    """Photos (one exact copy among them, two old files) indexed by the real `clipfind index`;
+    on each store: with PostgreSQL, `index --db URL` once, then every command finds the database
+    from the folder (and the password from $PGPASSWORD, as a user's shell would hold it)."""
     base = tmp_path_factory.mktemp("cli-search")
     photos = base / "photos"
     pairs = synthetic.write_collection(photos, per_class=PER_CLASS, seed=17)
@@ -38,9 +41,13 @@ def setup(tmp_path_factory, tiny_model_dir):
     for path in old:
         os.utime(path, (946_000_000, 946_000_000))  # December 1999
     lib = base / "lib"
-    result = clipfind("index", photos, "-L", lib, "--model-dir", tiny_model_dir, "--workers", "0", "-q")
+    db = ["--db", module_store] if module_store else []
+    result = clipfind("index", photos, "-L", lib, *db, "--model-dir", tiny_model_dir, "--workers", "0", "-q")
     assert result.exit_code == 0, result.output
-    return {"lib": str(lib), "photos": photos, "labels": labels, "original": original, "old": old}
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("PGPASSWORD", PASSWORD)
+        mp.delenv("CLIPFIND_DB", raising=False)
+        yield {"lib": str(lib), "photos": photos, "labels": labels, "original": original, "old": old}
 
 
 def lines(result) -> list[str]:

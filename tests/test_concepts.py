@@ -206,8 +206,12 @@ def test_coop_starts_as_the_zero_shot_prompt_and_learns(encoder, library, collec
     short = learn_prompts(encoder.model, encoder.tokenizer, ["red circle", "blue square"], features, targets,
                           1.0, steps=1)
     longer = learn_prompts(encoder.model, encoder.tokenizer, ["red circle", "blue square"], features, targets,
-                           1.0, steps=6, lr=1e-2)
+                           1.0, steps=6, lr=1e-2, snapshots=(0, 3, 6))
     assert longer.loss < short.loss
+    # Snapshots (for a search over step counts): step 0 is the zero-shot prompt, the last is the result.
+    assert np.allclose(longer.snapshots[0], theirs, atol=1e-5)
+    assert np.allclose(longer.snapshots[6], longer.text_vectors)
+    assert not np.allclose(longer.snapshots[3], longer.snapshots[0])
 
 
 def test_a_coop_concept_is_a_learned_prompt_that_finds_its_class(library, collection):

@@ -342,3 +342,35 @@ def test_unreadable_folder_keeps_its_rows(tmp_path, tiny_model_dir, monkeypatch)
         assert result.stats["removed"] == 0 and lib.image_count() == 2
         assert [(s.path, s.kind) for s in result.skipped] == [(hidden, "unreadable")]
     shutil.rmtree(root)
+
+
+@pytest.mark.postgres
+def test_sigkill_on_postgres_frees_the_lock_at_once_and_resumes(tmp_path, photos, clean, tiny_model_dir,
+                                                                pg_server, monkeypatch):
+    """The same kill on a PostgreSQL library: whole batches only, and the advisory lock dies with
+    the killed writer at once (its decode worker closed its copy of the lock's socket), so the
+    re-run starts without --wait and ends with the vectors of a clean SQLite run."""
+    from sqlalchemy import create_engine, text
+    from sqlalchemy.pool import NullPool
+
+    url = pg_server.database()
+    monkeypatch.setenv("CLIPFIND_DB", url)
+    engine = create_engine(url, poolclass=NullPool)
+
+    def count(sql: str = "SELECT count(*) FROM images") -> int:
+        try:
+            with engine.connect() as conn:
+                return conn.execute(text(sql)).scalar_one()
+        except Exception:  # noqa: BLE001 - not migrated yet
+            return -1
+
+    lib_dir = tmp_path / "lib"
+    proc = spawn(index_args(photos, lib_dir, tiny_model_dir), SLOW_BATCH="0.15")
+    wait_for(lambda: count() >= len(clean) // 2, proc, timeout=240)  # model load under load
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    committed = count()
+    assert committed < len(clean) and committed % 4 == 0
+    assert count("SELECT count(*) FROM runs WHERE status = 'running'") == 1
+    engine.dispose()
+    assert_resumes_to_clean(lib_dir, photos, clean)

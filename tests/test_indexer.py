@@ -8,7 +8,7 @@ import shutil
 import numpy as np
 import pytest
 from PIL import Image as PILImage
-from sqlalchemy import select
+from sqlalchemy import select, text
 
 from retrieval.errors import InputError, LibraryError, ModelError
 from retrieval.facade import Library
@@ -34,7 +34,8 @@ def photos(tmp_path):
 
 
 @pytest.fixture
-def library(tmp_path, spec):
+def library(tmp_path, spec, store):
+    """A new library on each store (SQLite, PostgreSQL): every test here runs on both."""
     lib = Library.open(tmp_path / "lib", model=spec)
     yield lib
     lib.close()
@@ -85,7 +86,7 @@ def test_first_run_stores_unit_vectors_matching_direct_encoding(library, photos,
     assert info["images"] == 12 and info["index"]["type"] == "Flat" and info["last_run"]["status"] == "done"
 
 
-def test_unchanged_rerun_encodes_nothing_and_does_not_load_the_model(tmp_path, photos, spec):
+def test_unchanged_rerun_encodes_nothing_and_does_not_load_the_model(tmp_path, photos, spec, store):
     with Library.open(tmp_path / "lib", model=spec) as lib:
         run(lib, [photos], spec)
     with Library.open(tmp_path / "lib") as lib:  # a fresh process would start like this
@@ -214,7 +215,7 @@ def test_dry_run_changes_nothing(library, photos, spec):
     assert library.image_count() == 0 and library.model_record is None
 
 
-def test_model_rules(tmp_path, photos, spec):
+def test_model_rules(tmp_path, photos, spec, store):
     with Library.open(tmp_path / "lib") as lib:
         with pytest.raises(ModelError, match="no model given"):
             index_paths(lib, [str(photos)])
@@ -278,7 +279,7 @@ def test_verify_finds_missing_files_bad_vectors_and_a_wrong_index(library, photo
 
     rebuild_index(library)
     with library.engine.begin() as conn:
-        conn.exec_driver_sql("UPDATE images SET embedding = x'00000000' WHERE id = ?",
-                             (got[sorted(got)[3]][0],))
+        conn.execute(text("UPDATE images SET embedding = :e WHERE id = :i"),
+                     {"e": bytes(4), "i": got[sorted(got)[3]][0]})
     report = verify_library(library, check_files=False)
     assert report.found("bad_vectors") and "FAISS not checked" in report.notes[-1]

@@ -13,6 +13,7 @@ from retrieval.errors import LibraryError
 from retrieval.model.encoder import ModelSpec
 from retrieval.store.library import DB_NAME, Library, migrate
 from retrieval.store.schema import Image, Run, vector_to_blob
+from tests.pg_server import PASSWORD
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +41,7 @@ def test_default_path_follows_env(monkeypatch, tmp_path):
     assert library_home() == tmp_path / "xdg" / "clipfind"
 
 
-def test_create_records_model_and_reopen_checks_it(tmp_path, tiny_spec):
+def test_create_records_model_and_reopen_checks_it(tmp_path, tiny_spec, store):
     root = tmp_path / "lib"
     with Library.open(root, model=tiny_spec) as lib:
         encoder = lib.encoder(tiny_spec)
@@ -49,9 +50,13 @@ def test_create_records_model_and_reopen_checks_it(tmp_path, tiny_spec):
         assert record["embed_dim"] == encoder.embed_dim
         assert record["spec"]["model_dir"] == tiny_spec.model_dir
         assert "Resize" in record["preprocess"]
-    assert (root / DB_NAME).is_file()
-    with sqlite3.connect(root / DB_NAME) as conn:
-        assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    if store is None:
+        assert (root / DB_NAME).is_file()
+        with sqlite3.connect(root / DB_NAME) as conn:
+            assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    else:  # the folder keeps the caches and remembers the database, not its password
+        assert not (root / DB_NAME).exists()
+        assert PASSWORD not in (root / "database.json").read_text()
     with Library.open(root) as lib:  # no spec: the recorded model is used
         assert lib.encoder().fingerprint == record["fingerprint"]
     other = ModelSpec(model="ViT-B-32", random_weights=True)
@@ -59,7 +64,7 @@ def test_create_records_model_and_reopen_checks_it(tmp_path, tiny_spec):
         Library.open(root, model=other)
 
 
-def test_same_spec_other_weights_is_refused(tmp_path, tiny_spec):
+def test_same_spec_other_weights_is_refused(tmp_path, tiny_spec, store):
     with Library.open(tmp_path / "lib", model=tiny_spec) as lib:
         lib.encoder(tiny_spec)
         lib.set_meta("model", {**lib.model_record, "fingerprint": "something-else"})
@@ -67,11 +72,16 @@ def test_same_spec_other_weights_is_refused(tmp_path, tiny_spec):
         lib.encoder()
 
 
-def test_library_without_model_says_index_first(tmp_path):
+def test_library_without_model_says_index_first(tmp_path, store, request):
     with Library.open(tmp_path / "lib") as lib, pytest.raises(LibraryError, match="is empty: run `clipfind index"):
         lib.encoder()
+    empty = request.getfixturevalue("pg_server").database() if store else None
     with pytest.raises(LibraryError, match="no library"):
-        Library.open(tmp_path / "absent", create=False)
+        Library.open(tmp_path / "absent", create=False, db=empty)
+    assert not (tmp_path / "absent").exists()
+    if empty:  # a read-only command made nothing in the empty database either
+        with create_engine(empty).connect() as conn:
+            assert conn.execute(text("SELECT count(*) FROM pg_tables WHERE schemaname = 'public'")).scalar_one() == 0
 
 
 def test_migrations_run_on_an_empty_file(tmp_path):
@@ -96,14 +106,16 @@ def _head_revision() -> str:
     return ScriptDirectory.from_config(config).get_current_head()
 
 
-def test_newer_schema_is_refused_and_left_alone(tmp_path):
+def test_newer_schema_is_refused_and_left_alone(tmp_path, store):
     root = tmp_path / "lib"
-    Library.open(root).close()
-    with sqlite3.connect(root / DB_NAME) as conn:
-        conn.execute("UPDATE alembic_version SET version_num = '9999_future'")
+    with Library.open(root) as lib, lib.engine.begin() as conn:
+        conn.execute(text("UPDATE alembic_version SET version_num = '9999_future'"))
     with pytest.raises(LibraryError, match="newer than this clipfind"):
         Library.open(root)
-    assert (root / DB_NAME).is_file()  # nothing deleted
+    engine = create_engine(store or f"sqlite:///{root / DB_NAME}")
+    with engine.connect() as conn:  # nothing deleted or downgraded
+        assert conn.execute(text("SELECT version_num FROM alembic_version")).scalar_one() == "9999_future"
+    engine.dispose()
 
 
 def test_not_a_database_is_one_clear_error(tmp_path):
@@ -143,7 +155,7 @@ def test_migrate_is_idempotent(tmp_path):
     engine.dispose()
 
 
-def test_vectors_catch_up_after_adds_and_deletes_without_a_save(tmp_path, tiny_spec):
+def test_vectors_catch_up_after_adds_and_deletes_without_a_save(tmp_path, tiny_spec, store):
     with Library.open(tmp_path / "lib", model=tiny_spec) as lib:
         dim = lib.encoder(tiny_spec).embed_dim
         vecs = _unit(20, dim)
@@ -163,7 +175,7 @@ def test_vectors_catch_up_after_adds_and_deletes_without_a_save(tmp_path, tiny_s
         assert index.state.watermark == 26  # 20 adds + 1 delete + 5 adds, all covered
 
 
-def test_lost_log_entries_force_a_rebuild(tmp_path, tiny_spec):
+def test_lost_log_entries_force_a_rebuild(tmp_path, tiny_spec, store):
     with Library.open(tmp_path / "lib", model=tiny_spec) as lib:
         dim = lib.encoder(tiny_spec).embed_dim
         _add_rows(lib, _unit(10, dim))
@@ -175,14 +187,14 @@ def test_lost_log_entries_force_a_rebuild(tmp_path, tiny_spec):
         assert lib.vectors().index.ntotal == 13
 
 
-def test_write_lock_is_exclusive(tmp_path):
+def test_write_lock_is_exclusive(tmp_path, store):
     with Library.open(tmp_path / "lib") as lib, lib.write_lock():
         with Library.open(tmp_path / "lib") as other, pytest.raises(LibraryError, match="busy"):
             with other.write_lock():
                 pass
 
 
-def test_run_lifecycle_records_done_failed_interrupted_and_marks_stale_runs(tmp_path):
+def test_run_lifecycle_records_done_failed_interrupted_and_marks_stale_runs(tmp_path, store):
     with Library.open(tmp_path / "lib") as lib:
         killed = lib.start_run("index")  # what a kill -9 leaves: 'running' for ever
         (lib.root / ".index.faiss.tmp-4242").write_bytes(b"half a save")

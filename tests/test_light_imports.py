@@ -13,7 +13,7 @@ import pytest
 from retrieval.media import synthetic
 
 ROOT = Path(__file__).resolve().parents[1]
-HEAVY = ("torch", "torchvision", "open_clip", "onnxruntime", "faiss", "numpy", "sqlalchemy")
+HEAVY = ("torch", "torchvision", "open_clip", "onnxruntime", "faiss", "numpy", "sqlalchemy", "ray", "pyarrow")
 
 
 def run_clipfind(*args: str) -> tuple[dict, list[str]]:

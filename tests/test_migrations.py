@@ -18,11 +18,12 @@ from alembic import command
 from alembic.config import Config
 from alembic.script import ScriptDirectory
 from click.testing import CliRunner
-from sqlalchemy import create_engine
+from sqlalchemy import MetaData, Table, create_engine, inspect
 
 from retrieval import cli
 from retrieval.media import synthetic
 from retrieval.store.library import DB_NAME, Library
+from tests.pg_server import PASSWORD
 
 TABLES_IN_ORDER = ("meta", "runs", "images", "errors", "tag_runs", "tags")  # parents before children
 
@@ -127,3 +128,62 @@ def test_opening_a_current_library_imports_no_alembic(tmp_path):
             "print('alembic' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+# -- PostgreSQL: the same promise for a library kept in PostgreSQL --------------------------------
+@pytest.fixture(scope="module")
+def current_pg_library(tmp_path_factory, tiny_model_dir, pg_server) -> tuple[Path, str]:
+    """A library indexed and tagged into PostgreSQL through the CLI's --db."""
+    root = tmp_path_factory.mktemp("migrate-pg")
+    photos = root / "photos"
+    synthetic.write_collection(photos, per_class=1, seed=9, labels=synthetic.LABELS[:4])
+    lib, url = root / "lib", pg_server.database()
+    run("index", photos, "-L", lib, "--db", url, "--model-dir", tiny_model_dir, "--workers", "0")
+    labels = root / "labels.txt"
+    labels.write_text("red circle\nblue square\n")
+    with pytest.MonkeyPatch.context() as mp:  # no --db: the folder remembers the database,
+        mp.setenv("PGPASSWORD", PASSWORD)     # but not its password
+        run("tag", "-L", lib, "--labels", labels)
+    return lib, url
+
+
+def pg_rows(engine, table: str, columns: list[str]) -> list[tuple]:
+    with engine.connect() as conn:
+        return [tuple(r) for r in conn.exec_driver_sql(
+            f"SELECT {', '.join(columns)} FROM {table} ORDER BY {columns[0]}")]
+
+
+def pg_columns(engine, table: str) -> list[str]:
+    return [c["name"] for c in inspect(engine).get_columns(table)]
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("revision", revisions())
+def test_a_postgres_library_at_an_older_revision_upgrades_with_its_rows(
+        revision, current_pg_library, pg_server, tmp_path, monkeypatch):
+    source_dir, source_url = current_pg_library
+    old_url = pg_server.database()
+    source, old = create_engine(source_url), create_engine(old_url)
+    with old.begin() as conn:
+        command.upgrade(alembic_config(conn), revision)
+    with old.begin() as conn:
+        for table in TABLES_IN_ORDER:
+            shared = [c for c in pg_columns(old, table) if c in pg_columns(source, table)]
+            values = [dict(zip(shared, r)) for r in pg_rows(source, table, shared)]
+            if values:
+                conn.execute(Table(table, MetaData(), autoload_with=conn).insert(), values)
+    old_columns = {t: pg_columns(old, t) for t in TABLES_IN_ORDER}
+    before = {t: pg_rows(old, t, old_columns[t]) for t in TABLES_IN_ORDER}
+    assert before["images"] and before["tags"]
+
+    with Library.open(tmp_path / "old", db=old_url) as lib:  # upgrades to head
+        assert lib.image_count() == len(before["images"])
+    with old.connect() as conn:
+        assert conn.exec_driver_sql("SELECT version_num FROM alembic_version").scalar_one() == revisions()[-1]
+    for table, old_rows in before.items():
+        assert pg_rows(old, table, old_columns[table]) == old_rows, table
+    source.dispose()
+    old.dispose()
+    monkeypatch.setenv("PGPASSWORD", PASSWORD)
+    assert (run("search", "a red circle", "-L", tmp_path / "old", "-k", "3", "--paths")
+            == run("search", "a red circle", "-L", source_dir, "-k", "3", "--paths"))

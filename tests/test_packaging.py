@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-HEAVY = ("torch", "faiss", "numpy", "sqlalchemy", "fastapi", "uvicorn")
+HEAVY = ("torch", "faiss", "numpy", "sqlalchemy", "fastapi", "uvicorn", "ray", "pyarrow")
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +55,8 @@ def test_installed_into_a_fresh_venv_adds_only_retrieval(wheel, tmp_path):
     assert (venv / "bin" / "clipfind").exists()
 
 
-@pytest.mark.parametrize("argv", [["--help"], ["search", "--help"], ["index", "--help"], ["tag", "--help"]])
+@pytest.mark.parametrize("argv", [["--help"], ["search", "--help"], ["index", "--help"], ["tag", "--help"],
+                                  ["ingest", "--help"]])
 def test_help_imports_nothing_heavy(argv):
     """`clipfind --help` must start in a blink: none of torch, faiss, numpy, sqlalchemy."""
     code = ("import json, sys\nfrom retrieval.cli import main\nsys.argv = ['clipfind', *sys.argv[1:]]\n"

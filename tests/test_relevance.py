@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from retrieval.query.relevance import Background, calibrate, cut_until_irrelevant
+from retrieval.query.relevance import Background, calibrate, cut_until_irrelevant, fit_mixture
 
 
 def unit(x: np.ndarray) -> np.ndarray:
@@ -88,3 +88,16 @@ def test_a_query_process_imports_no_scipy():
                           "print(sorted(m for m in ('scipy', 'alembic') if m in sys.modules))"],
                          capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_the_histogram_mixture_recovers_a_planted_two_part_mixture():
+    rng = np.random.default_rng(5)
+    scores = np.sort(np.concatenate([rng.normal(0.2, 0.05, 3700), rng.normal(0.45, 0.03, 400)]))
+    mu = float(np.median(scores))
+    found = fit_mixture(scores, mu, 1.4826 * float(np.median(np.abs(scores - mu))))
+    assert found is not None
+    mu0, s0, mu1, s1, p1 = found
+    assert abs(mu0 - 0.2) < 0.01 and abs(s0 - 0.05) < 0.01 and abs(mu1 - 0.45) < 0.01 and abs(s1 - 0.03) < 0.01
+    assert abs(p1 - 400 / 4100) < 0.02
+    one_bell = np.sort(rng.normal(0.2, 0.05, 4096))
+    assert fit_mixture(one_bell, 0.2, 0.05) is None  # nothing stands out: one part, not two

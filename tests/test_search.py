@@ -40,14 +40,15 @@ def collection(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def built(tmp_path_factory, collection, tiny_model_dir):
-    """A library over the collection, made by the real indexer; its directory is copied per test."""
+def built(tmp_path_factory, collection, tiny_model_dir, module_store):
+    """A library over the collection, made by the real indexer; its directory (and database, on
+    PostgreSQL) is copied per test. Every test here runs on both stores."""
     root, _ = collection
     lib_dir = tmp_path_factory.mktemp("search") / "lib"
     spec = ModelSpec(model_dir=str(tiny_model_dir))
-    with Library.open(lib_dir, model=spec) as library:
+    with Library.open(lib_dir, model=spec, db=module_store) as library:
         index_paths(library, [str(root)], spec, options=IndexOptions(workers=0))
-    return lib_dir
+    return lib_dir, module_store
 
 
 @pytest.fixture(scope="module")
@@ -56,10 +57,10 @@ def encoder(tiny_model_dir):
 
 
 @pytest.fixture
-def library(built, tmp_path, encoder):
+def library(built, tmp_path, encoder, copy_store):
     target = tmp_path / "lib"
-    shutil.copytree(built, target)
-    lib = Library.open(target, create=False)
+    shutil.copytree(built[0], target)
+    lib = Library.open(target, create=False, db=copy_store(built[1]))
     lib.bind_encoder(encoder)  # load the model once per module, not per test
     yield lib
     lib.close()
@@ -353,11 +354,11 @@ def test_long_lived_searcher_reads_an_index_saved_by_another_process(library, mo
     assert response[0].path == "/elsewhere/added.jpg"
 
 
-def test_empty_library_is_a_clear_error(tmp_path, library):
-    with Library.open(tmp_path / "nomodel") as empty:
+def test_empty_library_is_a_clear_error(tmp_path, library, new_database):
+    with Library.open(tmp_path / "nomodel", db=new_database(library.store.url_with_password)) as empty:
         with pytest.raises(LibraryError, match="is empty"):
             empty.search("anything")
-    with Library.open(tmp_path / "norows") as empty:
+    with Library.open(tmp_path / "norows", db=new_database(library.store.url_with_password)) as empty:
         empty.set_meta("model", library.model_record)
         with pytest.raises(LibraryError, match="is empty"):
             empty.search("anything")

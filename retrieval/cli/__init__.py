@@ -45,6 +45,10 @@ class ClipfindGroup(click.Group):
         except KeyboardInterrupt:
             click.echo("interrupted: everything committed so far is kept; run again to resume", err=True)
             ctx.exit(130)
+        finally:
+            from retrieval import config
+
+            config.use_database(None)  # --db belongs to this command only (tests run many in one process)
 
 
 @click.group(cls=ClipfindGroup, epilog=EXIT_CODES_HELP,
@@ -63,9 +67,17 @@ def cli() -> None:
 
 
 def _register() -> None:
-    from retrieval.cli import concept_cmds, demo, library_cmds, models, search_cmds, tag_cmds
+    from retrieval.cli import (
+        concept_cmds,
+        demo,
+        engine_cmds,
+        library_cmds,
+        models,
+        search_cmds,
+        tag_cmds,
+    )
 
-    for module in (demo, models, library_cmds, search_cmds, tag_cmds, concept_cmds):
+    for module in (demo, models, library_cmds, engine_cmds, search_cmds, tag_cmds, concept_cmds):
         for command in module.COMMANDS:
             cli.add_command(command)
 

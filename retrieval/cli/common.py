@@ -19,6 +19,13 @@ MODEL_HELP = (
 
 
 def library_option(func: Callable) -> Callable:
+    """--library/-L, and --db (a PostgreSQL URL for the metadata; the folder keeps the caches)."""
+    func = click.option(
+        "--db", metavar="URL", envvar=config.ENV_DB, expose_value=False, is_eager=True,
+        callback=lambda _ctx, _param, value: config.use_database(value),
+        help="Keep the library's metadata in PostgreSQL: postgresql+psycopg://USER@HOST:PORT/DB "
+             "($CLIPFIND_DB; the folder remembers it). Default: the folder's SQLite file.",
+    )(func)
     return click.option(
         "--library", "-L", "library_path", type=click.Path(file_okay=False), envvar=config.ENV_LIBRARY,
         help="Library directory (default: $CLIPFIND_HOME, else ~/.local/share/clipfind).",

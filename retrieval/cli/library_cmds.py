@@ -26,6 +26,7 @@ from retrieval.cli.common import (
     pop_model_options,
     warn,
 )
+from retrieval.cli.engine_cmds import engine_options, pop_engine_options, run_export
 from retrieval.errors import ClipfindError, VerifyError
 from retrieval.query.render import human_size, shown_path
 
@@ -83,6 +84,7 @@ def _sigterm_as_interrupt() -> Iterator[None]:
 @click.option("--wait", is_flag=True, help="If another command is writing this library, wait for it instead of refusing.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @click.option("--verbose", "-v", is_flag=True, help="List every skipped file (and, with --dry-run, every change).")
+@engine_options
 @json_option
 def index_command(paths, library_path, workers, threads, batch_size, index_type, follow_symlinks, max_pixels,
                   retry_failed, dry_run, wait, quiet, verbose, as_json, **model_kwargs) -> None:
@@ -98,22 +100,29 @@ def index_command(paths, library_path, workers, threads, batch_size, index_type,
       clipfind index ~/Pictures --model-dir ./my-clip-model
       clipfind index ~/Pictures                 # again: only what changed
       clipfind index ~/Pictures --dry-run -v
+      clipfind index ~/Pictures --db postgresql+psycopg://me@dbhost/photos   # metadata in PostgreSQL
+      clipfind index ~/Pictures --engine ray    # decode + encode on a local Ray cluster
+      clipfind index /data --engine ray --ray-address head:6379 --output-shards /shared/shards
     """
     from retrieval.errors import ModelError
     from retrieval.index.indexer import NO_MODEL, IndexOptions, IndexResult, index_paths
     from retrieval.index.planner import check_roots, plan_index
     from retrieval.model.spec import ModelSpec
-    from retrieval.store.library import DB_NAME, Library
+    from retrieval.store.library import Library, library_exists
 
     spec, device, precision = pop_model_options(model_kwargs)
+    make_stages, ray_options, shards_dir = pop_engine_options(model_kwargs)
     options = IndexOptions(workers=workers, threads=threads, batch_size=batch_size, follow_symlinks=follow_symlinks,
                            max_pixels=max_pixels, index_type=index_type, progress=not quiet,
                            wait=wait, dry_run=dry_run, retry_failed=retry_failed)
     root = str(config.library_path(library_path))
     roots = check_roots(paths)  # mistakes first, before a library directory is made
-    exists = os.path.exists(os.path.join(root, DB_NAME))
+    exists = library_exists(root)
     if spec is None and not exists:
         raise ModelError(NO_MODEL)
+    if shards_dir and not dry_run:
+        return run_export(library_path, roots, shards_dir, spec, device, precision, options, ray_options,
+                          as_json)
     if dry_run and not exists:
         plan = plan_index(None, roots, follow_symlinks)
         result = IndexResult(os.path.abspath(root), plan, plan.counts(), plan.skipped, dry_run=True)
@@ -122,7 +131,7 @@ def index_command(paths, library_path, workers, threads, batch_size, index_type,
         record = library.model_record
         note_random(spec or (ModelSpec(**record["spec"]) if record else None))
         with library, _sigterm_as_interrupt():
-            result = index_paths(library, roots, spec, device, precision, options)
+            result = index_paths(library, roots, spec, device, precision, options, make_stages)
         encoder = library.loaded_encoder  # loaded only if something was encoded
         if verbose and not as_json and encoder is not None and encoder.precision_report:
             from retrieval.model.autoprecision import describe
@@ -209,6 +218,8 @@ def status_command(library_path, as_json) -> None:
     index = info["index"]
     sizes = info["size_bytes"]
     click.echo(f"library:   {info['library']}")
+    if info["database"].startswith("postgresql"):
+        click.echo(f"database:  {info['database']}")
     click.echo(f"images:    {info['images']}")
     click.echo(f"model:     {info['model'] or '(none yet)'}" +
                (f" ({info['embed_dim']}-d)" if info["embed_dim"] else ""))

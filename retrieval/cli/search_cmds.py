@@ -65,7 +65,7 @@ def filter_options(func: Callable) -> Callable:
                      help="Drop results whose calibrated relevance (0-1, the same scale for every "
                           "query) is below R."),
         click.option("--until-irrelevant", is_flag=True,
-                     help="Stop the list where relevant results end (relevance below 0.5); -k then "
+                     help="Stop the list where relevant results end (relevance below 0.8); -k then "
                           f"caps it (default {UNTIL_IRRELEVANT_K})."),
     ]
     for option in reversed(options):

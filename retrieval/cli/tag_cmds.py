@@ -180,14 +180,14 @@ def eval_group() -> None:
 def _eval_encoder(library_path, model_kwargs):
     """The model the flags name, else the library's model."""
     from retrieval.model.encoder import Encoder
-    from retrieval.store.library import DB_NAME, Library
+    from retrieval.store.library import Library, library_exists
 
     spec, device, precision = pop_model_options(model_kwargs)
     if spec is not None:
         note_random(spec)
         return Encoder(spec, device=device, precision=precision)
     root = config.library_path(library_path)
-    if not (root / DB_NAME).exists():
+    if not library_exists(root):
         raise ModelError("name a model (--model-dir DIR, or --model NAME --checkpoint FILE) or a --library")
     library = Library.open(root, create=False)
     return library.encoder(None, device, precision)

@@ -39,7 +39,7 @@ from retrieval.index.workers import WorkerTuner
 from retrieval.media.images import DEFAULT_MAX_PIXELS
 from retrieval.model.precision_cache import onnxruntime_version
 from retrieval.model.spec import ModelSpec
-from retrieval.store.library import LOCK_NAME, Library
+from retrieval.store.library import Library
 from retrieval.store.runs import vectors_by_precision
 from retrieval.store.schema import ErrorRow, Image, Run, path_to_db, vector_to_blob
 from retrieval.store.sql import delete_images, in_chunks
@@ -85,12 +85,14 @@ class IndexResult:
 # -- running -----------------------------------------------------------------------------
 def index_paths(library: Library, roots: Iterable[str | os.PathLike], spec: ModelSpec | None = None,
                 device: str = "auto", precision: str = "auto",
-                options: IndexOptions | None = None) -> IndexResult:
+                options: IndexOptions | None = None,
+                make_stages: Callable[..., IndexStages] | None = None) -> IndexResult:
     """Bring the library up to date with `roots`; see the module docstring for how.
 
     The stages, in order: `plan_index`, then `IndexStages.apply`, `.encode` (which
     commits each batch), `.copy_late`, and finally `refresh_vectors`, inside one
-    recorded run (`Library.run`) under the write lock.
+    recorded run (`Library.run`) under the write lock. `make_stages` swaps the engine that
+    decodes and encodes (`retrieval.index.ray_engine.RayStages`); everything else stays.
     """
     options = options or IndexOptions()
     roots = check_roots(roots)
@@ -108,7 +110,7 @@ def index_paths(library: Library, roots: Iterable[str | os.PathLike], spec: Mode
         started = time.perf_counter()
         plan = Plan()
         with library.run("index") as run:
-            stages = IndexStages(library, run.id, options, spec, device, precision)
+            stages = (make_stages or IndexStages)(library, run.id, options, spec, device, precision)
             stages.warnings += [export_warning] if export_warning else []
             try:
                 plan = plan_index(library, roots, options.follow_symlinks, options.retry_failed,
@@ -213,7 +215,7 @@ class IndexStages:
 
         from retrieval.media import pipeline
 
-        encoder = self._load_encoder()
+        encoder = self.load_encoder()
         opts = self.options
         threads = torch.get_num_threads()
         tuner = None
@@ -234,7 +236,7 @@ class IndexStages:
                 paths, encoder.preprocess, encoder.image_size, start=start,
                 batch_size=self.stats["batch_size"], workers=workers,
                 pin_memory=encoder.device.type == "cuda", max_pixels=opts.max_pixels,
-                close_in_workers=[self.library.root / LOCK_NAME]))
+                close_in_workers=self.library.lock_handles()))
 
         batches = batches_from(0, workers)
         taken = 0
@@ -256,7 +258,7 @@ class IndexStages:
                     encoding = time.perf_counter() - started
                     if tuner is not None:
                         tuner.record(torch.get_num_threads(), len(batch.decoded), encoding)
-                self._commit_batch(plan, batch, vectors)
+                self.commit_batch(plan, batch, vectors)
                 self.stats["encoded"] += len(batch.decoded)
                 taken += len(batch)
                 bar.update(len(batch))
@@ -273,7 +275,8 @@ class IndexStages:
                 self.stats["workers"], self.stats["worker_waits"] = workers_tuner.workers, workers_tuner.history
             torch.set_num_threads(threads)
 
-    def _load_encoder(self) -> Encoder:
+    def load_encoder(self) -> Encoder:
+        """The library's encoder at the precision this run uses; records it on the run."""
         library = self.library
         encoder = library.encoder(self.spec, device=self.device, precision=self.precision_to_use())
         if self.options.index_type:
@@ -310,7 +313,10 @@ class IndexStages:
             return only
         return self.precision
 
-    def _commit_batch(self, plan: Plan, batch, vectors) -> None:
+    def commit_batch(self, plan: Plan, batch, vectors) -> None:
+        """One transaction for one batch: rows of `batch.decoded` (with `vectors`, in order), and
+        error rows for `batch.failed`. Items carry `key`, an index into `plan.encode`; any engine
+        (DataLoader here, Ray in `retrieval.index.ray_engine`) commits through this one door."""
         inserts, updates, stale, skipped = [], [], [], []
         for item, vector in zip(batch.decoded, vectors):
             w = plan.encode[item.key]

@@ -17,6 +17,7 @@ import numpy as np
 from sqlalchemy import select, text
 
 from retrieval.model.precision_cache import cached_choice
+from retrieval.store import postgres
 from retrieval.store.integrity import RESTORE_HINT, damage_of
 from retrieval.store.library import Library
 from retrieval.store.onnx_exports import export_problems
@@ -43,6 +44,8 @@ def library_status(library: Library) -> dict:
             "FROM runs ORDER BY id DESC LIMIT 50")).mappings().all()
         errors_total = conn.execute(text("SELECT count(*) FROM errors")).scalar_one()
         pending = conn.execute(text("SELECT count(*) FROM vector_log")).scalar_one()
+        database_bytes = (postgres.database_bytes(conn) if library.store.is_postgres
+                          else _size(db, f"{db}-wal", f"{db}-shm"))
     try:
         state = json.loads((root / STATE_FILE).read_text())
     except (OSError, ValueError):
@@ -56,6 +59,7 @@ def library_status(library: Library) -> dict:
     last_index = next((r for r in last if r["kind"] == "index"), None)
     return {
         "library": str(root),
+        "database": library.store.label,
         "images": count,
         "model": record["label"] if record else None,
         "embed_dim": record["embed_dim"] if record else None,
@@ -64,7 +68,7 @@ def library_status(library: Library) -> dict:
         "index": {"type": state["factory"], "vectors": state["ntotal"],
                   "watermark": state["watermark"]} if state else None,
         "log_entries": pending,
-        "size_bytes": {"database": _size(db, f"{db}-wal", f"{db}-shm"),
+        "size_bytes": {"database": database_bytes,
                        "index": _size(root / INDEX_FILE, root / STATE_FILE)},
         "last_run": last[0] if last else None,
         "last_index_run": last_index,

@@ -160,8 +160,11 @@ def _drop_known_failures(library: Library, roots: Sequence[str], entries: list[F
     with library.engine.connect() as conn:
         for root in roots:
             where, params = under_folder(path_to_db(root)[0])
-            query = text(f"SELECT path, kind, message, max(at) AS at FROM errors WHERE kind IN "
-                         f"({','.join(repr(k) for k in REMEMBERED_FAILURES)}) AND {where} GROUP BY path")
+            # the newest failure per path (a window, not SQLite's bare-column max(): PostgreSQL too)
+            query = text(f"SELECT path, kind, message, at FROM (SELECT path, kind, message, at, "
+                         "row_number() OVER (PARTITION BY path ORDER BY at DESC, id DESC) AS newest "
+                         f"FROM errors WHERE kind IN ({','.join(repr(k) for k in REMEMBERED_FAILURES)}) "
+                         f"AND {where}) AS failures WHERE newest = 1")
             for r in conn.execute(query, params):
                 failed[r.path] = r
     if not failed:

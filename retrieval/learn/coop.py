@@ -21,7 +21,7 @@ token embeddings; a Hugging Face text tower is refused with a ModelError.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -47,6 +47,7 @@ class CoopResult:
     steps: int
     loss: float
     seconds: float
+    snapshots: dict[int, np.ndarray] = field(default_factory=dict)  # step -> text vectors, when asked
 
 
 class PromptLearner(torch.nn.Module):
@@ -93,17 +94,20 @@ class PromptLearner(torch.nn.Module):
 
 def learn_prompts(model, tokenizer, class_texts: list[str], features: np.ndarray, targets: np.ndarray,
                   logit_scale: float, init: str = DEFAULT_INIT, steps: int = DEFAULT_STEPS,
-                  lr: float = DEFAULT_LR, anchor: float = DEFAULT_ANCHOR, seed: int = 0) -> CoopResult:
+                  lr: float = DEFAULT_LR, anchor: float = DEFAULT_ANCHOR, seed: int = 0,
+                  snapshots: tuple[int, ...] = ()) -> CoopResult:
     """Learn shared context vectors for a label set (targets in 0..C-1) or, with one class, a concept.
 
-    In concept mode `targets` are 1 for positives and 0 for negatives.
+    In concept mode `targets` are 1 for positives and 0 for negatives. `snapshots`: steps after which
+    the text vectors are also kept (one run serves a search over step counts on a validation set).
     """
     with torch_threads(TRAIN_THREADS):
-        return _learn(model, tokenizer, class_texts, features, targets, logit_scale, init, steps, lr, anchor, seed)
+        return _learn(model, tokenizer, class_texts, features, targets, logit_scale, init, steps, lr, anchor, seed,
+                      snapshots)
 
 
 def _learn(model, tokenizer, class_texts, features, targets, logit_scale, init, steps, lr, anchor,
-           seed) -> CoopResult:
+           seed, snapshots=()) -> CoopResult:
     import time
 
     started = time.perf_counter()
@@ -126,9 +130,12 @@ def _learn(model, tokenizer, class_texts, features, targets, logit_scale, init, 
             cos = (x @ learner().T)[:, 0]
             bias.fill_(-logit_scale * float(cos.median()))
     loss_value = float("nan")
-    for _ in range(steps):
+    kept: dict[int, np.ndarray] = {}
+    for step in range(steps):
         optimiser.zero_grad()
         text = learner()
+        if step in snapshots:
+            kept[step] = text.detach().cpu().numpy().astype(np.float32)
         if concept:
             logits = logit_scale * (x @ text.T)[:, 0] + bias
             loss = (weight * F.binary_cross_entropy_with_logits(logits, pos, reduction="none")).sum()
@@ -140,4 +147,6 @@ def _learn(model, tokenizer, class_texts, features, targets, logit_scale, init, 
         loss_value = float(loss.detach())
     with torch.no_grad():
         vectors = learner().cpu().numpy().astype(np.float32)
-    return CoopResult(vectors, float(bias.detach()), steps, loss_value, time.perf_counter() - started)
+    if steps in snapshots:
+        kept[steps] = vectors
+    return CoopResult(vectors, float(bias.detach()), steps, loss_value, time.perf_counter() - started, kept)

@@ -99,7 +99,8 @@ class MulticlassProbe:
 
 
 def fit_multiclass_probe(x: np.ndarray, targets: np.ndarray, prior: np.ndarray | None = None,
-                         prior_scale: float = 1.0, lam: float = DEFAULT_LAMBDA) -> MulticlassProbe:
+                         prior_scale: float = 1.0, lam: float = DEFAULT_LAMBDA,
+                         max_iter: int = MAX_ITER) -> MulticlassProbe:
     """Softmax regression for a label set, pulled toward `prior` (unit class vectors, the zero-shot classifier).
 
         minimise  mean_i CE(softmax(W x_i + b), y_i)  +  (lam / 2) * (||W - prior_scale * prior||^2 + ||b||^2)
@@ -127,6 +128,6 @@ def fit_multiclass_probe(x: np.ndarray, targets: np.ndarray, prior: np.ndarray |
 
     start = np.concatenate([w0.ravel(), np.zeros(n_classes)])
     with threadpool_limits(BLAS_THREADS):
-        found = minimize(objective, start, jac=True, method="L-BFGS-B", options={"maxiter": MAX_ITER})
+        found = minimize(objective, start, jac=True, method="L-BFGS-B", options={"maxiter": max_iter})
     return MulticlassProbe(found.x[:n_classes * dim].reshape(n_classes, dim).copy(),
                            found.x[n_classes * dim:].copy(), int(found.nit))

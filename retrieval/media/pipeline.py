@@ -99,20 +99,28 @@ def collate(items: list[Decoded | Failed]) -> Batch:
     return batch
 
 
-def _worker_init(close: tuple[str, ...], _worker_id: int) -> None:
+def _worker_init(close: tuple[str | int, ...], _worker_id: int) -> None:
     # Decoding is single-threaded Pillow work; torch threads in workers would only
     # fight the encoder in the main process for the same cores.
     torch.set_num_threads(1)
     _close_inherited(close)
 
 
-def _close_inherited(paths: tuple[str, ...]) -> None:
-    """Close the forked copies of these files' descriptors (the library's write lock).
+def _close_inherited(paths: tuple[str | int, ...]) -> None:
+    """Close the forked copies of these files' descriptors (the library's write lock); an int
+    is a descriptor itself (the socket of a PostgreSQL connection holding an advisory lock).
 
     A flock belongs to the open file, which fork shares: a worker orphaned by a
     kill -9 of the main process would hold the lock until it notices (seconds),
-    and the user's immediate re-run would be refused as "busy".
+    and the user's immediate re-run would be refused as "busy". A socket likewise: the
+    server drops a session's locks only when every copy of its socket is closed.
     """
+    for fd in (p for p in paths if isinstance(p, int)):
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    paths = tuple(p for p in paths if not isinstance(p, int))
     if not paths:
         return
     targets = {os.path.realpath(p) for p in paths}
@@ -169,16 +177,18 @@ def default_batch_size(device: torch.device) -> int:
 
 def make_loader(paths: Sequence[str], preprocess: Callable, image_size: int, *, batch_size: int,
                 workers: int, pin_memory: bool = False, max_pixels: int = DEFAULT_MAX_PIXELS,
-                close_in_workers: Sequence[str] = (), start: int = 0) -> DataLoader:
+                close_in_workers: Sequence[str | int] = (), start: int = 0) -> DataLoader:
     """Batches of `Batch`, in the order of `paths[start:]` (items keyed by their position in
     `paths`); workers=0 decodes in this process.
 
-    `close_in_workers`: files (lock files) whose inherited descriptors workers must close.
+    `close_in_workers`: files (lock files) whose inherited descriptors workers must close, or
+    descriptors (ints) to close.
     """
     dataset = ImageFiles(list(paths)[start:], preprocess, image_size, max_pixels, first_key=start)
     if workers > 0:
         _quiet_hangups_of_the_fd_sharer()
-    init = functools.partial(_worker_init, tuple(str(p) for p in close_in_workers))
+    init = functools.partial(_worker_init, tuple(p if isinstance(p, int) else str(p)
+                                                 for p in close_in_workers))
     extra = {"prefetch_factor": 4, "worker_init_fn": init} if workers > 0 else {}
     return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
                       collate_fn=collate, pin_memory=pin_memory, **extra)

@@ -1,7 +1,7 @@
 """Alembic environment: upgrades one library database.
 
 clipfind passes an open connection in `config.attributes["connection"]`;
-by hand, pass the database file with `-x db=PATH`.
+by hand, pass the database file with `-x db=PATH` (or a PostgreSQL URL, `-x db=postgresql+psycopg://...`).
 """
 
 from alembic import context
@@ -30,5 +30,5 @@ else:
     db = context.get_x_argument(as_dictionary=True).get("db")
     if not db:
         raise SystemExit("pass the library database: alembic -x db=PATH/clipfind.db upgrade head")
-    with create_engine(f"sqlite:///{db}").connect() as conn:
+    with create_engine(db if "://" in db else f"sqlite:///{db}").connect() as conn:
         _run(conn)

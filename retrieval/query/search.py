@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import stat
 import time
 import weakref
@@ -234,9 +235,9 @@ class Searcher:
 
     def concept_vector(self, name: str) -> np.ndarray:
         """A stored concept's unit direction (refused if another model learned it)."""
-        from retrieval.store.concepts import load_concept
+        from retrieval.store.concepts import concept_direction
 
-        return load_concept(self.library, name).direction
+        return concept_direction(self.library, name, str(self.record["fingerprint"]))
 
     def feedback_vector(self, combined: np.ndarray | None, query: Query, warnings: list[str],
                         self_ids: set[int]) -> np.ndarray:
@@ -346,7 +347,7 @@ class Searcher:
 
     def _exact_over(self, filters: Filters, vector: np.ndarray, k: int) -> tuple[list[int], list[float]]:
         """Exact scores over the filtered rows' own vectors: recall an approximate index cannot lose."""
-        clauses, params = filter_sql(filters)
+        clauses, params = filter_sql(filters, self.library.engine.dialect.name)
         with self.library.engine.connect() as conn:
             rows = conn.execute(text("SELECT id, embedding FROM images WHERE " + " AND ".join(clauses)),
                                 params).all()
@@ -356,7 +357,7 @@ class Searcher:
 
     def allowed_ids(self, filters: Filters) -> np.ndarray:
         """Ids of the rows every SQL-side filter allows (path, dates, tags)."""
-        clauses, params = filter_sql(filters)
+        clauses, params = filter_sql(filters, self.library.engine.dialect.name)
         sql = "SELECT id FROM images WHERE " + " AND ".join(clauses)
         with self.library.engine.connect() as conn:
             ids = conn.execute(text(sql), params).scalars().all()
@@ -400,29 +401,63 @@ def _single_thread_search(vectors, vector: np.ndarray, k: int, allowed: np.ndarr
 _WHEN = "coalesce(julianday(taken_at), julianday(mtime_ns / 1e9, 'unixepoch', 'localtime'))"
 
 
-def filter_sql(filters: Filters) -> tuple[list[str], dict[str, Any]]:
-    """WHERE clauses (ANDed) and parameters for the row filters."""
+def filter_sql(filters: Filters, dialect: str = "sqlite") -> tuple[list[str], dict[str, Any]]:
+    """WHERE clauses (ANDed) and parameters for the row filters, in `dialect`'s SQL.
+
+    PostgreSQL has no GLOB or julianday(): a glob becomes an anchored regular expression, and
+    a date bound is compared with `taken_at`, else with the file's mtime turned into local
+    time here (as SQLite's 'localtime' does), so both stores select the same rows.
+    """
+    postgres = dialect == "postgresql"
     clauses: list[str] = []
     params: dict[str, Any] = {}
     if filters.path:
         pattern = filters.path
         if GLOB_CHARS & set(pattern):
-            clauses.append("path GLOB :glob")
-            params["glob"] = pattern
+            clauses.append("path ~ :glob" if postgres else "path GLOB :glob")
+            params["glob"] = glob_to_regex(pattern) if postgres else pattern
         else:
             clause, folder_params = under_folder(pattern)
             clauses.append(clause)
             params.update(folder_params)
-    if filters.after:
-        clauses.append(f"{_WHEN} >= julianday(:after)")
-        params["after"] = filters.after.replace(tzinfo=None).isoformat(sep=" ")
-    if filters.before:
-        clauses.append(f"{_WHEN} < julianday(:before)")
-        params["before"] = filters.before.replace(tzinfo=None).isoformat(sep=" ")
+    for name, op, bound in (("after", ">=", filters.after), ("before", "<", filters.before)):
+        if not bound:
+            continue
+        naive = bound.replace(tzinfo=None)
+        if postgres:
+            clauses.append(f"(CASE WHEN taken_at IS NOT NULL THEN taken_at {op} :{name} "
+                           f"ELSE mtime_ns {op} :{name}_ns END)")
+            params[name], params[f"{name}_ns"] = naive, int(naive.timestamp() * 1e9)
+        else:
+            clauses.append(f"{_WHEN} {op} julianday(:{name})")
+            params[name] = naive.isoformat(sep=" ")
     for i, tag in enumerate(filters.tags):
         clauses.append(f"id IN (SELECT image_id FROM tags WHERE label = :tag{i})")
         params[f"tag{i}"] = tag
-    return clauses or ["1"], params
+    return clauses or ["1 = 1"], params
+
+
+def glob_to_regex(pattern: str) -> str:
+    """SQLite's GLOB as a POSIX regular expression: `*` any run, `?` one character, `[...]` a set
+    (`[^...]` its complement), everything else literal, anchored at both ends."""
+    out, i = ["^"], 0
+    while i < len(pattern):
+        ch = pattern[i]
+        if ch == "*":
+            out.append(".*")
+        elif ch == "?":
+            out.append(".")
+        elif ch == "[" and (end := pattern.find("]", i + 2 if pattern[i + 1:i + 2] in ("^", "]") else i + 1)) > 0:
+            body = pattern[i + 1:end]
+            negate = body.startswith("^")
+            body = body[1:] if negate else body
+            body = body.replace("\\", "\\\\")
+            out.append("[" + ("^" if negate else "") + body + "]")
+            i = end
+        else:
+            out.append(re.escape(ch))
+        i += 1
+    return "".join(out) + "$"
 
 
 def cut_by_relevance(pairs: list[tuple[int, float]], relevances: np.ndarray,

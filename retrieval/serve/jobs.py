@@ -21,6 +21,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from retrieval.config import ENV_DB
 from retrieval.errors import InputError
 
 _ids = itertools.count(1)
@@ -47,8 +48,9 @@ class Job:
 
 
 class Jobs:
-    def __init__(self, library_root: Path) -> None:
+    def __init__(self, library_root: Path, database_url: str | None = None) -> None:
         self.root = Path(library_root)
+        self.database_url = database_url  # a PostgreSQL library: the child connects as we did
         self.jobs: dict[int, Job] = {}
         self._lock = threading.Lock()
 
@@ -77,7 +79,8 @@ class Jobs:
             argv = [sys.executable, "-m", "retrieval.cli", *args, "-L", str(self.root), "--json"]
             job = Job(kind, argv, images_before=images_now)
             job.process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                           stdin=subprocess.DEVNULL, text=True, env=_child_env())
+                                           stdin=subprocess.DEVNULL, text=True,
+                                           env=_child_env(self.database_url))
             self.jobs[job.id] = job
         threading.Thread(target=self._wait, args=(job,), daemon=True, name=f"job-{job.id}").start()
         return job
@@ -108,9 +111,12 @@ class Jobs:
                 job.process.terminate()  # the CLI treats SIGTERM as Ctrl-C: the run resumes next time
 
 
-def _child_env() -> dict:
-    """The child finds this very `retrieval` package, even from a checkout that is not installed."""
+def _child_env(database_url: str | None = None) -> dict:
+    """The child finds this very `retrieval` package, even from a checkout that is not installed,
+    and the server's database (with the password the folder does not keep)."""
     env = dict(os.environ)
+    if database_url:
+        env[ENV_DB] = database_url
     package_parent = str(Path(__file__).resolve().parents[2])
     env["PYTHONPATH"] = os.pathsep.join(p for p in (package_parent, env.get("PYTHONPATH")) if p)
     return env

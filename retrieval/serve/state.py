@@ -2,8 +2,8 @@
 
 One `ServeState` per server. The searcher (torch, the FAISS id selector, the
 text cache) is not thread-safe, so every search goes through `search_lock`;
-page reads that need no model use `reader`, a read-only SQLite connection
-pool, so they never wait for a search and never write (SQLite WAL lets them
+page reads that need no model use `reader`, a read-only connection pool (SQLite
+mode=ro, or PostgreSQL read-only transactions), so they never wait for a search and never write (SQLite WAL lets them
 read while an `index` run commits).
 """
 
@@ -64,11 +64,12 @@ class ServeState:
         # The searcher takes this lock around the model and the index only, never while it
         # reads or decodes a query image, so one slow or hostile file stalls no other query.
         self.searcher.lock = self.search_lock
-        if self.reader is None:
-            self.reader = read_only_engine(self.library.db_path)
+        if self.reader is None:  # PostgreSQL: read-only transactions, enforced by the server
+            self.reader = (self.library.store.engine(readonly=True) if self.library.store.is_postgres
+                           else read_only_engine(self.library.db_path))
         self.thumbs = ThumbnailCache(self.library.root)
         self.uploads = Uploads(self.library.root, MAX_UPLOAD_PIXELS)
-        self.jobs = Jobs(self.library.root)
+        self.jobs = Jobs(self.library.root, self.library.store.url_with_password)
 
     @property
     def root(self) -> Path:

@@ -34,6 +34,10 @@ def backup_library(library: Library, destination: str | os.PathLike, wait: bool 
         raise LibraryError(f"{dest} already exists; give the backup a new folder name")
     if not dest.parent.is_dir():
         raise LibraryError(f"cannot write a backup into {dest.parent}: no such folder")
+    if library.store.is_postgres:
+        raise LibraryError(f"`clipfind backup` copies a SQLite library; this one's metadata is in "
+                           f"{library.store.label}: back that up with pg_dump (the folder holds only "
+                           "caches, rebuilt from it)")
     started = time.perf_counter()
     tmp = dest.parent / f".{dest.name}.tmp-{os.getpid()}"
     with library.write_lock(wait=wait):

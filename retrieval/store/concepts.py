@@ -96,8 +96,12 @@ def concept_exists(library, name: str) -> bool:
         return s.scalar(select(Concept.id).where(Concept.name == name.strip())) is not None
 
 
-def load_concept(library, name: str) -> ConceptRecord:
-    """The concept `name`, refused (exit 4) if the library's model is not the one that learned it."""
+def load_concept(library, name: str, fingerprint: str | None = None) -> ConceptRecord:
+    """The concept `name`, refused (exit 4) if the library's model is not the one that learned it.
+
+    `fingerprint`: the library's model fingerprint when the caller already holds it (a warm
+    Searcher does), which saves reading the model record again on every query.
+    """
     name = _check_name(name)
     with library.session() as s:
         row = s.scalar(select(Concept).where(Concept.name == name))
@@ -105,7 +109,7 @@ def load_concept(library, name: str) -> ConceptRecord:
             known = ", ".join(s.scalars(select(Concept.name).order_by(Concept.name))) or "none yet"
             raise InputError(f"no concept named {name!r} (concepts: {known})")
     record = _record(row)
-    if record.fingerprint != _library_fingerprint(library):
+    if record.fingerprint != (fingerprint or _library_fingerprint(library)):
         raise LibraryError(f"concept {name!r} was learned with other weights (fingerprint "
                            f"{record.fingerprint[:12]}) than this library's model; learn it again")
     return record
@@ -122,3 +126,18 @@ def remove_concept(library, name: str) -> None:
     with library.session() as s, s.begin():
         if s.execute(delete(Concept).where(Concept.name == name)).rowcount == 0:
             raise InputError(f"no concept named {name!r}")
+
+
+def concept_direction(library, name: str, fingerprint: str) -> np.ndarray:
+    """Only a concept's unit direction, for a query: one light Core SELECT (no ORM session).
+
+    A warm query pays for this on every search with --concept; errors (no such concept,
+    another model's concept) are left to `load_concept`, which words them.
+    """
+    table = Concept.__table__
+    with library.engine.connect() as conn:
+        row = conn.execute(select(table.c.direction, table.c.embed_dim, table.c.fingerprint)
+                           .where(table.c.name == name.strip())).first()
+    if row is None or row.fingerprint != fingerprint:
+        return load_concept(library, name, fingerprint).direction  # raises the worded error
+    return blobs_to_matrix([row.direction], row.embed_dim)[0].copy()

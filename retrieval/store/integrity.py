@@ -45,7 +45,12 @@ class DamagedDatabase(LibraryError):
 
 
 def damage_of(engine: Engine) -> str | None:
-    """What `PRAGMA quick_check` finds wrong (first few lines), or None when the file is sound."""
+    """What `PRAGMA quick_check` finds wrong (first few lines), or None when the file is sound.
+
+    PostgreSQL: None; the server checks its own pages (checksums, WAL) and says so in the error
+    of whichever statement meets damage."""
+    if engine.dialect.name != "sqlite":
+        return None
     try:
         with engine.connect() as conn:
             rows = [str(r[0]) for r in conn.execute(text("PRAGMA quick_check(5)"))]
@@ -75,6 +80,8 @@ def check_pages(engine: Engine) -> None:
 
 def check_pages_if_small(engine: Engine, db_path: str | os.PathLike) -> None:
     """The whole-file check for read-only commands, when it costs well under a second."""
+    if engine.dialect.name != "sqlite":
+        return
     try:
         size = os.path.getsize(db_path) + _size_or_zero(f"{os.fspath(db_path)}-wal")
     except OSError:
@@ -88,6 +95,10 @@ def library_error_for(exc: BaseException) -> LibraryError | None:
     if isinstance(exc, LibraryError):
         return exc
     orig = exc.orig if isinstance(exc, DBAPIError) else exc
+    if type(orig).__module__.startswith("psycopg"):  # only loaded when a library uses PostgreSQL
+        from retrieval.store.postgres import error_for
+
+        return error_for(orig)
     if isinstance(orig, sqlite3.Error):
         message = _first_line(orig)
         lowered = message.lower()

@@ -23,19 +23,21 @@ from typing import TYPE_CHECKING
 
 from sqlalchemy import func, select, text, update
 from sqlalchemy.engine import Engine
-from sqlalchemy.exc import DatabaseError, OperationalError
+from sqlalchemy.exc import DatabaseError, DBAPIError, IntegrityError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from retrieval import config
 from retrieval.errors import LibraryError
 from retrieval.model.spec import ModelSpec
+from retrieval.store import postgres
 from retrieval.store.integrity import (
     DamagedDatabase,
     check_pages,
     check_pages_if_small,
     library_error_for,
 )
-from retrieval.store.schema import Image, Meta, Run, make_engine, utcnow
+from retrieval.store.location import DB_NAME, StoreLocation, locate
+from retrieval.store.schema import Image, Meta, Run, utcnow
 from retrieval.store.vectors import VectorIndex, remove_temp_files
 
 if TYPE_CHECKING:
@@ -43,7 +45,6 @@ if TYPE_CHECKING:
 
     from retrieval.model.encoder import Encoder
 
-DB_NAME = "clipfind.db"
 LOCK_NAME = "write.lock"
 IDENTITY_KEY = "library_id"
 # The newest migration (`retrieval/migrations/versions`; tests/test_migrations.py checks it is
@@ -80,6 +81,8 @@ def migrate(engine: Engine) -> None:
     from alembic.script import ScriptDirectory
 
     with engine.begin() as conn:
+        if postgres.is_postgres(conn):  # two first opens at once: one migrates, the other waits
+            conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": postgres.lock_key(None, "migrate")})
         config = _alembic_config(conn)
         script = ScriptDirectory.from_config(config)
         current = MigrationContext.configure(conn).get_current_revision()
@@ -94,22 +97,24 @@ def migrate(engine: Engine) -> None:
 
 
 def schema_revision(engine: Engine) -> str | None:
-    """The database's alembic revision, read with plain SQL (None for a new database)."""
-    with engine.connect() as conn:
-        exists = conn.execute(text("SELECT 1 FROM sqlite_master WHERE type = 'table' "
-                                   "AND name = 'alembic_version'")).first()
-        if exists is None:
-            return None
-        row = conn.execute(text("SELECT version_num FROM alembic_version")).first()
+    """The database's alembic revision, read with plain SQL (None for a new database, or one
+    this cannot read: then `migrate` takes alembic's own path, which reports it)."""
+    try:
+        with engine.connect() as conn:
+            row = conn.execute(text("SELECT version_num FROM alembic_version")).first()
+    except DBAPIError:  # no such table yet (SQLite OperationalError, PostgreSQL ProgrammingError)
+        return None
     return row[0] if row else None
 
 
 class Library:
     """Paths, database, model binding and vector index of one library directory."""
 
-    def __init__(self, root: Path, engine: Engine) -> None:
+    def __init__(self, root: Path, engine: Engine, store: StoreLocation | None = None) -> None:
         self.root = root
         self.engine = engine
+        self.store = store or StoreLocation(root / DB_NAME)
+        self._lock_fds: list[int] = []
         self.session_factory = sessionmaker(engine, expire_on_commit=False)
         self._vectors: VectorIndex | None = None
         self._encoder: Encoder | None = None
@@ -117,20 +122,27 @@ class Library:
     # -- opening ---------------------------------------------------------------------
     @classmethod
     def open(cls, path: str | Path | None = None, model: ModelSpec | None = None,
-             create: bool = True, check: bool = True) -> Library:
+             create: bool = True, check: bool = True, db: str | None = None) -> Library:
         """Open (or make) the library at `path`; `check` False skips the damaged-page check
-        (for `verify`, which reports damage as a finding instead of refusing)."""
+        (for `verify`, which reports damage as a finding instead of refusing).
+
+        `db`: a PostgreSQL URL for the metadata (default: --db, then $CLIPFIND_DB, then the
+        URL the folder remembers, then the folder's own SQLite file)."""
         root = config.library_path(path)
-        db_path = root / DB_NAME
-        if not db_path.exists() and not create:
+        store = locate(root, config.database_url(db))
+        db_path = store.sqlite_path
+        if not store.exists() and not create:
             raise LibraryError(f"no library at {root} (run `clipfind index` to make one)")
         created_dir = _make_dir(root)
         # A library this user cannot write (a shared copy, a snapshot) is opened read-only:
         # searching it works, and writing commands refuse in one line at the write lock.
-        readonly = db_path.exists() and not (os.access(root, os.W_OK | os.X_OK)
-                                             and os.access(db_path, os.W_OK))
+        readonly = not store.is_postgres and db_path.exists() and not (
+            os.access(root, os.W_OK | os.X_OK) and os.access(db_path, os.W_OK))
         try:
-            engine = make_engine(str(db_path), readonly=readonly)
+            engine = store.engine(readonly=readonly)
+            if not create and store.is_postgres and not postgres.holds_library(engine):
+                engine.dispose()
+                raise LibraryError(f"no library in {store.label} (run `clipfind index` to make one)")
             migrate(engine)
         except (OperationalError, DatabaseError) as exc:
             if created_dir:
@@ -138,16 +150,19 @@ class Library:
             known = library_error_for(exc)
             if isinstance(known, DamagedDatabase):  # (or never a library: a stray file at that path)
                 raise DamagedDatabase(known.detail, f"cannot use {db_path} as a library database") from None
-            reason = str(exc.orig) if getattr(exc, "orig", None) else str(exc)
-            raise LibraryError(f"cannot use {db_path} as a library database: {reason}") from exc
+            if known is not None and store.is_postgres:
+                raise known from None
+            reason = " ".join(str(exc.orig if getattr(exc, "orig", None) else exc).split())[:300]
+            raise LibraryError(f"cannot use {store.label} as a library database: {reason}") from exc
         except LibraryError:
             if created_dir:
                 shutil.rmtree(root, ignore_errors=True)
             raise
-        library = cls(root, engine)
-        if check:
+        library = cls(root, engine, store)
+        if check and not store.is_postgres:
             check_pages_if_small(engine, db_path)
         library.ensure_identity()
+        store.remember(root)
         if model is not None:
             library.check_model_spec(model)
         return library
@@ -189,6 +204,8 @@ class Library:
         if identity is None:
             try:
                 self.set_meta(IDENTITY_KEY, uuid.uuid4().hex)
+            except IntegrityError:  # PostgreSQL: another machine's first open wrote it first
+                pass
             except (OperationalError, DatabaseError):  # a read-only library from before identities
                 return None
             identity = self.get_meta(IDENTITY_KEY)
@@ -278,9 +295,15 @@ class Library:
     def write_lock(self, wait: bool = False, check: bool = True) -> Iterator[None]:
         """One writer at a time (index, tag, remove, reindex); readers never wait.
 
-        Holding it, a writer first checks every page of the database (`check`):
-        writing into a damaged file spreads the damage.
+        SQLite: an flock on `write.lock` in the folder. PostgreSQL: an advisory lock keyed
+        by the library's identity, so writers on other machines wait too. Holding it, a
+        SQLite writer first checks every page of the database (`check`): writing into a
+        damaged file spreads the damage (PostgreSQL checks its own pages).
         """
+        if self.store.is_postgres:
+            with self._advisory_write_lock(wait):
+                yield
+            return
         lock_path = self.root / LOCK_NAME
         for needed in (self.root, self.db_path):
             if not os.access(needed, os.W_OK):
@@ -297,9 +320,7 @@ class Library:
             except BlockingIOError:
                 fh.seek(0)
                 holder = fh.read().strip() or "another process"
-                raise LibraryError(
-                    f"the library at {self.root} is busy ({holder}); wait for it to finish or use --wait"
-                ) from None
+                raise self._busy(holder) from None
             fh.seek(0)
             fh.truncate()
             fh.write(f"pid {os.getpid()}")
@@ -312,9 +333,36 @@ class Library:
                 fh.truncate(0)
                 fcntl.flock(fh, fcntl.LOCK_UN)
 
+    @contextlib.contextmanager
+    def _advisory_write_lock(self, wait: bool) -> Iterator[None]:
+        if not os.access(self.root, os.W_OK):
+            raise LibraryError(f"cannot write to {self.root}: permission denied (commands that "
+                               "change a library need write permission on its folder)")
+        key = postgres.lock_key(self.identity)
+        with postgres.advisory_lock(self.engine, key, wait, self._busy) as conn:
+            fd = postgres.socket_fd(conn)
+            self._lock_fds = [fd] if fd is not None else []
+            try:
+                yield
+            finally:
+                self._lock_fds = []
+
+    def _busy(self, holder: str) -> LibraryError:
+        return LibraryError(f"the library at {self.root} is busy ({holder}); wait for it to finish "
+                            "or use --wait")
+
+    def lock_handles(self) -> list[str | int]:
+        """What a forked worker must close so a killed writer's lock dies with it: the lock
+        file (SQLite), or the socket of the connection holding the advisory lock (PostgreSQL)."""
+        if self.store.is_postgres:
+            return list(self._lock_fds)
+        return [str(self.root / LOCK_NAME)]
+
     def writer_active(self) -> bool:
         """Whether some process holds the write lock now (a run marked 'running' without one was
         killed). Takes a shared lock for an instant, which works on a read-only library too."""
+        if self.store.is_postgres:
+            return postgres.lock_held(self.engine, postgres.lock_key(self.identity))
         try:
             fd = os.open(self.root / LOCK_NAME, os.O_RDONLY)
         except OSError:
@@ -373,6 +421,22 @@ class Library:
             run = s.get(Run, run_id)
             run.status, run.finished_at, run.stats = status, utcnow(), stats
 
+
+
+def library_exists(path: str | Path | None) -> bool:
+    """Whether `Library.open(path, create=False)` would find a library (without making one):
+    the folder's SQLite file, or a PostgreSQL database (given or remembered) that holds one."""
+    root = config.library_path(path)
+    store = locate(root, config.database_url())
+    if not store.is_postgres:
+        return store.exists()
+    engine = store.engine()
+    try:
+        return postgres.holds_library(engine)
+    except (OperationalError, DatabaseError) as exc:
+        raise (library_error_for(exc) or LibraryError(f"cannot use {store.label}: {exc}")) from None
+    finally:
+        engine.dispose()
 
 
 def _make_dir(root: Path) -> bool:

@@ -16,6 +16,7 @@ from urllib.parse import quote
 import numpy as np
 from sqlalchemy import (
     JSON,
+    BigInteger,
     DateTime,
     Float,
     ForeignKey,
@@ -31,6 +32,9 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 EMBEDDING_DTYPE = np.float32
+# INTEGER on SQLite (a rowid alias where it is the key), BIGINT on PostgreSQL: nanosecond
+# mtimes, file sizes and the ids of a billion images outgrow 32 bits there.
+BigInt = Integer().with_variant(BigInteger(), "postgresql")
 
 
 def utcnow() -> datetime:
@@ -72,11 +76,11 @@ class Image(Base):
         Index("ix_images_taken_at", "taken_at"),
         {"sqlite_autoincrement": True},
     )
-    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    id: Mapped[int] = mapped_column(BigInt, primary_key=True, autoincrement=True)
     path: Mapped[str] = mapped_column(Text, unique=True)
     path_bytes: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)
-    size: Mapped[int] = mapped_column(Integer)
-    mtime_ns: Mapped[int] = mapped_column(Integer)
+    size: Mapped[int] = mapped_column(BigInt)
+    mtime_ns: Mapped[int] = mapped_column(BigInt)
     content_hash: Mapped[str] = mapped_column(String)
     width: Mapped[int | None] = mapped_column(Integer, nullable=True)
     height: Mapped[int | None] = mapped_column(Integer, nullable=True)
@@ -104,8 +108,8 @@ class VectorLog(Base):
 
     __tablename__ = "vector_log"
     __table_args__ = ({"sqlite_autoincrement": True},)
-    seq: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
-    image_id: Mapped[int] = mapped_column(Integer)
+    seq: Mapped[int] = mapped_column(BigInt, primary_key=True, autoincrement=True)
+    image_id: Mapped[int] = mapped_column(BigInt)
     op: Mapped[str] = mapped_column(String)
 
 
@@ -128,9 +132,9 @@ class Tag(Base):
         Index("ix_tags_image_id", "image_id"),
         Index("ix_tags_tag_run_id", "tag_run_id"),
     )
-    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    id: Mapped[int] = mapped_column(BigInt, primary_key=True)
     tag_run_id: Mapped[int] = mapped_column(ForeignKey("tag_runs.id", ondelete="CASCADE"))
-    image_id: Mapped[int] = mapped_column(ForeignKey("images.id", ondelete="CASCADE"))
+    image_id: Mapped[int] = mapped_column(BigInt, ForeignKey("images.id", ondelete="CASCADE"))
     label: Mapped[str] = mapped_column(String)
     score: Mapped[float] = mapped_column(Float)
     rank: Mapped[int] = mapped_column(Integer)

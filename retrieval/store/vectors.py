@@ -331,13 +331,26 @@ class VectorIndex:
         return self.index.reconstruct(int(image_id))
 
     def prune_log(self, engine: Engine) -> None:
-        """Drop log entries the saved index covers; only call while holding the write lock."""
+        """Drop log entries the saved index covers; only call while holding the write lock.
+
+        PostgreSQL keeps the newest covered entry: its `last_log_seq` is the largest seq
+        still in the table (a sequence skips the values of rolled-back inserts, so only a
+        row says how far the log has come).
+        """
+        keep_last = engine.dialect.name == "postgresql"
         with engine.begin() as conn:
-            conn.execute(text("DELETE FROM vector_log WHERE seq <= :w"), {"w": self.state.watermark})
+            conn.execute(text(f"DELETE FROM vector_log WHERE seq {'<' if keep_last else '<='} :w"),
+                         {"w": self.state.watermark})
 
 
 def last_log_seq(conn) -> int:
-    """The newest `vector_log` seq ever written (the watermark a build starting now covers)."""
+    """The newest `vector_log` seq ever written (the watermark a build starting now covers).
+
+    SQLite: its AUTOINCREMENT counter, which a rollback restores. PostgreSQL: the largest
+    committed seq; the triggers commit seqs in order, so every smaller one is visible too.
+    """
+    if conn.dialect.name == "postgresql":
+        return int(conn.execute(text("SELECT coalesce(max(seq), 0) FROM vector_log")).scalar_one())
     row = conn.execute(text("SELECT seq FROM sqlite_sequence WHERE name = 'vector_log'")).first()
     return int(row[0]) if row else 0
 

@@ -42,6 +42,7 @@ from retrieval.errors import InputError, LibraryError
 from retrieval.prompting.cupl import load_descriptions
 from retrieval.prompting.prompts import class_vectors, parse_strategy
 from retrieval.store.schema import EMBEDDING_DTYPE, Image, Tag, TagRun, path_from_db, utcnow
+from retrieval.store.sql import driver_sql
 from retrieval.tagging import fewshot
 from retrieval.tagging.labels import label_set_name, load_labels
 
@@ -120,7 +121,7 @@ def iter_vectors(dbapi_conn, dim: int, chunk: int = CHUNK) -> Iterator[tuple[np.
     last = -1
     row_bytes = dim * np.dtype(EMBEDDING_DTYPE).itemsize
     while True:
-        rows = dbapi_conn.execute(_SELECT_CHUNK, (last, chunk)).fetchall()
+        rows = dbapi_conn.execute(driver_sql(dbapi_conn, _SELECT_CHUNK), (last, chunk)).fetchall()
         if not rows:
             return
         ids = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
@@ -283,7 +284,7 @@ def _write_run(library, scorer: Scorer, name: str, strategy: str, options: TagOp
         raw = conn.connection.dbapi_connection
         for ids, x in iter_vectors(raw, scorer.dim, options.chunk):
             rows, label_idx, scores, ranks = select_tags(scorer, x, options, thresholds)
-            raw.executemany(_INSERT_TAG, zip([run_id] * len(rows), ids[rows].tolist(), labels[label_idx].tolist(),
+            raw.cursor().executemany(driver_sql(raw, _INSERT_TAG), zip([run_id] * len(rows), ids[rows].tolist(), labels[label_idx].tolist(),
                                              scores.astype(float).tolist(), ranks.tolist()))
             n_tags += len(rows)
             n_seen += len(ids)
