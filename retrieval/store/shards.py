@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from retrieval.errors import InputError, LibraryError
+from retrieval.store.vectors import fsync_write
 
 MANIFEST = "manifest.json"
 FORMAT = "clipfind-shards"
@@ -43,20 +44,6 @@ def _sha256(path: Path) -> str:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
-
-
-def _write_atomically(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
 
 
 @dataclass
@@ -172,7 +159,7 @@ class ShardWriter:
         return self.manifest
 
     def _save(self) -> None:
-        _write_atomically(self.folder / MANIFEST, self.manifest.to_json().encode())
+        fsync_write(self.folder / MANIFEST, lambda tmp: tmp.write_bytes(self.manifest.to_json().encode()))
 
 
 def check_shard(folder: Path, manifest: Manifest, entry: dict) -> None:

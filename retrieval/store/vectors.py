@@ -73,7 +73,9 @@ def remove_temp_files(root: Path) -> None:
             stale.unlink(missing_ok=True)
 
 
-def _fsync_write(path: Path, write) -> None:
+def fsync_write(path: Path, write) -> None:
+    """Replace `path` atomically and durably: `write(tmp)` fills a temp file beside it, which is
+    fsynced, renamed over `path`, and the folder fsynced (a crash leaves the old file or the new)."""
     tmp = _temp_name(path, os.getpid())
     write(tmp)
     with open(tmp, "rb+") as fh:
@@ -141,8 +143,8 @@ class VectorIndex:
         assert self.index is not None
         self.state.ntotal = int(self.index.ntotal)
         if not self.state.frozen:
-            _fsync_write(self.index_path, lambda tmp: faiss.write_index(self.index, str(tmp)))
-        _fsync_write(self.state_path, lambda tmp: tmp.write_text(json.dumps(self.state.__dict__)))
+            fsync_write(self.index_path, lambda tmp: faiss.write_index(self.index, str(tmp)))
+        fsync_write(self.state_path, lambda tmp: tmp.write_text(json.dumps(self.state.__dict__)))
 
     def install(self, built: BuiltIndex, state: IndexState) -> None:
         """Put a finished build in place of the current index (lists, index, then state), and open it.
@@ -150,11 +152,11 @@ class VectorIndex:
         Only a writer (under the write lock) may call this: it deletes older builds' lists.
         """
         if built.data_file is not None:
-            _fsync_write(self.root / built.data_file.name, lambda tmp: os.replace(built.data_file, tmp))
-        _fsync_write(self.index_path, lambda tmp: os.replace(built.index_file, tmp))
+            fsync_write(self.root / built.data_file.name, lambda tmp: os.replace(built.data_file, tmp))
+        fsync_write(self.index_path, lambda tmp: os.replace(built.index_file, tmp))
         state.ntotal = built.ntotal
         state.data_file = built.data_file.name if built.data_file else None
-        _fsync_write(self.state_path, lambda tmp: tmp.write_text(json.dumps(state.__dict__)))
+        fsync_write(self.state_path, lambda tmp: tmp.write_text(json.dumps(state.__dict__)))
         shutil.rmtree(built.build_dir, ignore_errors=True)
         self.index, self.state = open_index(self.index_path, state.on_disk), state
         self.delta, self._delta_upto = Delta.empty(self.dim), -1
