@@ -5,20 +5,13 @@ from __future__ import annotations
 import json
 
 import pytest
-from click.testing import CliRunner
 
-from retrieval import cli
 from retrieval.errors import EXIT_INPUT, EXIT_LIBRARY, EXIT_USAGE
 from retrieval.media import synthetic
 from retrieval.query.relevance import CUT
+from tests.cli_runner import clipfind
 
 PER_CLASS = 8
-
-
-def clipfind(*args):
-    result = CliRunner().invoke(cli.cli, [str(a) for a in args])
-    assert "Traceback" not in result.output, result.output
-    return result
 
 
 @pytest.fixture(scope="module")

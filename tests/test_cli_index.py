@@ -7,11 +7,10 @@ import os
 import shutil
 
 import pytest
-from click.testing import CliRunner
 
-from retrieval import cli
 from retrieval.errors import EXIT_INPUT, EXIT_LIBRARY, EXIT_MODEL, EXIT_VERIFY
 from retrieval.media import synthetic
+from tests.cli_runner import clipfind
 
 
 @pytest.fixture
@@ -25,12 +24,6 @@ def photos(tmp_path):
 def lib(tmp_path, store):
     """A library folder; every test here runs on both stores (PostgreSQL through $CLIPFIND_DB)."""
     return str(tmp_path / "lib")
-
-
-def clipfind(*args: str):
-    result = CliRunner().invoke(cli.cli, [str(a) for a in args])
-    assert "Traceback" not in result.output, result.output
-    return result
 
 
 def last_json(result) -> dict:

@@ -8,20 +8,13 @@ import shutil
 import socket
 
 import pytest
-from click.testing import CliRunner
 
-from retrieval import cli
 from retrieval.errors import EXIT_FAILURE, EXIT_INPUT, EXIT_LIBRARY, EXIT_USAGE
 from retrieval.media import synthetic
+from tests.cli_runner import clipfind
 from tests.pg_server import PASSWORD
 
 PER_CLASS = 6
-
-
-def clipfind(*args):
-    result = CliRunner().invoke(cli.cli, [str(a) for a in args])
-    assert "Traceback" not in result.output, result.output
-    return result
 
 
 @pytest.fixture(scope="module")

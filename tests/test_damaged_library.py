@@ -15,21 +15,14 @@ import sqlite3
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
 
-from retrieval import cli
 from retrieval.errors import EXIT_LIBRARY, EXIT_VERIFY
 from retrieval.media import synthetic
 from retrieval.store.integrity import DamagedDatabase, library_error_for
 from retrieval.store.library import DB_NAME
+from tests.cli_runner import clipfind
 
 DAMAGED = "the library database is damaged:"
-
-
-def clipfind(*args):
-    result = CliRunner().invoke(cli.cli, [str(a) for a in args])
-    assert "Traceback" not in result.output, result.output
-    return result
 
 
 @pytest.fixture(scope="module")

@@ -13,10 +13,8 @@ import threading
 import time
 
 import pytest
-from click.testing import CliRunner
 from PIL import Image as PILImage
 
-from retrieval import cli
 from retrieval.errors import EXIT_INPUT, EXIT_USAGE, InputError, UsageError
 from retrieval.media import synthetic
 from retrieval.media.regular import NotRegularFile, open_regular
@@ -25,14 +23,9 @@ from retrieval.query.search import Searcher
 from retrieval.query.types import MAX_WEIGHT, Query, split_weight
 from retrieval.serve.client import SERVE_FILE, ServerUnavailable, ask
 from retrieval.store.library import Library
+from tests.cli_runner import clipfind
 
 pytestmark = pytest.mark.timeout(120)  # a regression here is a hang: fail it, do not wait forever
-
-
-def clipfind(*args):
-    result = CliRunner().invoke(cli.cli, [str(a) for a in args])
-    assert "Traceback" not in result.output, result.output
-    return result
 
 
 @pytest.fixture(scope="module")

@@ -25,11 +25,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
 from PIL import Image
 
-from retrieval import cli
 from retrieval.errors import EXIT_INPUT
+from tests.cli_runner import clipfind
 
 DATA = Path(os.environ["CLIPFIND_DATA"]) / "cifar10" if os.environ.get("CLIPFIND_DATA") else \
     Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10"
@@ -51,12 +50,6 @@ MIN_MEAN_IMAGE_P10 = 0.30  # measured 0.436 over 50 unseen photos (bench: 0.401 
 MIN_ZERO_SHOT_TOP1 = 0.40  # measured 0.5155 here
 MIN_MODEL_TEST_TOP1 = 0.45  # the model's own score on all 10,000 test photos: measured 0.5285
 MIN_TIP_TOP1 = 0.40  # 16 shots, default alpha/beta: measured 0.5005 (zero-shot 0.5155; see offline.md)
-
-
-def clipfind(*args) -> object:
-    result = CliRunner().invoke(cli.cli, [str(a) for a in args])
-    assert "Traceback" not in result.output, result.output
-    return result
 
 
 def json_lines(output: str) -> list[dict]:
