@@ -45,14 +45,14 @@ def slow(self, pixels):
 enc.Encoder.encode_pixels = slow
 marker = os.environ.get("PAUSE_SAVE")
 if marker:
-    write_atomically = vec._fsync_write
+    write_atomically = vec.fsync_write
     def paused(path, write):
         def write_then_wait(tmp):
             write(tmp)
             open(marker, "w").close()
             time.sleep(120)
         write_atomically(path, write_then_wait)
-    vec._fsync_write = paused
+    vec.fsync_write = paused
 from retrieval import cli
 cli.main()
 """
