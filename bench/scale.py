@@ -150,7 +150,8 @@ def status_kb(field: str) -> int:
 def phase_build(args) -> dict:
     import faiss
 
-    from retrieval.store.index_builder import build_index, open_index
+    from retrieval.store.index_builder import build_index
+    from retrieval.store.index_files import open_index
     from retrieval.store.index_plan import plan_index
     from retrieval.store.tuning import exact_neighbours, tune
 
@@ -189,7 +190,7 @@ def phase_build(args) -> dict:
 def phase_search(args) -> dict:
     import faiss
 
-    from retrieval.store.index_builder import open_index
+    from retrieval.store.index_files import open_index
     from retrieval.store.tuning import SearchSetting, recall_at_k, run_search
 
     work = Path(args.work)

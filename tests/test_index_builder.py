@@ -23,7 +23,8 @@ from retrieval.index.inspection import verify_library
 from retrieval.model.encoder import ModelSpec
 from retrieval.query.search import Filters, Query, Searcher
 from retrieval.store.auto_index import build_auto
-from retrieval.store.index_builder import MatrixSource, build_index, open_index
+from retrieval.store.index_builder import MatrixSource, build_index
+from retrieval.store.index_files import open_index
 from retrieval.store.index_plan import IndexPlan, nlist_for, parse_size, plan_index
 from retrieval.store.library import Library
 from retrieval.store.schema import Image, vector_to_blob
@@ -130,7 +131,7 @@ def test_memory_mapped_lists_stay_out_of_private_memory(tmp_path):
     probe = textwrap.dedent(f"""
         import json, sys, numpy as np, faiss
         from pathlib import Path
-        from retrieval.store.index_builder import open_index
+        from retrieval.store.index_files import open_index
         def anon():
             return int(next(l for l in Path('/proc/self/status').read_text().splitlines()
                             if l.startswith('RssAnon')).split()[1])

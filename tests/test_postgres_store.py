@@ -22,6 +22,7 @@ from sqlalchemy import text
 from retrieval import cli
 from retrieval.errors import EXIT_LIBRARY, LibraryError
 from retrieval.store.library import DB_NAME, Library
+from retrieval.store.reads import EngineReads
 from retrieval.store.schema import Image, vector_to_blob
 from retrieval.store.vectors import VectorIndex, last_log_seq
 from tests.pg_server import PASSWORD, free_port
@@ -193,7 +194,7 @@ def test_concurrent_writers_keep_the_change_log_in_commit_order(tmp_path, pg_ser
             w.start()
         with lib.engine.connect() as conn:
             while any(w.is_alive() for w in writers):
-                last = last_log_seq(conn)
+                last = last_log_seq(EngineReads(conn))
                 seen = set(conn.execute(text("SELECT seq FROM vector_log WHERE seq <= :l"), {"l": last}).scalars())
                 conn.commit()
                 polls.append((last, seen))

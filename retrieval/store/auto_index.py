@@ -14,8 +14,10 @@ from pathlib import Path
 
 from sqlalchemy.engine import Engine
 
-from retrieval.store.index_builder import SqlVectorSource, build_index, open_index
+from retrieval.store.index_builder import SqlVectorSource, build_index
+from retrieval.store.index_files import open_index
 from retrieval.store.index_plan import EXACT_LIMIT, plan_index
+from retrieval.store.reads import reading
 from retrieval.store.tuning import tune
 from retrieval.store.vectors import IndexState, VectorIndex, last_log_seq
 
@@ -29,23 +31,23 @@ def build_auto(vectors: VectorIndex, engine: Engine, memory_budget: int, recall:
     """Rebuild `vectors` as the planned index, tuned so recall@k reaches `recall`. Writers only."""
     started = time.perf_counter()
     _remove_abandoned_builds(vectors.root)
-    with engine.connect() as conn:
-        watermark = last_log_seq(conn)
-        source = SqlVectorSource(conn, vectors.dim)
+    with reading(engine) as reads:
+        watermark = last_log_seq(reads)
+        source = SqlVectorSource(reads, vectors.dim)
         plan = plan_index(source.count(), vectors.dim, memory_budget, exact_limit)
-        if plan.kind == "flat":
-            conn.close()
-            vectors.rebuild(engine, "Flat")
-            vectors.save()
-            vectors.drop_unused_data_files()
-            return _stats(plan.to_dict(), None, int(vectors.index.ntotal), started)
-        built = build_index(source, plan, vectors.root, progress=progress)
-        try:
-            setting = tune(open_index(built.index_file, plan.on_disk), source, recall, k,
-                           uses_codes=plan.kind == "ivf-pq")
-        except BaseException:
-            shutil.rmtree(built.build_dir, ignore_errors=True)
-            raise
+        if plan.kind != "flat":
+            built = build_index(source, plan, vectors.root, progress=progress)
+            try:
+                setting = tune(open_index(built.index_file, plan.on_disk), source, recall, k,
+                               uses_codes=plan.kind == "ivf-pq")
+            except BaseException:
+                shutil.rmtree(built.build_dir, ignore_errors=True)
+                raise
+    if plan.kind == "flat":
+        vectors.rebuild(engine, "Flat")
+        vectors.save()
+        vectors.drop_unused_data_files()
+        return _stats(plan.to_dict(), None, int(vectors.index.ntotal), started)
     state = IndexState(watermark=watermark, factory=plan.factory, nprobe=setting.nprobe, frozen=True,
                        on_disk=plan.on_disk, efsearch=setting.efsearch, refine=setting.refine,
                        plan=plan.to_dict(), tuned=setting.to_dict(), library_id=vectors.library_id)

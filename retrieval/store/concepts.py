@@ -16,6 +16,7 @@ from sqlalchemy import delete, select
 from sqlalchemy.exc import IntegrityError
 
 from retrieval.errors import InputError, LibraryError
+from retrieval.store.reads import reading
 from retrieval.store.schema import Concept, blobs_to_matrix, utcnow, vector_to_blob
 
 
@@ -129,15 +130,14 @@ def remove_concept(library, name: str) -> None:
 
 
 def concept_direction(library, name: str, fingerprint: str) -> np.ndarray:
-    """Only a concept's unit direction, for a query: one light Core SELECT (no ORM session).
+    """Only a concept's unit direction, for a query: one plain SELECT (no ORM session).
 
     A warm query pays for this on every search with --concept; errors (no such concept,
     another model's concept) are left to `load_concept`, which words them.
     """
-    table = Concept.__table__
-    with library.engine.connect() as conn:
-        row = conn.execute(select(table.c.direction, table.c.embed_dim, table.c.fingerprint)
-                           .where(table.c.name == name.strip())).first()
-    if row is None or row.fingerprint != fingerprint:
+    with reading(library) as reads:
+        row = reads.first("SELECT direction, embed_dim, fingerprint FROM concepts WHERE name = :name",
+                          {"name": name.strip()})
+    if row is None or row[2] != fingerprint:
         return load_concept(library, name, fingerprint).direction  # raises the worded error
-    return blobs_to_matrix([row.direction], row.embed_dim)[0].copy()
+    return blobs_to_matrix([row[0]], row[1])[0].copy()

@@ -14,12 +14,9 @@ old index keeps working until the new one replaces it.
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import os
 import secrets
 import shutil
-import sys
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -29,20 +26,17 @@ from typing import Protocol
 import faiss
 import numpy as np
 from faiss.contrib.ondisk import merge_ondisk
-from sqlalchemy import bindparam, text
-from sqlalchemy.engine import Connection
 
+from retrieval.store.index_files import quiet_stdout
 from retrieval.store.index_plan import IndexPlan
-from retrieval.store.schema import blobs_to_matrix
+from retrieval.store.reads import Reads, in_list
+from retrieval.store.rows import blobs_to_matrix
 from retrieval.store.sql import in_chunks
 
 SHARD_SIZE = 250_000  # vectors per shard: 0.5 GB of 512-d floats, the build's main working set
 CHUNK = 50_000  # vectors per read from the source
 OPQ_ROUNDS = 8
 OPQ_TRAIN = 32_768
-MMAP_FLAGS = faiss.IO_FLAG_ONDISK_SAME_DIR | faiss.IO_FLAG_READ_ONLY
-_SELECT_BY_IDS = text("SELECT id, embedding FROM images WHERE id IN :ids").bindparams(
-    bindparam("ids", expanding=True))
 
 
 class VectorSource(Protocol):
@@ -59,19 +53,18 @@ class VectorSource(Protocol):
 class SqlVectorSource:
     """The `images.embedding` column, read through one connection (one consistent snapshot)."""
 
-    def __init__(self, conn: Connection, dim: int) -> None:
-        self.conn = conn
+    def __init__(self, reads: Reads, dim: int) -> None:
+        self.reads = reads
         self.dim = dim
 
     def count(self) -> int:
-        return int(self.conn.execute(text("SELECT count(*) FROM images")).scalar_one())
+        return int(self.reads.scalar("SELECT count(*) FROM images"))
 
     def chunks(self, size: int = CHUNK) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         last = -1
         while True:
-            rows = self.conn.execute(
-                text("SELECT id, embedding FROM images WHERE id > :last ORDER BY id LIMIT :n"),
-                {"last": last, "n": size}).all()
+            rows = self.reads.all("SELECT id, embedding FROM images WHERE id > :last ORDER BY id LIMIT :n",
+                                  {"last": last, "n": size})
             if not rows:
                 return
             ids = np.array([r[0] for r in rows], dtype=np.int64)
@@ -79,7 +72,7 @@ class SqlVectorSource:
             yield ids, blobs_to_matrix([r[1] for r in rows], self.dim)
 
     def sample(self, n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-        all_ids = np.array(self.conn.execute(text("SELECT id FROM images")).scalars().all(), dtype=np.int64)
+        all_ids = np.array(self.reads.column("SELECT id FROM images"), dtype=np.int64)
         chosen = np.sort(np.random.default_rng(seed).choice(all_ids, size=min(n, len(all_ids)), replace=False))
         return chosen, self.fetch(chosen)
 
@@ -88,7 +81,8 @@ class SqlVectorSource:
         found: dict[int, bytes] = {}
         wanted = [int(i) for i in ids]
         for part in in_chunks(wanted):
-            found.update(self.conn.execute(_SELECT_BY_IDS, {"ids": part}).tuples().all())
+            listed, params = in_list(part)
+            found.update(self.reads.all(f"SELECT id, embedding FROM images WHERE id IN {listed}", params))
         return blobs_to_matrix([found[i] for i in wanted], self.dim)
 
 
@@ -225,35 +219,6 @@ def _prefetched(chunks: Iterator[tuple[np.ndarray, np.ndarray]]) -> Iterator[tup
             yield item
 
 
-def open_index(path: Path, on_disk: bool) -> faiss.Index:
-    """Read an index; on-disk IVF lists are memory-mapped read-only from the `.ivfdata` beside it."""
-    if not on_disk:
-        return faiss.read_index(str(path))
-    with quiet_stdout():  # FAISS announces the renamed data path on stdout, which --json owns
-        return faiss.read_index(str(path), MMAP_FLAGS)
-
-
-def data_files(root: Path) -> list[Path]:
-    return sorted(Path(root).glob("index-*.ivfdata"))
-
-
 def _fsync(path: Path) -> None:
     with open(path, "rb+") as fh:
         os.fsync(fh.fileno())
-
-
-@contextlib.contextmanager
-def quiet_stdout() -> Iterator[None]:
-    """Silence C-level prints to fd 1 (FAISS's on-disk code uses printf) without losing Python's."""
-    sys.stdout.flush()
-    libc = ctypes.CDLL(None)
-    saved = os.dup(1)
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    try:
-        os.dup2(devnull, 1)
-        yield
-    finally:
-        libc.fflush(None)
-        os.dup2(saved, 1)
-        os.close(saved)
-        os.close(devnull)

@@ -12,13 +12,12 @@ from __future__ import annotations
 
 import faiss
 import numpy as np
-from sqlalchemy import bindparam, text
 
-from retrieval.store.schema import blobs_to_matrix
+from retrieval.store.reads import Reads, in_list
+from retrieval.store.rows import blobs_to_matrix
 from retrieval.store.sql import in_chunks
 
-_CHANGED = text("SELECT DISTINCT image_id FROM vector_log WHERE seq > :since AND seq <= :upto")
-_ROWS = text("SELECT id, embedding FROM images WHERE id IN :ids").bindparams(bindparam("ids", expanding=True))
+_CHANGED = "SELECT DISTINCT image_id FROM vector_log WHERE seq > :since AND seq <= :upto"
 
 
 class Delta:
@@ -35,11 +34,12 @@ class Delta:
         return cls(np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros((0, dim), np.float32))
 
     @classmethod
-    def from_log(cls, conn, since: int, upto: int, dim: int) -> Delta:
-        hidden = sorted(conn.execute(_CHANGED, {"since": since, "upto": upto}).scalars().all())
+    def from_log(cls, reads: Reads, since: int, upto: int, dim: int) -> Delta:
+        hidden = sorted(reads.column(_CHANGED, {"since": since, "upto": upto}))
         rows: list = []
         for part in in_chunks(hidden):
-            rows += conn.execute(_ROWS, {"ids": part}).all()
+            listed, params = in_list(part)
+            rows += reads.all(f"SELECT id, embedding FROM images WHERE id IN {listed}", params)
         return cls(np.array(hidden, dtype=np.int64), np.array([r[0] for r in rows], dtype=np.int64),
                    blobs_to_matrix([r[1] for r in rows], dim))
 

@@ -22,11 +22,8 @@ import errno
 import os
 import sqlite3
 
-from sqlalchemy import text
-from sqlalchemy.engine import Engine
-from sqlalchemy.exc import DBAPIError
-
 from retrieval.errors import LibraryError
+from retrieval.store.reads import reading
 
 # Bytes of database a read-only command checks before answering: quick_check of a 16 MiB file
 # (4,000 rows of 2 KB vectors) took 55-184 ms at load 13.6 on 2 cores, a cost a query can carry.
@@ -44,20 +41,24 @@ class DamagedDatabase(LibraryError):
         super().__init__(f"{what}: {detail}; {RESTORE_HINT}")
 
 
-def damage_of(engine: Engine) -> str | None:
+def damage_of(source) -> str | None:
     """What `PRAGMA quick_check` finds wrong (first few lines), or None when the file is sound.
 
+    `source`: what `reads.reading` takes (a library, its Reads, or a SQLAlchemy Engine).
     PostgreSQL: None; the server checks its own pages (checksums, WAL) and says so in the error
     of whichever statement meets damage."""
-    if engine.dialect.name != "sqlite":
+    if _dialect(source) not in (None, "sqlite"):
         return None
     try:
-        with engine.connect() as conn:
-            rows = [str(r[0]) for r in conn.execute(text("PRAGMA quick_check(5)"))]
-    except DBAPIError as exc:
-        if isinstance(exc.orig, sqlite3.OperationalError) and not _is_damage(exc.orig):
+        with reading(source) as reads:
+            rows = [str(r[0]) for r in reads.all("PRAGMA quick_check(5)")]
+    except Exception as exc:  # sqlite3's own error, or SQLAlchemy's wrapping of it
+        orig = _driver_error(exc)
+        if not isinstance(orig, sqlite3.Error):
+            raise
+        if isinstance(orig, sqlite3.OperationalError) and not _is_damage(orig):
             raise  # locked, read-only...: not a verdict on the pages
-        return _first_line(exc.orig)
+        return _first_line(orig)
     if rows == ["ok"]:
         return None
     return one_line(rows)
@@ -71,30 +72,42 @@ def one_line(findings: list[str], keep: int = 3) -> str:
     return "; ".join(lines[:keep])[:300] + more
 
 
-def check_pages(engine: Engine) -> None:
+def check_pages(source) -> None:
     """Raise DamagedDatabase if any page of the database is damaged."""
-    detail = damage_of(engine)
+    detail = damage_of(source)
     if detail is not None:
         raise DamagedDatabase(detail)
 
 
-def check_pages_if_small(engine: Engine, db_path: str | os.PathLike) -> None:
+def check_pages_if_small(source, db_path: str | os.PathLike) -> None:
     """The whole-file check for read-only commands, when it costs well under a second."""
-    if engine.dialect.name != "sqlite":
+    if _dialect(source) not in (None, "sqlite"):
         return
     try:
         size = os.path.getsize(db_path) + _size_or_zero(f"{os.fspath(db_path)}-wal")
     except OSError:
         return
     if size <= READ_CHECK_LIMIT:
-        check_pages(engine)
+        check_pages(source)
+
+
+def _dialect(source) -> str | None:
+    """The dialect, known without connecting: a Reads' own, an Engine's; None if `source` has none."""
+    dialect = getattr(source, "dialect", None)
+    return dialect if dialect is None or isinstance(dialect, str) else dialect.name
+
+
+def _driver_error(exc: BaseException) -> BaseException:
+    """The driver's own exception inside SQLAlchemy's DBAPIError (which keeps it as `.orig`)."""
+    orig = getattr(exc, "orig", None)
+    return orig if isinstance(orig, BaseException) else exc
 
 
 def library_error_for(exc: BaseException) -> LibraryError | None:
     """The one-line LibraryError for a storage failure (damage, read-only, disk full), else None."""
     if isinstance(exc, LibraryError):
         return exc
-    orig = exc.orig if isinstance(exc, DBAPIError) else exc
+    orig = _driver_error(exc)
     if type(orig).__module__.startswith("psycopg"):  # only loaded when a library uses PostgreSQL
         from retrieval.store.postgres import error_for
 

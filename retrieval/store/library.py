@@ -30,6 +30,13 @@ from retrieval import config
 from retrieval.errors import LibraryError
 from retrieval.model.spec import ModelSpec
 from retrieval.store import postgres
+from retrieval.store.binding import (
+    IDENTITY_KEY,
+    MODEL_KEY,
+    SCHEMA_HEAD,
+    empty_library,
+    model_mismatch,
+)
 from retrieval.store.integrity import (
     DamagedDatabase,
     check_pages,
@@ -37,6 +44,7 @@ from retrieval.store.integrity import (
     library_error_for,
 )
 from retrieval.store.location import DB_NAME, StoreLocation, locate
+from retrieval.store.reads import EngineReads, Reads
 from retrieval.store.schema import Image, Meta, Run, utcnow
 from retrieval.store.vectors import VectorIndex, remove_temp_files
 
@@ -46,11 +54,6 @@ if TYPE_CHECKING:
     from retrieval.model.encoder import Encoder
 
 LOCK_NAME = "write.lock"
-IDENTITY_KEY = "library_id"
-# The newest migration (`retrieval/migrations/versions`; tests/test_migrations.py checks it is
-# alembic's head). A database already there opens without importing alembic: 15 MB of a text
-# query's peak RSS and ~0.1 s of its start-up.
-SCHEMA_HEAD = "0002_concepts"
 
 
 @dataclass
@@ -183,6 +186,13 @@ class Library:
     def session(self) -> Session:
         return self.session_factory()
 
+    @contextlib.contextmanager
+    def reads(self) -> Iterator[Reads]:
+        """Plain-SQL reads on one connection: the same calls a query makes through stdlib
+        sqlite3 (`fast_read.QueryLibrary.reads`), here through SQLAlchemy, either dialect."""
+        with self.engine.connect() as conn:
+            yield EngineReads(conn)
+
     # -- meta ------------------------------------------------------------------------
     def get_meta(self, key: str) -> dict | str | None:
         with self.session() as s:
@@ -220,21 +230,17 @@ class Library:
     @property
     def model_record(self) -> dict | None:
         """What the library knows of the model that made its vectors (None if no model yet)."""
-        record = self.get_meta("model")
+        record = self.get_meta(MODEL_KEY)
         return record if isinstance(record, dict) else None
 
     def check_model_spec(self, spec: ModelSpec) -> None:
         """Refuse a model spec other than the recorded one, before anything is loaded."""
-        record = self.model_record
-        if record is not None and record["spec"] != json.loads(spec.to_json()):
-            raise LibraryError(
-                f"this library was made with {record['label']}, not {spec.label}; use that model, "
-                "or another --library"
-            )
+        mismatch = model_mismatch(self.model_record, spec)
+        if mismatch is not None:
+            raise mismatch
 
     def empty_error(self) -> LibraryError:
-        """The one error for "nothing indexed here yet", whichever command meets it (exit 4)."""
-        return LibraryError(f"the library at {self.root} is empty: run `clipfind index FOLDER` first")
+        return empty_library(self.root)
 
     @property
     def loaded_encoder(self) -> Encoder | None:
@@ -245,7 +251,7 @@ class Library:
         """Record the encoder's model on first use; afterwards insist on the same weights."""
         record = self.model_record
         if record is None:
-            self.set_meta("model", encoder.describe())
+            self.set_meta(MODEL_KEY, encoder.describe())
         elif record["fingerprint"] != encoder.fingerprint or record["embed_dim"] != encoder.embed_dim:
             raise LibraryError(
                 f"the weights of {encoder.spec.label} are not the weights this library was made "

@@ -16,11 +16,15 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-
-from sqlalchemy.engine import URL, Engine
+from typing import TYPE_CHECKING
 
 from retrieval.errors import LibraryError
-from retrieval.store import postgres
+
+if TYPE_CHECKING:
+    from sqlalchemy.engine import URL, Engine
+
+# `postgres` (and with it SQLAlchemy) is imported only where a URL is in play: a query on a
+# SQLite library asks `locate` and `exists` without paying for either.
 
 DB_NAME = "clipfind.db"
 POINTER_NAME = "database.json"
@@ -40,6 +44,8 @@ class StoreLocation:
     @property
     def label(self) -> str:
         """What messages and `status` call it: the file, or the URL without its password."""
+        from retrieval.store import postgres
+
         return postgres.safe(self.url) if self.url is not None else str(self.sqlite_path)
 
     @property
@@ -53,6 +59,8 @@ class StoreLocation:
 
     def engine(self, readonly: bool = False) -> Engine:
         if self.url is not None:
+            from retrieval.store import postgres
+
             return postgres.make_engine(self.url, readonly=readonly)
         from retrieval.store.schema import make_engine
 
@@ -62,6 +70,8 @@ class StoreLocation:
         """Write the URL (no password) into the folder, atomically; quietly skip a read-only one."""
         if self.url is None:
             return
+        from retrieval.store import postgres
+
         pointer = root / POINTER_NAME
         body = json.dumps({"url": postgres.safe(self.url)}) + "\n"
         try:
@@ -81,6 +91,8 @@ def locate(root: Path, given: str | None) -> StoreLocation:
     sqlite_path = root / DB_NAME
     remembered = _remembered(root)
     if given:
+        from retrieval.store import postgres
+
         url = postgres.parse_url(given)
         if sqlite_path.exists() and remembered is None:
             raise LibraryError(
@@ -104,4 +116,6 @@ def _remembered(root: Path) -> URL | None:
     if not isinstance(data, dict) or not isinstance(data.get("url"), str):
         raise LibraryError(f"{pointer} holds no database URL; it should hold "
                            '{"url": "postgresql+psycopg://USER@HOST:PORT/DATABASE"}')
+    from retrieval.store import postgres
+
     return postgres.parse_url(data["url"])

@@ -9,11 +9,8 @@ cache learns exactly which ids changed since it was last saved.
 from __future__ import annotations
 
 import json
-import os
 from datetime import datetime, timezone
-from urllib.parse import quote
 
-import numpy as np
 from sqlalchemy import (
     JSON,
     BigInteger,
@@ -31,7 +28,15 @@ from sqlalchemy import (
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-EMBEDDING_DTYPE = np.float32
+from retrieval.store.reads import readonly_uri
+from retrieval.store.rows import (  # noqa: F401 - re-exported: the writers' one import for row columns
+    EMBEDDING_DTYPE,
+    blobs_to_matrix,
+    path_from_db,
+    path_to_db,
+    vector_to_blob,
+)
+
 # INTEGER on SQLite (a rowid alias where it is the key), BIGINT on PostgreSQL: nanosecond
 # mtimes, file sizes and the ids of a billion images outgrow 32 bits there.
 BigInt = Integer().with_variant(BigInteger(), "postgresql")
@@ -163,49 +168,13 @@ class Concept(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
 
 
-def vector_to_blob(vector: np.ndarray) -> bytes:
-    return np.ascontiguousarray(vector, dtype=EMBEDDING_DTYPE).tobytes()
-
-
-def blobs_to_matrix(blobs: list[bytes], dim: int) -> np.ndarray:
-    """Stack stored embeddings into one (n, dim) float32 matrix without per-row copies."""
-    if not blobs:
-        return np.zeros((0, dim), dtype=EMBEDDING_DTYPE)
-    return np.frombuffer(b"".join(blobs), dtype=EMBEDDING_DTYPE).reshape(len(blobs), dim)
-
-
-def path_to_db(path: str) -> tuple[str, bytes | None]:
-    """Store a filesystem path: valid UTF-8 as text, anything else also as raw bytes.
-
-    SQLite text must be valid UTF-8, but Linux file names are bytes. The text
-    column keeps a readable, unique form; `path_bytes` keeps the real name.
-    """
-    raw = os.fsencode(path)
-    try:
-        return raw.decode("utf-8"), None
-    except UnicodeDecodeError:
-        return raw.decode("utf-8", "backslashreplace"), raw
-
-
-def path_from_db(path: str, path_bytes: bytes | None) -> str:
-    """The string to hand to `open()` for a stored path."""
-    return os.fsdecode(path_bytes) if path_bytes is not None else path
-
-
 def make_engine(db_path: str, readonly: bool = False) -> Engine:
     """A SQLite engine in WAL mode with foreign keys on and a patient busy timeout.
 
-    `readonly` opens the file for reading only (a shared copy, a mounted
-    snapshot). A WAL database needs its `-shm` file to be read; when there is
-    none and the folder cannot hold one, the file is opened as immutable, which
-    is what a read-only copy is.
+    `readonly` opens the file for reading only (a shared copy, a mounted snapshot;
+    see `reads.readonly_uri`).
     """
-    url = f"sqlite:///{db_path}"
-    if readonly:
-        folder = os.path.dirname(os.path.abspath(db_path))
-        immutable = not os.access(folder, os.W_OK) and not os.path.exists(f"{db_path}-shm")
-        url = f"sqlite:///file:{quote(os.path.abspath(db_path))}?mode=ro" + (
-            "&immutable=1" if immutable else "") + "&uri=true"
+    url = f"sqlite:///{readonly_uri(db_path)}&uri=true" if readonly else f"sqlite:///{db_path}"
     engine = create_engine(
         url,
         connect_args={"timeout": 30},

@@ -9,12 +9,10 @@ treats `_` and `%` in file names as wildcards; a bare prefix matches
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
-from sqlalchemy import delete
-from sqlalchemy.orm import Session
-
-from retrieval.store.schema import Image
+if TYPE_CHECKING:
+    from sqlalchemy.orm import Session
 
 T = TypeVar("T")
 
@@ -49,5 +47,9 @@ def driver_sql(dbapi_conn, statement: str) -> str:
 
 def delete_images(session: Session, ids: Iterable[int]) -> None:
     """Delete these image rows (their tags and vector-log entries follow by trigger/cascade)."""
+    from sqlalchemy import delete  # writers only: a query imports this module without SQLAlchemy
+
+    from retrieval.store.schema import Image
+
     for part in in_chunks(sorted(ids)):
         session.execute(delete(Image).where(Image.id.in_(part)))

@@ -12,11 +12,13 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
 
 import faiss
 import numpy as np
 
-from retrieval.store.index_builder import VectorSource
+if TYPE_CHECKING:
+    from retrieval.store.index_builder import VectorSource
 
 NPROBES = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048)
 EF_SEARCHES = (16, 32, 64, 128, 256, 512, 1024)

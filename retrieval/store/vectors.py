@@ -26,25 +26,27 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import faiss
 import numpy as np
-from sqlalchemy import bindparam, text
-from sqlalchemy.engine import Engine
 
-from retrieval.store.index_builder import BuiltIndex, data_files, open_index
 from retrieval.store.index_delta import Delta, merge_top_k
-from retrieval.store.schema import blobs_to_matrix
+from retrieval.store.index_files import data_files, open_index
+from retrieval.store.reads import Reads, in_list, reading
+from retrieval.store.rows import blobs_to_matrix
 from retrieval.store.sql import in_chunks
 from retrieval.store.tuning import SearchSetting, search_params
+
+if TYPE_CHECKING:
+    from sqlalchemy.engine import Engine
+
+    from retrieval.store.index_builder import BuiltIndex
 
 INDEX_FILE = "index.faiss"
 STATE_FILE = "index.json"
 EXACT_LIMIT = 100_000  # below this an exact inner-product scan is fast enough and perfect
 DEFAULT_MEMORY_BUDGET = 4 << 30  # bytes of vectors we are willing to hold in RAM
-_SELECT_EMBEDDINGS = text("SELECT id, embedding FROM images WHERE id IN :ids").bindparams(
-    bindparam("ids", expanding=True)
-)
 
 
 def choose_factory(n: int, dim: int, memory_budget: int = DEFAULT_MEMORY_BUDGET) -> str:
@@ -175,20 +177,20 @@ class VectorIndex:
             inner.train(sample)
         return faiss.IndexIDMap2(inner)
 
-    def rebuild(self, engine: Engine, factory: str | None = None, chunk: int = 50_000) -> None:
-        """Build the index from every stored embedding (streamed in chunks)."""
-        with engine.connect() as conn:
-            n = conn.execute(text("SELECT count(*) FROM images")).scalar_one()
-            watermark = last_log_seq(conn)
+    def rebuild(self, source, factory: str | None = None, chunk: int = 50_000) -> None:
+        """Build the index from every stored embedding (streamed in chunks).
+
+        `source`: what `reads.reading` takes (a library, or a SQLAlchemy Engine)."""
+        with reading(source) as reads:
+            n = reads.scalar("SELECT count(*) FROM images")
+            watermark = last_log_seq(reads)
             factory = factory or choose_factory(n, self.dim)
-            sample = self._training_sample(conn, factory, n)
+            sample = self._training_sample(reads, factory, n)
             index = self._new_index(factory, sample)
             last_id = 0
             while True:
-                rows = conn.execute(
-                    text("SELECT id, embedding FROM images WHERE id > :last ORDER BY id LIMIT :n"),
-                    {"last": last_id, "n": chunk},
-                ).all()
+                rows = reads.all("SELECT id, embedding FROM images WHERE id > :last ORDER BY id LIMIT :n",
+                                 {"last": last_id, "n": chunk})
                 if not rows:
                     break
                 ids = np.array([r[0] for r in rows], dtype=np.int64)
@@ -199,55 +201,54 @@ class VectorIndex:
                                 library_id=self.library_id)
         self.delta, self._delta_upto = Delta.empty(self.dim), -1
 
-    def _training_sample(self, conn, factory: str, n: int) -> np.ndarray:
+    def _training_sample(self, reads: Reads, factory: str, n: int) -> np.ndarray:
         if not factory.startswith(("IVF", "PQ", "OPQ")) or n == 0:
             return np.zeros((0, self.dim), np.float32)
-        rows = conn.execute(
-            text("SELECT embedding FROM images ORDER BY random() LIMIT :n"), {"n": min(n, 100_000)}
-        ).all()
-        return blobs_to_matrix([r[0] for r in rows], self.dim)
+        blobs = reads.column("SELECT embedding FROM images ORDER BY random() LIMIT :n", {"n": min(n, 100_000)})
+        return blobs_to_matrix(blobs, self.dim)
 
-    def sync(self, engine: Engine, save: bool = True) -> str:
-        """Make the index agree with the database; returns what it did ('ok', 'caught-up', 'rebuilt')."""
+    def sync(self, source, save: bool = True) -> str:
+        """Make the index agree with the database; returns what it did ('ok', 'caught-up', 'rebuilt').
+
+        `source`: what `reads.reading` takes (a library, or a SQLAlchemy Engine)."""
         if self.index is None and not self.load():
-            self.rebuild(engine)
+            self.rebuild(source)
             self._save_quietly(save)
             return "rebuilt"
         if self.state.frozen:
-            return self._sync_delta(engine, save)
-        with engine.connect() as conn:
-            last = last_log_seq(conn)
-            if last == self.state.watermark and self._count_matches(conn):
+            return self._sync_delta(source, save)
+        with reading(source) as reads:
+            last = last_log_seq(reads)
+            if last == self.state.watermark and self._count_matches(reads):
                 return "ok"
-            if _log_has_gap(conn, self.state.watermark, last):
+            if _log_has_gap(reads, self.state.watermark, last):
                 action = None
             else:
-                action = self._apply_log(conn, last)
-        if action is None or self.index.ntotal != _count(engine):
-            self.rebuild(engine, factory=self.state.factory)
+                action = self._apply_log(reads, last)
+            stale = action is None or self.index.ntotal != _count(reads)
+        if stale:
+            self.rebuild(source, factory=self.state.factory)
             action = "rebuilt"
         self._save_quietly(save)
         return action
 
-    def _sync_delta(self, engine: Engine, save: bool) -> str:
+    def _sync_delta(self, source, save: bool) -> str:
         """A frozen index stays as built; re-read the rows logged since its watermark."""
-        with engine.connect() as conn:
-            last = last_log_seq(conn)
-            gap = _log_has_gap(conn, self.state.watermark, last)
+        with reading(source) as reads:
+            last = last_log_seq(reads)
+            gap = _log_has_gap(reads, self.state.watermark, last)
             if not gap and last != self._delta_upto:
-                self.delta = Delta.from_log(conn, self.state.watermark, last, self.dim)
+                self.delta = Delta.from_log(reads, self.state.watermark, last, self.dim)
                 self._delta_upto = last
         if gap:  # the log no longer reaches back to the build: start again from the database
-            self.rebuild(engine)
+            self.rebuild(source)
             self._save_quietly(save)
             return "rebuilt"
         return "caught-up" if len(self.delta) else "ok"
 
-    def _apply_log(self, conn, last: int) -> str | None:
-        ids = sorted({r[0] for r in conn.execute(
-            text("SELECT image_id FROM vector_log WHERE seq > :w AND seq <= :last"),
-            {"w": self.state.watermark, "last": last},
-        )})
+    def _apply_log(self, reads: Reads, last: int) -> str | None:
+        ids = sorted(set(reads.column("SELECT image_id FROM vector_log WHERE seq > :w AND seq <= :last",
+                                      {"w": self.state.watermark, "last": last})))
         if ids:
             id_array = np.array(ids, dtype=np.int64)
             try:
@@ -255,7 +256,8 @@ class VectorIndex:
             except RuntimeError:  # e.g. HNSW cannot remove: rebuild instead
                 return None
             for part in in_chunks(ids):
-                rows = conn.execute(_SELECT_EMBEDDINGS, {"ids": part}).all()
+                listed, params = in_list(part)
+                rows = reads.all(f"SELECT id, embedding FROM images WHERE id IN {listed}", params)
                 if rows:
                     self.index.add_with_ids(
                         blobs_to_matrix([r[1] for r in rows], self.dim),
@@ -264,8 +266,8 @@ class VectorIndex:
         self.state.watermark = last
         return "caught-up"
 
-    def _count_matches(self, conn) -> bool:
-        return self.index.ntotal == conn.execute(text("SELECT count(*) FROM images")).scalar_one()
+    def _count_matches(self, reads: Reads) -> bool:
+        return self.index.ntotal == _count(reads)
 
     def _save_quietly(self, save: bool) -> None:
         """Persist if we may; a read-only library still answers queries from memory."""
@@ -339,32 +341,33 @@ class VectorIndex:
         still in the table (a sequence skips the values of rolled-back inserts, so only a
         row says how far the log has come).
         """
+        from sqlalchemy import text  # writers only
+
         keep_last = engine.dialect.name == "postgresql"
         with engine.begin() as conn:
             conn.execute(text(f"DELETE FROM vector_log WHERE seq {'<' if keep_last else '<='} :w"),
                          {"w": self.state.watermark})
 
 
-def last_log_seq(conn) -> int:
+def last_log_seq(reads: Reads) -> int:
     """The newest `vector_log` seq ever written (the watermark a build starting now covers).
 
     SQLite: its AUTOINCREMENT counter, which a rollback restores. PostgreSQL: the largest
     committed seq; the triggers commit seqs in order, so every smaller one is visible too.
     """
-    if conn.dialect.name == "postgresql":
-        return int(conn.execute(text("SELECT coalesce(max(seq), 0) FROM vector_log")).scalar_one())
-    row = conn.execute(text("SELECT seq FROM sqlite_sequence WHERE name = 'vector_log'")).first()
-    return int(row[0]) if row else 0
+    if reads.dialect == "postgresql":
+        return int(reads.scalar("SELECT coalesce(max(seq), 0) FROM vector_log"))
+    seq = reads.scalar("SELECT seq FROM sqlite_sequence WHERE name = 'vector_log'")
+    return int(seq) if seq is not None else 0
 
 
-def _log_has_gap(conn, watermark: int, last: int) -> bool:
+def _log_has_gap(reads: Reads, watermark: int, last: int) -> bool:
     """True when entries after our watermark were pruned: we cannot catch up, only rebuild."""
     if last <= watermark:
         return last < watermark  # the database went backwards (restored?): rebuild
-    first = conn.execute(text("SELECT min(seq) FROM vector_log")).scalar_one()
+    first = reads.scalar("SELECT min(seq) FROM vector_log")
     return first is None or first > watermark + 1
 
 
-def _count(engine: Engine) -> int:
-    with engine.connect() as conn:
-        return conn.execute(text("SELECT count(*) FROM images")).scalar_one()
+def _count(reads: Reads) -> int:
+    return int(reads.scalar("SELECT count(*) FROM images"))

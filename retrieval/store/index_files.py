@@ -1,0 +1,47 @@
+"""Opening a saved FAISS index, and naming its memory-mapped lists: what every query needs.
+
+Apart from `index_builder` (training, shards, the on-disk merge) so that a query,
+which only opens what a build left, imports none of the building machinery.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import faiss
+
+MMAP_FLAGS = faiss.IO_FLAG_ONDISK_SAME_DIR | faiss.IO_FLAG_READ_ONLY
+
+
+def open_index(path: Path, on_disk: bool) -> faiss.Index:
+    """Read an index; on-disk IVF lists are memory-mapped read-only from the `.ivfdata` beside it."""
+    if not on_disk:
+        return faiss.read_index(str(path))
+    with quiet_stdout():  # FAISS announces the renamed data path on stdout, which --json owns
+        return faiss.read_index(str(path), MMAP_FLAGS)
+
+
+def data_files(root: Path) -> list[Path]:
+    return sorted(Path(root).glob("index-*.ivfdata"))
+
+
+@contextlib.contextmanager
+def quiet_stdout() -> Iterator[None]:
+    """Silence C-level prints to fd 1 (FAISS's on-disk code uses printf) without losing Python's."""
+    sys.stdout.flush()
+    libc = ctypes.CDLL(None)
+    saved = os.dup(1)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 1)
+        yield
+    finally:
+        libc.fflush(None)
+        os.dup2(saved, 1)
+        os.close(saved)
+        os.close(devnull)
