@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +14,8 @@ import pytest
 from retrieval.media import synthetic
 
 ROOT = Path(__file__).resolve().parents[1]
-HEAVY = ("torch", "torchvision", "open_clip", "onnxruntime", "faiss", "numpy", "sqlalchemy", "ray", "pyarrow")
+HEAVY = ("torch", "torchvision", "open_clip", "onnxruntime", "faiss", "numpy", "sqlalchemy", "alembic", "PIL",
+         "ray", "pyarrow")
 
 
 def run_clipfind(*args: str) -> tuple[dict, list[str]]:
@@ -45,6 +47,25 @@ def test_unchanged_rerun_imports_no_torch(indexed):
     stats, heavy = run_clipfind("index", str(indexed / "photos"), "-L", str(indexed / "lib"), "--json")
     assert stats["unchanged"] == stats["scanned"] > 0 and stats["encoded"] == 0
     assert not {"torch", "open_clip", "onnxruntime"} & set(heavy), heavy
+
+
+def test_a_fresh_text_query_imports_no_sqlalchemy_torch_or_pillow(indexed):
+    """A SQLite library is read through stdlib sqlite3 (filters too), encoded by ONNX Runtime."""
+    photos, lib = indexed / "photos", str(indexed / "lib")
+    result, heavy = run_clipfind("search", f"a red circle no. {os.getpid()}", "-L", lib, "--json", "--no-server",
+                                 "--path", str(photos), "--after", "2000-01-01", "-k", "3")
+    assert result["rank"] == 3 and result["path"].startswith(str(photos))
+    assert "onnxruntime" in heavy and "faiss" in heavy, heavy  # it encoded and searched here ...
+    assert not {"sqlalchemy", "alembic", "torch", "open_clip", "PIL"} & set(heavy), heavy  # ... and no more
+
+
+def test_an_image_query_loads_pillow_but_no_sqlalchemy_or_torch(indexed, tmp_path):
+    outside = tmp_path / "query.jpg"
+    synthetic.draw(synthetic.LABELS[0], 64, random.Random(3)).save(outside, quality=90)
+    result, heavy = run_clipfind("search", "--image", str(outside), "-L", str(indexed / "lib"), "--json",
+                                 "--no-server", "-k", "2")
+    assert result["rank"] == 2 and "PIL" in heavy and "onnxruntime" in heavy, heavy
+    assert not {"sqlalchemy", "alembic", "torch", "open_clip"} & set(heavy), heavy
 
 
 def test_search_through_a_running_server_is_a_light_client(indexed):

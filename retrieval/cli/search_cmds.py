@@ -125,9 +125,9 @@ def _answer(kind: str, subject, k: int, filters: Filters, library_path, use_serv
             except ServerUnavailable as exc:
                 warn(f"the clipfind server for this library did not answer ({exc}); searching here")
     from retrieval.query.search import Searcher
-    from retrieval.store.library import Library
+    from retrieval.store.fast_read import open_for_query  # SQLite: stdlib sqlite3, no SQLAlchemy
 
-    with Library.open(root, model=spec, create=False) as library:
+    with open_for_query(root, model=spec) as library:
         searcher = Searcher(library, spec, device, precision, runtime=runtime)
         return getattr(searcher, kind)(subject, k, filters)
 

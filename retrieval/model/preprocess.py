@@ -12,9 +12,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-from PIL import Image
+
+if TYPE_CHECKING:  # Pillow loads where an image is resized: a text query reads only the config
+    from PIL import Image
 
 RESIZE_MODES = ("shortest", "squash")  # open_clip's "longest" (letterbox) is left to torch
 
@@ -60,6 +63,8 @@ class PreprocessConfig:
 
 def _resample(name: str) -> Image.Resampling:
     # open_clip: 'bilinear' is bilinear, anything else ('bicubic', 'random') is bicubic at eval.
+    from PIL import Image
+
     return Image.Resampling.BILINEAR if name == "bilinear" else Image.Resampling.BICUBIC
 
 

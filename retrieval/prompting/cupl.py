@@ -19,8 +19,6 @@ import json
 import os
 import random
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -145,6 +143,11 @@ class ChatClient:
         raise last
 
     def _post(self, body: dict) -> bytes:
+        # urllib.request brings http.client, email and ssl, an import every text query paid
+        # (prompts imports this module) for a call only `clipfind prompts generate` makes.
+        import urllib.error
+        import urllib.request
+
         headers = {"Content-Type": "application/json", "Accept": "application/json"}
         if self.api_key:
             headers["Authorization"] = f"Bearer {self.api_key}"

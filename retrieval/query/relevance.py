@@ -70,10 +70,11 @@ class Background:
     library_size: int
 
     @classmethod
-    def sample(cls, engine, dim: int, library_size: int) -> Background:
+    def sample(cls, library, dim: int, library_size: int) -> Background:
+        """`library`: what `retrieval.store.reads.reading` takes (a library, or an Engine)."""
         from retrieval.store.sampling import sample_vectors
 
-        return cls(sample_vectors(engine, dim, BACKGROUND_SIZE, BACKGROUND_SEED)[1], library_size)
+        return cls(sample_vectors(library, dim, BACKGROUND_SIZE, BACKGROUND_SEED)[1], library_size)
 
 
 @dataclass

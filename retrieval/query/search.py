@@ -39,12 +39,9 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from sqlalchemy import select, text
 
 from retrieval.errors import InputError, UsageError
-from retrieval.media.images import ImageError, open_image
 from retrieval.media.regular import file_kind
-from retrieval.media.scan import content_hash
 from retrieval.prompting.prompts import encode_prompted
 from retrieval.query.runtime import QueryRuntimes
 from retrieval.query.textcache import CACHE_NAME, CachedText, TextCache, cache_key
@@ -59,12 +56,13 @@ from retrieval.query.types import (
     check_weight,
     normalise_path_filter,
 )
-from retrieval.store.index_builder import SqlVectorSource
-from retrieval.store.schema import Image, blobs_to_matrix, path_from_db, path_to_db
-from retrieval.store.sql import under_folder
+from retrieval.store.reads import in_list
+from retrieval.store.rows import blobs_to_matrix, datetime_from_db, path_from_db, path_to_db
+from retrieval.store.sql import in_chunks, under_folder
 from retrieval.store.tuning import rerank
 
 if TYPE_CHECKING:
+    from retrieval.store.fast_read import QueryLibrary
     from retrieval.store.library import Library
 
 EXACT_FILTER_LIMIT = 50_000  # filtered sets up to this size are scored exactly on approximate indexes
@@ -79,7 +77,7 @@ GLOB_CHARS = set("*?[")  # a --path with any of these is a glob, else a folder
 class Searcher:
     """Answers queries on one library; keeps the model (once needed), index and text cache warm."""
 
-    def __init__(self, library: Library, spec=None, device: str = "auto", precision: str = "auto",
+    def __init__(self, library: Library | QueryLibrary, spec=None, device: str = "auto", precision: str = "auto",
                  cache: TextCache | None = None, query_threads: int | None = QUERY_THREADS,
                  runtime: str = "auto") -> None:
         record = library.model_record
@@ -157,29 +155,32 @@ class Searcher:
         """(unit vector, id of the row that *is* this file or None); stored vectors are reused."""
         path = os.path.abspath(path)
         stored = path_to_db(path)[0]
-        with self.library.engine.connect() as conn:
-            row = conn.execute(text("SELECT id, size, mtime_ns, embedding FROM images WHERE path = :p"),
-                               {"p": stored}).first()
+        with self.library.reads() as reads:
+            row = reads.first("SELECT id, size, mtime_ns, embedding FROM images WHERE path = :p", {"p": stored})
             try:
                 st = os.stat(path)
             except OSError as exc:
                 if row is not None:
                     warnings.append(f"{path} is gone from disk; using its stored vector")
-                    return self._unpack(row.embedding), row.id
+                    return self._unpack(row[3]), row[0]
                 raise InputError(f"cannot read query image {path}: {exc.strerror or exc}") from exc
             if not stat.S_ISREG(st.st_mode):  # /dev/zero, a FIFO: reading would never end
                 raise InputError(f"query image {path} is not a regular file ({file_kind(st.st_mode)})")
-            if row is not None and row.size == st.st_size and row.mtime_ns == st.st_mtime_ns:
-                return self._unpack(row.embedding), row.id
+            if row is not None and row[1] == st.st_size and row[2] == st.st_mtime_ns:
+                return self._unpack(row[3]), row[0]
+            # Pillow comes with it: imported by image queries only
+            from retrieval.media.scan import content_hash
+
             try:
                 digest = content_hash(path)
             except OSError as exc:
                 raise InputError(f"cannot read query image {path}: {exc.strerror or exc}") from exc
-            same = conn.execute(text("SELECT id, embedding FROM images WHERE content_hash = :h LIMIT 1"),
-                                {"h": digest}).first()
-        own_id = row.id if row is not None else None
+            same = reads.first("SELECT id, embedding FROM images WHERE content_hash = :h LIMIT 1", {"h": digest})
+        own_id = row[0] if row is not None else None
         if same is not None:
-            return self._unpack(same.embedding), own_id
+            return self._unpack(same[1]), own_id
+        from retrieval.media.images import ImageError, open_image
+
         try:
             image = open_image(path)
         except ImageError as exc:
@@ -312,7 +313,7 @@ class Searcher:
         from retrieval.query.relevance import Background, calibrate
 
         if self._background is None or self._background.library_size != total:
-            self._background = Background.sample(self.library.engine, int(self.record["embed_dim"]), total)
+            self._background = Background.sample(self.library, int(self.record["embed_dim"]), total)
         return calibrate(vector, self._background).relevance(np.asarray(scores))
 
     def fresh_vectors(self):
@@ -325,7 +326,7 @@ class Searcher:
         vectors = self.library.vectors(sync=False)
         if self._index_stamp is not None and _stamp(vectors.state_path) != self._index_stamp:
             vectors.load()
-        vectors.sync(self.library.engine)
+        vectors.sync(self.library)
         self._index_stamp = _stamp(vectors.state_path)
         return vectors
 
@@ -339,45 +340,48 @@ class Searcher:
         refine = vectors.state.refine
         found_scores, found_ids = _single_thread_search(vectors, vector, k * refine, allowed)
         if refine > 1:  # compressed codes: order the candidates by their exact stored vectors
-            with self.library.engine.connect() as conn:
-                fetch = SqlVectorSource(conn, int(self.record["embed_dim"])).fetch
+            from retrieval.store.index_builder import SqlVectorSource
+
+            with self.library.reads() as reads:
+                fetch = SqlVectorSource(reads, int(self.record["embed_dim"])).fetch
                 found_scores, found_ids = rerank(vector[None, :], found_ids, fetch, k)
         pairs = [(int(i), float(s)) for i, s in zip(found_ids[0], found_scores[0]) if i >= 0]
         return [p[0] for p in pairs], [p[1] for p in pairs]
 
     def _exact_over(self, filters: Filters, vector: np.ndarray, k: int) -> tuple[list[int], list[float]]:
         """Exact scores over the filtered rows' own vectors: recall an approximate index cannot lose."""
-        clauses, params = filter_sql(filters, self.library.engine.dialect.name)
-        with self.library.engine.connect() as conn:
-            rows = conn.execute(text("SELECT id, embedding FROM images WHERE " + " AND ".join(clauses)),
-                                params).all()
+        with self.library.reads() as reads:
+            clauses, params = filter_sql(filters, reads.dialect)
+            rows = reads.all("SELECT id, embedding FROM images WHERE " + " AND ".join(clauses), params)
         scores = blobs_to_matrix([r[1] for r in rows], int(self.record["embed_dim"])) @ vector
         order = np.argsort(-scores, kind="stable")[:k]
         return [int(rows[i][0]) for i in order], [float(scores[i]) for i in order]
 
     def allowed_ids(self, filters: Filters) -> np.ndarray:
         """Ids of the rows every SQL-side filter allows (path, dates, tags)."""
-        clauses, params = filter_sql(filters, self.library.engine.dialect.name)
-        sql = "SELECT id FROM images WHERE " + " AND ".join(clauses)
-        with self.library.engine.connect() as conn:
-            ids = conn.execute(text(sql), params).scalars().all()
+        with self.library.reads() as reads:
+            clauses, params = filter_sql(filters, reads.dialect)
+            ids = reads.column("SELECT id FROM images WHERE " + " AND ".join(clauses), params)
         return np.asarray(ids, dtype=np.int64)
 
     def fetch_results(self, pairs: list[tuple[int, float]]) -> list[SearchResult]:
         if not pairs:
             return []
-        with self.library.session() as s:
-            rows = s.execute(select(Image.id, Image.path, Image.path_bytes, Image.size, Image.width,
-                                    Image.height, Image.taken_at)
-                             .where(Image.id.in_([i for i, _ in pairs]))).all()
-        by_id = {r.id: r for r in rows}
+        by_id: dict[int, tuple] = {}
+        with self.library.reads() as reads:
+            for part in in_chunks([i for i, _ in pairs]):
+                listed, params = in_list(part)
+                by_id.update((row[0], row) for row in reads.all(
+                    "SELECT id, path, path_bytes, size, width, height, taken_at FROM images "
+                    f"WHERE id IN {listed}", params))
         out = []
         for image_id, score in pairs:
             row = by_id.get(image_id)
             if row is None:  # removed between the FAISS search and now
                 continue
-            out.append(SearchResult(len(out) + 1, float(score), image_id, path_from_db(row.path, row.path_bytes),
-                                    row.size, row.width, row.height, row.taken_at))
+            _, path, path_bytes, size, width, height, taken_at = row
+            out.append(SearchResult(len(out) + 1, float(score), image_id, path_from_db(path, path_bytes),
+                                    size, width, height, datetime_from_db(taken_at)))
         return out
 
 
