@@ -80,3 +80,24 @@ def test_search_through_a_running_server_is_a_light_client(indexed):
     finally:
         server.terminate()
         server.wait(timeout=60)
+
+
+def test_each_command_loads_only_its_own_module():
+    """`clipfind X` imports X's module alone; the name -> module map holds every module's COMMANDS."""
+    code = ("import importlib, json, sys\n"
+            "from retrieval import cli\n"
+            "before = {m for m in sys.modules if m.startswith('retrieval.cli.')}\n"
+            "cli.cli.get_command(None, 'search')\n"
+            "loaded = sorted({m for m in sys.modules if m.startswith('retrieval.cli.')} - before)\n"
+            "import pkgutil\n"
+            "modules = [m.name for m in pkgutil.iter_modules(cli.__path__) if m.name != '__main__']\n"
+            "found = {c.name: m for m in modules\n"
+            "         for c in getattr(importlib.import_module('retrieval.cli.' + m), 'COMMANDS', [])}\n"
+            "print(json.dumps([loaded, found == cli.COMMAND_MODULES, sorted(set(found) ^ set(cli.COMMAND_MODULES))]))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
+                         env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert out.returncode == 0, out.stderr
+    loaded, agrees, differ = json.loads(out.stdout)
+    assert "retrieval.cli.search_cmds" in loaded and not {"retrieval.cli.library_cmds", "retrieval.cli.tag_cmds",
+                                                          "retrieval.cli.demo"} & set(loaded), loaded
+    assert agrees, differ

@@ -7,6 +7,7 @@ documented exit code. The console script points at `main` here.
 
 from __future__ import annotations
 
+import importlib
 import sqlite3
 import sys
 
@@ -23,8 +24,30 @@ def _storage_error(exc: Exception) -> bool:
     return isinstance(exc, (sqlite3.Error, OSError)) or (dbapi is not None and isinstance(exc, dbapi))
 
 
+# The module beside this one that defines each command (its COMMANDS list): `clipfind X`
+# imports only X's module, so a fresh `search` skips the other commands' imports (render,
+# shutil, the tagging options...). tests/test_light_imports.py checks this against the modules.
+COMMAND_MODULES = {
+    "demo": "demo", "models": "models", "ingest": "engine_cmds", "concept": "concept_cmds",
+    **dict.fromkeys(["index", "status", "verify", "remove", "reindex", "backup"], "library_cmds"),
+    **dict.fromkeys(["search", "similar", "serve"], "search_cmds"),
+    **dict.fromkeys(["tag", "tags", "eval", "prompts"], "tag_cmds"),
+}
+
+
 class ClipfindGroup(click.Group):
-    """Runs subcommands so that a ClipfindError is one line, never a traceback."""
+    """Loads a subcommand's module when it is asked for, and runs subcommands so that a
+    ClipfindError is one line, never a traceback."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(set(COMMAND_MODULES) | set(self.commands))
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        module = COMMAND_MODULES.get(cmd_name)
+        if module is not None and cmd_name not in self.commands:
+            for command in importlib.import_module(f"retrieval.cli.{module}").COMMANDS:
+                self.add_command(command)
+        return self.commands.get(cmd_name)
 
     def invoke(self, ctx: click.Context):
         try:
@@ -64,25 +87,6 @@ def cli() -> None:
       clipfind search "a dog on a beach"     # text -> image
       clipfind search --image query.jpg      # image -> image
     """
-
-
-def _register() -> None:
-    from retrieval.cli import (
-        concept_cmds,
-        demo,
-        engine_cmds,
-        library_cmds,
-        models,
-        search_cmds,
-        tag_cmds,
-    )
-
-    for module in (demo, models, library_cmds, engine_cmds, search_cmds, tag_cmds, concept_cmds):
-        for command in module.COMMANDS:
-            cli.add_command(command)
-
-
-_register()
 
 
 def main() -> None:
