@@ -46,11 +46,11 @@ import sys, time, json
 t0 = time.perf_counter()
 import retrieval.cli  # what `clipfind` imports before running a command
 from retrieval.query.search import Query, Searcher
-from retrieval.store.library import Library
+from retrieval.store.fast_read import open_for_query  # as search_cmds._answer opens the library
 from retrieval.query.render import write_output
 t_imports = time.perf_counter()
 library_root, runtime, kind, value = sys.argv[1:5]
-library = Library.open(library_root, create=False)
+library = open_for_query(library_root)
 searcher = Searcher(library, runtime=runtime)
 notes = []
 encoder = searcher.runtimes.for_tower(kind, notes)
@@ -64,7 +64,7 @@ write_output(response, "table", sys.stdout.buffer)
 sys.stdout.flush()
 t_print = time.perf_counter()
 timings = response.timings
-heavy = [m for m in ("torch", "open_clip", "onnxruntime", "faiss") if m in sys.modules]
+heavy = [m for m in ("torch", "open_clip", "onnxruntime", "faiss", "sqlalchemy", "PIL") if m in sys.modules]
 print(json.dumps({"imports": t_imports - t0, "load": t_load - t_imports,
                   "encode": timings["encode"] / 1000, "faiss": (timings["faiss"] + timings["sync"]) / 1000,
                   "sql": timings["sql"] / 1000, "print": t_print - t_search,
