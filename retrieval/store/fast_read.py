@@ -52,6 +52,8 @@ class QueryLibrary:
     the full `Library`'s, opened by `open_full` on first use.
     """
 
+    dialect = "sqlite"  # what `integrity` and `reads` ask first: answered without the full library
+
     def __init__(self, root: Path, conn: sqlite3.Connection, record: dict, identity: str,
                  open_full: Callable[[], Library]) -> None:
         self.root = root
