@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-from collections import Counter
 from collections.abc import Iterator
 
 import click
@@ -27,19 +26,9 @@ from retrieval.cli.common import (
     warn,
 )
 from retrieval.cli.engine_cmds import engine_options, pop_engine_options, run_export
+from retrieval.cli.skips import by_kind, report_skipped, skipped_json
 from retrieval.errors import ClipfindError, VerifyError
 from retrieval.query.render import human_size, shown_path
-
-
-def _reason(path: str, message: str) -> str:
-    for prefix in (f"{path}: ", f"{os.path.basename(path)}: "):
-        if message.startswith(prefix):
-            return message[len(prefix):]
-    return message
-
-
-def _by_kind(skipped) -> str:
-    return ", ".join(f"{n} {kind}" for kind, n in Counter(s.kind for s in skipped).most_common())
 
 
 def _open(library_path: str | None, create: bool = False):
@@ -150,7 +139,7 @@ def index_command(paths, library_path, file_list, workers, threads, batch_size, 
     _report_index(result, as_json, verbose, quiet)
     if result.nothing_indexed:
         raise ClipfindError(f"nothing could be indexed: {len(result.skipped)} files skipped "
-                            f"({_by_kind(result.skipped)})")
+                            f"({by_kind(result.skipped)})")
 
 
 def _report_index(result, as_json: bool, verbose: bool, quiet: bool) -> None:
@@ -160,8 +149,7 @@ def _report_index(result, as_json: bool, verbose: bool, quiet: bool) -> None:
     if as_json:
         out = {"library": result.library, "run_id": result.run_id, "status": result.status,
                "dry_run": result.dry_run, **stats,
-               "skipped_files": [{"path": shown_path(s.path), "kind": s.kind, "message": shown_path(s.message)}
-                                 for s in result.skipped]}
+               "skipped_files": skipped_json(result.skipped)}
         if result.dry_run:
             out["changes"] = _dry_run_changes(plan)
         emit_json(out)
@@ -183,12 +171,7 @@ def _report_index(result, as_json: bool, verbose: bool, quiet: bool) -> None:
                    f"library {result.library}")
         if stats.get("encoded") and stats.get("precision"):
             click.echo(f"encoded with {run_mix(stats)}")
-    if result.skipped:
-        click.echo(f"skipped {len(result.skipped)} files: {_by_kind(result.skipped)}"
-                   + ("" if verbose else " (--verbose lists them)"), err=not verbose and quiet)
-        if verbose:
-            for s in result.skipped:
-                click.echo(f"  {s.kind:<11} {shown_path(s.path)}: {shown_path(_reason(s.path, s.message))}")
+    report_skipped(result.skipped, verbose, quiet)
     if not result.dry_run and c["scanned"] == 0 and not result.skipped:
         warn("no image files found there")
 

@@ -56,7 +56,8 @@ def library_status(library: Library) -> dict:
         for r in last:  # nobody holds the write lock: those runs were killed (kill -9, power cut)
             if r["status"] == "running":
                 r["status"], r["note"] = "interrupted", "its process is gone"
-    last_index = next((r for r in last if r["kind"] == "index"), None)
+    # an ingest adds images (from shards) as an index run does, with its own skips
+    last_index = next((r for r in last if r["kind"] in ("index", "ingest")), None)
     return {
         "library": str(root),
         "database": library.store.label,
