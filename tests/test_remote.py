@@ -95,6 +95,8 @@ def test_a_memory_url_prefix_indexes_like_its_folder(folder, local_vectors, tiny
     assert code == 0 and '"removed": 1' in out and '"duplicates": 1' in out, out
     got = by_name(lib, prefix)
     assert names[2] not in got and np.allclose(got[names[0]], local_vectors[names[1]], atol=1e-5)
+    checked = CliRunner().invoke(cli.cli, ["verify", "-L", str(lib)])  # URL rows are not "missing files"
+    assert checked.exit_code == 0 and "11 rows are URLs" in checked.output, checked.output
 
 
 def test_a_file_list_of_paths_and_urls(folder, local_vectors, tiny_model_dir, tmp_path):
