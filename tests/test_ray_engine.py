@@ -222,6 +222,7 @@ def test_urls_from_a_file_list_and_a_killed_encoder_actor(cluster, photos, local
     assert len(actors) == 1, cluster_processes()
     os.kill(next(iter(actors)), signal.SIGKILL)
     out, err = driver.communicate(timeout=600)
+    print(f"killed encoder actor: the driver exited {driver.returncode}")  # 0: Ray retried it (-s shows)
     if driver.returncode != 0:  # the other allowed outcome: one line, then a re-run finishes
         assert err.count("\n") == 1 and "Traceback" not in err, err
         rerun = CliRunner().invoke(cli.cli, args)
