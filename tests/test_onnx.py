@@ -93,6 +93,7 @@ def test_manifest_records_what_a_query_needs(tiny_encoder, tiny_export):
     manifest = read_manifest(tiny_export)
     assert manifest["fingerprint"] == tiny_encoder.fingerprint and manifest["embed_dim"] == tiny_encoder.embed_dim
     assert manifest["tokenizer"] == {"kind": "clip-bpe", "clean": "lower", "context_length": 16}
+    assert manifest["dynamic_length"] is True  # a causal CLIP text tower: queries cut their tokens
     assert manifest["preprocess"]["size"] == [32, 32] and manifest["preprocess_supported"]
     assert set(manifest["files"]) == {"text", "text_data", "image", "image_data", "vocab"}
     assert manifest["files"]["text_data"]["bytes"] > 10 * manifest["files"]["text"]["bytes"]  # weights outside
@@ -105,10 +106,10 @@ def test_interrupted_export_leaves_no_half_written_folder(tiny_encoder, tmp_path
 
     real = onnx_export.export_graph
 
-    def cut(module, example, path, name):
+    def cut(module, example, path, name, **kwargs):
         if name == "pixels":  # the text tower is written, then Ctrl-C
             raise KeyboardInterrupt
-        real(module, example, path, name)
+        real(module, example, path, name, **kwargs)
 
     monkeypatch.setattr(onnx_export, "export_graph", cut)
     with pytest.raises(KeyboardInterrupt):
@@ -231,7 +232,7 @@ def test_vit_b_32_export_agrees_with_torch(tmp_path):
     from retrieval.model.encoder import Encoder
 
     encoder = Encoder(ModelSpec(model="ViT-B-32", random_weights=True), device="cpu", precision="fp32")
-    export_towers(encoder, tmp_path / "fp32", "fp32")
+    assert export_towers(encoder, tmp_path / "fp32", "fp32")["dynamic_length"] is True
     figures = agreement(encoder, OnnxEncoder(tmp_path / "fp32", threads=None), TEXTS[:16], pictures(64, 16))
     assert figures["text_cos"] >= 0.999 and figures["image_cos"] >= 0.999, figures
 

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from retrieval.model.onnx_export import TOWER_FILES, read_manifest
+from retrieval.model.onnx_text import trim
 from retrieval.model.preprocess import PreprocessConfig, preprocess_batch
 from retrieval.model.tokenizer import VOCAB_FILE, BpeTokenizer
 
@@ -60,6 +61,9 @@ class OnnxEncoder:
         self.image_size = self.preprocess_cfg.size[0]
         tokenizer = manifest.get("tokenizer") or {}
         self.context_length = int(tokenizer.get("context_length", 77))
+        # Without the flag (format 2 exports, or a tower that is not causal) the text tower
+        # takes the full context only.
+        self.dynamic_length = bool(manifest.get("dynamic_length"))
         self._tokenizer: BpeTokenizer | None = None
         self._sessions: dict[str, object] = {}
         self._lock = threading.Lock()
@@ -133,8 +137,13 @@ class OnnxEncoder:
     def token_count(self, text: str) -> int:
         return self.tokenizer.token_count(text)
 
+    def text_batch(self, texts: Sequence[str]) -> np.ndarray:
+        """Tokens for the text tower: cut to the longest text when the export takes any length."""
+        tokens = self.tokenize(texts)
+        return trim(tokens, self.tokenizer.eot) if self.dynamic_length else tokens
+
     def encode_texts(self, texts: Sequence[str], batch_size: int = 256) -> np.ndarray:
-        out = [normalise(self._run("text", "tokens", self.tokenize(texts[i:i + batch_size])))
+        out = [normalise(self._run("text", "tokens", self.text_batch(texts[i:i + batch_size])))
                for i in range(0, len(texts), batch_size)]
         return np.concatenate(out) if out else np.zeros((0, self.embed_dim), np.float32)
 
