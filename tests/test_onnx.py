@@ -76,6 +76,17 @@ def test_onnx_agrees_with_torch_fp32(tiny_encoder, tiny_export):
     assert figures["overlap"] >= 0.95, figures
 
 
+def test_one_shot_sessions_load_unoptimised_and_agree(tiny_export):
+    """A fresh `clipfind search` skips the graph optimisations (they cost more than they save
+    on one run): same vectors, up to float error."""
+    texts, images = TEXTS[:12], pictures(32, 8)
+    warm, once = OnnxEncoder(tiny_export), OnnxEncoder(tiny_export, one_shot=True)
+    assert once.session("text").get_session_options().graph_optimization_level.name == "ORT_DISABLE_ALL"
+    assert warm.session("text").get_session_options().graph_optimization_level.name == "ORT_ENABLE_ALL"
+    assert np.abs(warm.encode_texts(texts) - once.encode_texts(texts)).max() < 1e-5
+    assert np.abs(warm.encode_images(images) - once.encode_images(images)).max() < 1e-5
+
+
 def test_int8_image_tower_agrees_and_is_smaller(tiny_encoder, tiny_export, tmp_path):
     manifest = export_towers(tiny_encoder, tmp_path / "int8", "int8")
     assert set(manifest["files"]) == {"image"}

@@ -128,7 +128,8 @@ def _answer(kind: str, subject, k: int, filters: Filters, library_path, use_serv
     from retrieval.store.library import Library
 
     with Library.open(root, model=spec, create=False) as library:
-        searcher = Searcher(library, spec, device, precision, runtime=runtime)
+        searcher = Searcher(library, spec, device, precision, runtime=runtime,
+                            onnx_threads=config.query_threads(), one_shot=True)
         return getattr(searcher, kind)(subject, k, filters)
 
 

@@ -42,11 +42,16 @@ class OnnxEncoder:
     """The query side of `Encoder` (encode_texts, encode_images, token_count) on ONNX Runtime.
 
     `low_memory` (queries) keeps the memory-mapped weights shared with the page cache;
-    indexing passes False so that ONNX Runtime may pre-pack them for speed."""
+    indexing passes False so that ONNX Runtime may pre-pack them for speed. `one_shot`
+    (a process that answers one query and exits) skips the graph optimisations too:
+    measured on ViT-B-32 (bench/onnx_session.py, CPU seconds of load + first encode, 1
+    thread), they cost more to apply than they save on one run: text 0.35 -> 0.29 s,
+    image 0.75 -> 0.46 s."""
 
     runtime = "onnx"
 
-    def __init__(self, folder: str | Path, threads: int | None = 1, low_memory: bool = True) -> None:
+    def __init__(self, folder: str | Path, threads: int | None = 1, low_memory: bool = True,
+                 one_shot: bool = False) -> None:
         self.folder = Path(folder)
         manifest = read_manifest(self.folder)
         if manifest is None:
@@ -57,6 +62,7 @@ class OnnxEncoder:
         self.embed_dim = int(manifest["embed_dim"])
         self.threads = threads
         self.low_memory = low_memory
+        self.one_shot = one_shot
         self.preprocess_cfg = PreprocessConfig.from_dict(manifest["preprocess"])
         self.image_size = self.preprocess_cfg.size[0]
         tokenizer = manifest.get("tokenizer") or {}
@@ -99,6 +105,8 @@ class OnnxEncoder:
             options.intra_op_num_threads = self.threads
             options.inter_op_num_threads = 1
         options.log_severity_level = 3  # errors only: its warnings are about graph rewrites
+        if self.one_shot:
+            options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
         if self.low_memory:
             # A query encodes a few texts or one image. Weight pre-packing would copy the
             # memory-mapped weights, and the memory pattern pre-plans one block for every
