@@ -228,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work", type=Path, default=DEFAULT_WORK)
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--quick", action="store_true", help="1k vectors only, 2 processes per cell")
-    parser.add_argument("--paths", default="torch,onnx", help="runtimes of the direct rows (torch, onnx)")
+    parser.add_argument("--paths", default="torch,onnx", help="runtimes of the direct rows (torch, onnx; empty: none)")
     parser.add_argument("--threads", default="auto",
                         help="ONNX Runtime threads of the onnx rows, e.g. 1,2 (auto: what clipfind search uses)")
     args = parser.parse_args(argv)
@@ -245,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
         for n in [int(s) for s in args.sizes.split(",")]:
             library = build(args.work, n, spec)
             for kind in ("text", "image"):
-                for path in args.paths.split(","):
+                for path in [p for p in args.paths.split(",") if p]:
                     for threads in args.threads.split(",") if path == "onnx" else ["-"]:
                         values = [unique_text(i) for i in range(args.repeats)] if kind == "text" else \
                             images[(path == "onnx") * args.repeats:][:args.repeats]  # files no library holds

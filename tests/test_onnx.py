@@ -183,6 +183,33 @@ def test_image_query_loads_only_the_image_tower(library, tmp_path):
     assert np.allclose(onnx["scores"], torch["scores"], atol=1e-4)
 
 
+def test_a_large_query_photo_is_decoded_as_the_indexer_decodes_it(library, tiny_model_dir, tmp_path):
+    """JPEG draft mode, as indexing uses: the query vector of a file equals the vector indexing
+    that file stores (and a full decode, as before, would not)."""
+    from retrieval.media.images import open_image
+    from retrieval.query.search import Searcher
+    from retrieval.query.textcache import TextCache
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    from PIL import Image
+
+    drawn = np.asarray(synthetic.draw("green triangle", 640, random.Random(3)), dtype=np.float32)
+    grain = np.random.default_rng(3).normal(0, 40, drawn.shape)  # fine detail: decodes differ
+    Image.fromarray(np.clip(drawn + grain, 0, 255).astype(np.uint8)).save(photos / "big.jpg", quality=90)
+    with Library.open(tmp_path / "other") as other:
+        other.index(photos, ModelSpec(model_dir=str(tiny_model_dir)), workers=0)
+        stored, stored_id = Searcher(other, cache=TextCache(None)).image_vector(str(photos / "big.jpg"), [])
+    assert stored_id is not None  # the row's own vector, as indexing made it
+    with Library.open(library / "lib", create=False) as lib:
+        searcher = Searcher(lib, runtime="onnx", cache=TextCache(None))
+        query, own_id = searcher.image_vector(str(photos / "big.jpg"), [])
+        full = searcher.runtimes.onnx_encoder.encode_images([open_image(photos / "big.jpg")])[0]
+    assert own_id is None and searcher.runtimes.used == {"onnx"}
+    assert float(query @ stored) >= 0.99999, float(query @ stored)
+    assert float(full @ stored) < 0.9999, float(full @ stored)  # the test tells the two decodes apart
+
+
 @pytest.mark.parametrize("damage", ["truncate", "stale", "remove"])
 def test_damaged_export_is_rebuilt_with_a_notice(library, damage):
     with Library.open(library / "lib", create=False) as lib:
