@@ -91,6 +91,9 @@ def is_postgres(engine_or_conn: Engine | Connection) -> bool:
 
 
 # -- errors -------------------------------------------------------------------------------
+PRIVILEGES_HINT = ("the role lacks a privilege on the library: reading needs SELECT on its tables; "
+                   "writing commands also need INSERT, UPDATE and DELETE on them and USAGE on their "
+                   "sequences; making a library needs CREATE on the schema")
 _CONNECT_HINTS = (
     ("password authentication failed", "wrong user or password"),
     ("no password supplied", "a password is needed (in the URL, $PGPASSWORD or ~/.pgpass)"),
@@ -123,19 +126,23 @@ def error_for(exc: BaseException, where: str = "the library database") -> Librar
     if sqlstate == "25006":  # read_only_sql_transaction
         return LibraryError("the library database is read-only for this user: writing commands need a "
                             "role that may write it")
-    if sqlstate.startswith("42501"):  # insufficient_privilege
-        return LibraryError(f"the database refused: {_server_words(message)}")
+    if sqlstate == "42501":  # insufficient_privilege
+        return LibraryError(f"the database refused: {_server_words(message, orig)} ({PRIVILEGES_HINT})")
     if sqlstate in ("53100", "53200"):  # disk full, out of memory
-        return LibraryError(f"the database server cannot write ({_server_words(message)}); nothing "
+        return LibraryError(f"the database server cannot write ({_server_words(message, orig)}); nothing "
                             "committed is lost, run the command again when it has room")
     if sqlstate.startswith("57P"):  # admin shutdown, crash shutdown, cannot connect now
-        return LibraryError(f"the database server went away: {_server_words(message)}; run the "
+        return LibraryError(f"the database server went away: {_server_words(message, orig)}; run the "
                             "command again (nothing committed is lost)")
     return None
 
 
-def _server_words(message: str) -> str:
-    """libpq's 'connection to server at "h", port p failed: FATAL:  reason' -> 'reason'."""
+def _server_words(message: str, orig: BaseException | None = None) -> str:
+    """libpq's 'connection to server at "h", port p failed: FATAL:  reason' -> 'reason'; a server
+    error's primary message alone (not the 'LINE 2: CREATE TABLE ...' that follows it)."""
+    primary = getattr(getattr(orig, "diag", None), "message_primary", None)
+    if primary:
+        return " ".join(primary.split()).rstrip(".")[:300]
     tail = message.rsplit("failed:", 1)[-1]
     for prefix in ("FATAL:", "ERROR:"):
         tail = tail.split(prefix, 1)[-1]
