@@ -49,9 +49,11 @@ from retrieval.query.search import Query, Searcher
 from retrieval.store.fast_read import open_for_query  # as search_cmds._answer opens the library
 from retrieval.query.render import write_output
 t_imports = time.perf_counter()
-library_root, runtime, kind, value = sys.argv[1:5]
+library_root, runtime, kind, value, threads = sys.argv[1:6]
 library = open_for_query(library_root)
-searcher = Searcher(library, runtime=runtime)
+from retrieval import config
+searcher = Searcher(library, runtime=runtime, one_shot=True,  # as `clipfind search --no-server` makes it
+                    onnx_threads=int(threads) if threads != "auto" else config.query_threads())
 notes = []
 encoder = searcher.runtimes.for_tower(kind, notes)
 if getattr(encoder, "runtime", "torch") == "onnx":
@@ -145,10 +147,11 @@ def unique_text(i: int) -> str:
     return f"a photo of a {rng.choice(words)} {rng.choice(things)} no. {i} {rng.randrange(10**9)}"
 
 
-def direct_runs(library: Path, runtime: str, kind: str, values: list[str]) -> dict:
+def direct_runs(library: Path, runtime: str, kind: str, values: list[str], threads: str = "auto") -> dict:
     samples = []
     for value in values:
-        wall, rss, _, err = spawn_measured([sys.executable, "-c", DRIVER, str(library), runtime, kind, value])
+        wall, rss, _, err = spawn_measured([sys.executable, "-c", DRIVER, str(library), runtime, kind, value,
+                                            threads])
         phases = json.loads([ln for ln in err.splitlines() if ln.startswith("{")][-1])
         samples.append({**phases, "wall": wall, "rss_mb": rss / 2**20})
     return summarise(samples)
@@ -193,17 +196,18 @@ def print_report(report: dict) -> None:
     print(f"# cold_query: {report['model']}; {report['cores']} cores, load average "
           f"{report['load_before']:.2f} at start, {report['load_after']:.2f} at end; medians of "
           f"{report['repeats']} fresh processes; seconds; vectors are synthetic")
-    header = f"{'vectors':>8} {'query':<6} {'path':<7} {'wall':>6} " + " ".join(f"{p:>10}" for p in PHASES) \
-        + f" {'peak RSS MB':>11}  runtime"
+    header = f"{'vectors':>8} {'query':<6} {'path':<7} {'threads':>7} {'wall':>6} " \
+        + " ".join(f"{p:>10}" for p in PHASES) + f" {'peak RSS MB':>11}  runtime"
     print(header)
     for row in report["rows"]:
         phases = " ".join(f"{row[p]:10.3f}" if p in row else f"{'-':>10}" for p in PHASES)
-        print(f"{row['vectors']:>8} {row['kind']:<6} {row['path']:<7} {row['wall']:6.2f} {phases} "
+        print(f"{row['vectors']:>8} {row['kind']:<6} {row['path']:<7} {row.get('threads', '-'):>7} "
+              f"{row['wall']:6.2f} {phases} "
               f"{row['rss_mb']:11.0f}  {','.join(row.get('used', [])) or '-'}")
     print("# targets (2 idle cores): onnx text <= 0.4 s at 1k and <= 0.6 s at 100k vectors, image <= 0.6 s, "
           "server <= 0.25 s; text peak RSS <= 300 MB")
     print("# ratios (torch / onnx, same run):")
-    by = {(r["vectors"], r["kind"], r["path"]): r for r in report["rows"]}
+    by = {(r["vectors"], r["kind"], r["path"]): r for r in report["rows"] if r.get("threads") in (None, "auto")}
     for (n, kind, path), row in by.items():
         if path == "onnx" and (n, kind, "torch") in by:
             torch_row = by[(n, kind, "torch")]
@@ -224,6 +228,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work", type=Path, default=DEFAULT_WORK)
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--quick", action="store_true", help="1k vectors only, 2 processes per cell")
+    parser.add_argument("--paths", default="torch,onnx", help="runtimes of the direct rows (torch, onnx; empty: none)")
+    parser.add_argument("--threads", default="auto",
+                        help="ONNX Runtime threads of the onnx rows, e.g. 1,2 (auto: what clipfind search uses)")
     args = parser.parse_args(argv)
     if args.quick:
         args.sizes, args.repeats = "1000", min(args.repeats, 2)
@@ -238,11 +245,13 @@ def main(argv: list[str] | None = None) -> int:
         for n in [int(s) for s in args.sizes.split(",")]:
             library = build(args.work, n, spec)
             for kind in ("text", "image"):
-                for path in ("torch", "onnx"):
-                    values = [unique_text(i) for i in range(args.repeats)] if kind == "text" else \
-                        images[(path == "onnx") * args.repeats:][:args.repeats]
-                    row = direct_runs(library, path, kind, values)
-                    report["rows"].append({"vectors": n, "kind": kind, "path": path, **row})
+                for path in [p for p in args.paths.split(",") if p]:
+                    for threads in args.threads.split(",") if path == "onnx" else ["-"]:
+                        values = [unique_text(i) for i in range(args.repeats)] if kind == "text" else \
+                            images[(path == "onnx") * args.repeats:][:args.repeats]  # files no library holds
+                        row = direct_runs(library, path, kind, values, threads)
+                        report["rows"].append({"vectors": n, "kind": kind, "path": path, **row,
+                                               **({"threads": threads} if path == "onnx" else {})})
             if not args.no_server:
                 row = server_runs(library, [unique_text(100 + i) for i in range(args.repeats)])
                 report["rows"].append({"vectors": n, "kind": "text", "path": "server", **row})

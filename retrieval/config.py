@@ -103,6 +103,46 @@ def encoder_threads() -> int:
     return max(1, min(cores, round(cores - busy)))
 
 
+QUERY_THREADS_CAP = 4  # one query's ops are small: past a few threads, hand-offs cost more than they save
+
+
+def running_elsewhere(samples: int = 3) -> int:
+    """Threads other than the caller running or waiting for a core right now (`procs_running`
+    of /proc/stat, the fewest of a few reads 1 ms apart), 0 where the kernel does not say.
+
+    Unlike the load average this is not a minute old: a machine that was busy a minute ago
+    but is idle now reads 0."""
+    import time
+
+    seen = []
+    for i in range(samples):
+        try:
+            with open("/proc/stat", "rb") as fh:
+                line = next((ln for ln in fh if ln.startswith(b"procs_running ")), None)
+        except OSError:
+            return 0
+        if line is None:
+            return 0
+        seen.append(int(line.split()[1]) - 1)  # the caller is running: it counts itself
+        if i + 1 < samples:
+            time.sleep(0.001)
+    return max(0, min(seen))
+
+
+def query_threads() -> int:
+    """ONNX Runtime threads for a one-shot query (`clipfind search` in a fresh process).
+
+    The cores nobody else is running on right now, at least one and at most
+    QUERY_THREADS_CAP. A fresh process answers one query and exits, so it cannot time
+    settings first. Why not every core always: a thread sharing its core with a busy process
+    stalls the others at each barrier; measured on 2 cores at load average 8-10, a text
+    query's encode took 0.58 s on one thread and 1.13 s on two (bench/onnx_session.py).
+    ONNX Runtime's thread pool does not fight FAISS's OpenMP threads (one for a single
+    query vector, `query.search`).
+    """
+    return max(1, min(usable_cores() - running_elsewhere(), QUERY_THREADS_CAP))
+
+
 def decode_workers() -> int:
     """Decode workers: one per core beyond the first, at least one, at most eight.
 

@@ -60,6 +60,27 @@ def test_table_is_the_default(setup):
     assert found.count("red circle") >= 5
 
 
+def test_a_fresh_query_gives_its_onnx_session_the_free_cores(setup, monkeypatch):
+    from retrieval import config
+    from retrieval.model import onnx_session
+
+    opened = []
+
+    class Recorded(onnx_session.OnnxEncoder):
+        def __init__(self, *args, **kwargs) -> None:
+            super().__init__(*args, **kwargs)
+            opened.append(self)
+
+    monkeypatch.setattr(onnx_session, "OnnxEncoder", Recorded)
+    monkeypatch.setattr(config, "query_threads", lambda: 2)  # as on an idle 2-core machine
+    result = clipfind("search", "a striped green thing", "-L", setup["lib"], "--no-server")
+    assert result.exit_code == 0, result.output
+    assert [e.loaded_towers for e in opened] == [["text"]]
+    options = opened[0].session("text").get_session_options()
+    assert options.intra_op_num_threads == 2
+    assert options.graph_optimization_level.name == "ORT_DISABLE_ALL"  # one query: load fast
+
+
 def test_json_paths_and_nul_outputs_agree(setup):
     lib = setup["lib"]
     as_json = json_results(clipfind("search", "green square", "-L", lib, "--json", "-k", "7", "--no-server"))

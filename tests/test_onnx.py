@@ -76,6 +76,17 @@ def test_onnx_agrees_with_torch_fp32(tiny_encoder, tiny_export):
     assert figures["overlap"] >= 0.95, figures
 
 
+def test_one_shot_sessions_load_unoptimised_and_agree(tiny_export):
+    """A fresh `clipfind search` skips the graph optimisations (they cost more than they save
+    on one run): same vectors, up to float error."""
+    texts, images = TEXTS[:12], pictures(32, 8)
+    warm, once = OnnxEncoder(tiny_export), OnnxEncoder(tiny_export, one_shot=True)
+    assert once.session("text").get_session_options().graph_optimization_level.name == "ORT_DISABLE_ALL"
+    assert warm.session("text").get_session_options().graph_optimization_level.name == "ORT_ENABLE_ALL"
+    assert np.abs(warm.encode_texts(texts) - once.encode_texts(texts)).max() < 1e-5
+    assert np.abs(warm.encode_images(images) - once.encode_images(images)).max() < 1e-5
+
+
 def test_int8_image_tower_agrees_and_is_smaller(tiny_encoder, tiny_export, tmp_path):
     manifest = export_towers(tiny_encoder, tmp_path / "int8", "int8")
     assert set(manifest["files"]) == {"image"}
@@ -93,6 +104,7 @@ def test_manifest_records_what_a_query_needs(tiny_encoder, tiny_export):
     manifest = read_manifest(tiny_export)
     assert manifest["fingerprint"] == tiny_encoder.fingerprint and manifest["embed_dim"] == tiny_encoder.embed_dim
     assert manifest["tokenizer"] == {"kind": "clip-bpe", "clean": "lower", "context_length": 16}
+    assert manifest["dynamic_length"] is True  # a causal CLIP text tower: queries cut their tokens
     assert manifest["preprocess"]["size"] == [32, 32] and manifest["preprocess_supported"]
     assert set(manifest["files"]) == {"text", "text_data", "image", "image_data", "vocab"}
     assert manifest["files"]["text_data"]["bytes"] > 10 * manifest["files"]["text"]["bytes"]  # weights outside
@@ -105,10 +117,10 @@ def test_interrupted_export_leaves_no_half_written_folder(tiny_encoder, tmp_path
 
     real = onnx_export.export_graph
 
-    def cut(module, example, path, name):
+    def cut(module, example, path, name, **kwargs):
         if name == "pixels":  # the text tower is written, then Ctrl-C
             raise KeyboardInterrupt
-        real(module, example, path, name)
+        real(module, example, path, name, **kwargs)
 
     monkeypatch.setattr(onnx_export, "export_graph", cut)
     with pytest.raises(KeyboardInterrupt):
@@ -171,6 +183,33 @@ def test_image_query_loads_only_the_image_tower(library, tmp_path):
     assert np.allclose(onnx["scores"], torch["scores"], atol=1e-4)
 
 
+def test_a_large_query_photo_is_decoded_as_the_indexer_decodes_it(library, tiny_model_dir, tmp_path):
+    """JPEG draft mode, as indexing uses: the query vector of a file equals the vector indexing
+    that file stores (and a full decode, as before, would not)."""
+    from retrieval.media.images import open_image
+    from retrieval.query.search import Searcher
+    from retrieval.query.textcache import TextCache
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    from PIL import Image
+
+    drawn = np.asarray(synthetic.draw("green triangle", 640, random.Random(3)), dtype=np.float32)
+    grain = np.random.default_rng(3).normal(0, 40, drawn.shape)  # fine detail: decodes differ
+    Image.fromarray(np.clip(drawn + grain, 0, 255).astype(np.uint8)).save(photos / "big.jpg", quality=90)
+    with Library.open(tmp_path / "other") as other:
+        other.index(photos, ModelSpec(model_dir=str(tiny_model_dir)), workers=0)
+        stored, stored_id = Searcher(other, cache=TextCache(None)).image_vector(str(photos / "big.jpg"), [])
+    assert stored_id is not None  # the row's own vector, as indexing made it
+    with Library.open(library / "lib", create=False) as lib:
+        searcher = Searcher(lib, runtime="onnx", cache=TextCache(None))
+        query, own_id = searcher.image_vector(str(photos / "big.jpg"), [])
+        full = searcher.runtimes.onnx_encoder.encode_images([open_image(photos / "big.jpg")])[0]
+    assert own_id is None and searcher.runtimes.used == {"onnx"}
+    assert float(query @ stored) >= 0.99999, float(query @ stored)
+    assert float(full @ stored) < 0.9999, float(full @ stored)  # the test tells the two decodes apart
+
+
 @pytest.mark.parametrize("damage", ["truncate", "stale", "remove"])
 def test_damaged_export_is_rebuilt_with_a_notice(library, damage):
     with Library.open(library / "lib", create=False) as lib:
@@ -231,7 +270,7 @@ def test_vit_b_32_export_agrees_with_torch(tmp_path):
     from retrieval.model.encoder import Encoder
 
     encoder = Encoder(ModelSpec(model="ViT-B-32", random_weights=True), device="cpu", precision="fp32")
-    export_towers(encoder, tmp_path / "fp32", "fp32")
+    assert export_towers(encoder, tmp_path / "fp32", "fp32")["dynamic_length"] is True
     figures = agreement(encoder, OnnxEncoder(tmp_path / "fp32", threads=None), TEXTS[:16], pictures(64, 16))
     assert figures["text_cos"] >= 0.999 and figures["image_cos"] >= 0.999, figures
 

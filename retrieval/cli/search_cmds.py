@@ -128,7 +128,8 @@ def _answer(kind: str, subject, k: int, filters: Filters, library_path, use_serv
     from retrieval.store.fast_read import open_for_query  # SQLite: stdlib sqlite3, no SQLAlchemy
 
     with open_for_query(root, model=spec) as library:
-        searcher = Searcher(library, spec, device, precision, runtime=runtime)
+        searcher = Searcher(library, spec, device, precision, runtime=runtime,
+                            onnx_threads=config.query_threads(), one_shot=True)
         return getattr(searcher, kind)(subject, k, filters)
 
 

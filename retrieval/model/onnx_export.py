@@ -40,7 +40,7 @@ from typing import Any
 from retrieval.model.preprocess import PreprocessConfig
 from retrieval.model.tokenizer import VOCAB_FILE, load_tables, packaged_vocab
 
-EXPORT_VERSION = 2  # bumped when the graphs or the manifest change: older exports are rebuilt
+EXPORT_VERSION = 3  # bumped when the graphs or the manifest change: older exports are rebuilt
 OPSET = 17
 MANIFEST = "manifest.json"
 TOWER_FILES = {"text": "text.onnx", "image": "image.onnx"}
@@ -102,8 +102,9 @@ def _towers(model):
     return TextTower().eval(), ImageTower().eval()
 
 
-def export_graph(module, example, path: Path, input_name: str) -> None:
-    """Trace one tower into `path` with a dynamic batch dimension (input `input_name`, output `features`)."""
+def export_graph(module, example, path: Path, input_name: str, dynamic_length: bool = False) -> None:
+    """Trace one tower into `path` with a dynamic batch dimension (input `input_name`, output
+    `features`), and a dynamic second dimension too with `dynamic_length` (a text tower's tokens)."""
     import torch
 
     # nn.MultiheadAttention's fused fast path (taken under no_grad) has no ONNX form: trace the
@@ -115,7 +116,8 @@ def export_graph(module, example, path: Path, input_name: str) -> None:
             warnings.simplefilter("ignore")  # the legacy exporter's deprecation and tracer notices
             torch.onnx.export(module, (example,), str(path), input_names=[input_name],
                               output_names=["features"], opset_version=OPSET, dynamo=False,
-                              dynamic_axes={input_name: {0: "batch"}, "features": {0: "batch"}})
+                              dynamic_axes={input_name: {0: "batch", **({1: "length"} if dynamic_length else {})},
+                                            "features": {0: "batch"}})
     finally:
         torch.backends.mha.set_fastpath_enabled(fastpath)
 
@@ -145,6 +147,49 @@ def externalise(path: Path, alignment: int = 1 << 16) -> str:
             tensor.data_location = onnx.TensorProto.EXTERNAL
     onnx.save(model, str(path))
     return data_name
+
+
+# Texts the variable-length export is checked on: lengths from 2 tokens to the full context.
+CHECK_TEXTS = ("", "a", "a photo of a dog.", "RED!!", "🐶 on a beach at night, très jolie",
+               "a photo of a 12345 striped & spotted cat_dog", "a very long query " * 20)
+
+
+def export_text(encoder: Any, model, fixed_tower, path: Path) -> bool:
+    """Export the text tower to `path`: with a dynamic token length when the tower allows it and
+    the exported graph, run on each text's own length, agrees with torch on the full context.
+    Returns whether it did (else the graph is the fixed-length one, as before)."""
+    import torch
+
+    from retrieval.model.onnx_text import AGREEMENT_TOLERANCE, variable_length_tower
+
+    tokens = encoder.tokenize(list(CHECK_TEXTS)).cpu()
+    tower = variable_length_tower(model)
+    if tower is not None:
+        end_token = int(tokens[0].max())  # "" is [start, end]: the end token is the row's largest id
+        example = tokens[:2, :max(2, int((tokens[:2] == end_token).int().argmax(dim=1).max()) + 1)]
+        export_graph(tower, example, path, "tokens", dynamic_length=True)
+        with torch.no_grad():
+            reference = model.encode_text(tokens).float().numpy()
+        error = _onnx_length_error(path, reference, tokens.numpy(), end_token)
+        if error is not None and error <= AGREEMENT_TOLERANCE:
+            return True
+        logging.getLogger(__name__).info("variable-length text export disagrees (%s); exporting "
+                                         "the fixed-length one", error)
+    export_graph(fixed_tower, tokens[:2], path, "tokens")
+    return False
+
+
+def _onnx_length_error(path: Path, reference, tokens, end_token: int) -> float | None:
+    """`length_error` of the graph at `path` on ONNX Runtime (None if it cannot run it)."""
+    from retrieval.model.onnx_text import length_error
+
+    try:
+        import onnxruntime as ort
+
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        return length_error(reference, lambda t: session.run(None, {"tokens": t})[0], tokens, end_token)
+    except Exception:  # noqa: BLE001 - no onnxruntime, or it rejects the graph: not dynamic then
+        return None
 
 
 def _quantize(source: Path, target: Path) -> None:
@@ -189,9 +234,9 @@ def export_towers(encoder: Any, dest: str | os.PathLike, precision: str = "fp32"
         model = encoder.model if encoder.device.type == "cpu" else copy.deepcopy(encoder.model).float().cpu()
         text_tower, image_tower = _towers(model)
         files: dict[str, str] = {}
+        dynamic_length = False
         if precision == "fp32" and tokenizer is not None:
-            tokens = encoder.tokenize(["a photo of a dog.", "a"]).cpu()
-            export_graph(text_tower, tokens, tmp / TOWER_FILES["text"], "tokens")
+            dynamic_length = export_text(encoder, model, text_tower, tmp / TOWER_FILES["text"])
             shutil.copyfile(packaged_vocab(), tmp / VOCAB_FILE)
             load_tables(tmp / VOCAB_FILE)  # the tokenizer's tables, cached now, not by the first query
             files.update(text=TOWER_FILES["text"], text_data=externalise(tmp / TOWER_FILES["text"]),
@@ -208,6 +253,7 @@ def export_towers(encoder: Any, dest: str | os.PathLike, precision: str = "fp32"
         manifest = {
             "version": EXPORT_VERSION, "fingerprint": encoder.fingerprint, "precision": precision,
             "embed_dim": encoder.embed_dim, "opset": OPSET, "tokenizer": tokenizer,
+            "dynamic_length": dynamic_length,
             "quantisation": QUANTISATION if precision == "int8" else None,
             "preprocess": pre.to_dict(), "preprocess_supported": pre.supported,
             "files": {role: {"name": name, "bytes": (tmp / name).stat().st_size,

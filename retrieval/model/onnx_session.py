@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from retrieval.model.onnx_export import TOWER_FILES, read_manifest
+from retrieval.model.onnx_text import trim
 from retrieval.model.preprocess import PreprocessConfig, preprocess_batch
 from retrieval.model.tokenizer import VOCAB_FILE, BpeTokenizer
 
@@ -41,11 +42,16 @@ class OnnxEncoder:
     """The query side of `Encoder` (encode_texts, encode_images, token_count) on ONNX Runtime.
 
     `low_memory` (queries) keeps the memory-mapped weights shared with the page cache;
-    indexing passes False so that ONNX Runtime may pre-pack them for speed."""
+    indexing passes False so that ONNX Runtime may pre-pack them for speed. `one_shot`
+    (a process that answers one query and exits) skips the graph optimisations too:
+    measured on ViT-B-32 (bench/onnx_session.py, CPU seconds of load + first encode, 1
+    thread), they cost more to apply than they save on one run: text 0.35 -> 0.29 s,
+    image 0.75 -> 0.46 s."""
 
     runtime = "onnx"
 
-    def __init__(self, folder: str | Path, threads: int | None = 1, low_memory: bool = True) -> None:
+    def __init__(self, folder: str | Path, threads: int | None = 1, low_memory: bool = True,
+                 one_shot: bool = False) -> None:
         self.folder = Path(folder)
         manifest = read_manifest(self.folder)
         if manifest is None:
@@ -56,10 +62,14 @@ class OnnxEncoder:
         self.embed_dim = int(manifest["embed_dim"])
         self.threads = threads
         self.low_memory = low_memory
+        self.one_shot = one_shot
         self.preprocess_cfg = PreprocessConfig.from_dict(manifest["preprocess"])
         self.image_size = self.preprocess_cfg.size[0]
         tokenizer = manifest.get("tokenizer") or {}
         self.context_length = int(tokenizer.get("context_length", 77))
+        # Without the flag (format 2 exports, or a tower that is not causal) the text tower
+        # takes the full context only.
+        self.dynamic_length = bool(manifest.get("dynamic_length"))
         self._tokenizer: BpeTokenizer | None = None
         self._sessions: dict[str, object] = {}
         self._lock = threading.Lock()
@@ -95,6 +105,8 @@ class OnnxEncoder:
             options.intra_op_num_threads = self.threads
             options.inter_op_num_threads = 1
         options.log_severity_level = 3  # errors only: its warnings are about graph rewrites
+        if self.one_shot:
+            options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
         if self.low_memory:
             # A query encodes a few texts or one image. Weight pre-packing would copy the
             # memory-mapped weights, and the memory pattern pre-plans one block for every
@@ -133,8 +145,13 @@ class OnnxEncoder:
     def token_count(self, text: str) -> int:
         return self.tokenizer.token_count(text)
 
+    def text_batch(self, texts: Sequence[str]) -> np.ndarray:
+        """Tokens for the text tower: cut to the longest text when the export takes any length."""
+        tokens = self.tokenize(texts)
+        return trim(tokens, self.tokenizer.eot) if self.dynamic_length else tokens
+
     def encode_texts(self, texts: Sequence[str], batch_size: int = 256) -> np.ndarray:
-        out = [normalise(self._run("text", "tokens", self.tokenize(texts[i:i + batch_size])))
+        out = [normalise(self._run("text", "tokens", self.text_batch(texts[i:i + batch_size])))
                for i in range(0, len(texts), batch_size)]
         return np.concatenate(out) if out else np.zeros((0, self.embed_dim), np.float32)
 

@@ -22,13 +22,19 @@ class QueryRuntimes:
     """Hands out the encoder for a query's text or image terms, and falls back when ONNX fails."""
 
     def __init__(self, library, runtime: str = "auto", device: str = "auto", threads: int | None = 1,
-                 torch_encoder: Callable[[], Any] | None = None) -> None:
+                 torch_encoder: Callable[[], Any] | None = None, onnx_threads: int | None = None,
+                 one_shot: bool = False) -> None:
+        """`threads` for torch (None: torch's own setting); `onnx_threads` for ONNX Runtime
+        sessions, `threads` unless given; `one_shot`: this process answers one query and
+        exits (`clipfind search`), so its sessions load fast rather than run fast."""
         if runtime not in RUNTIMES:
             raise InputError(f"unknown runtime {runtime!r}; choose one of {', '.join(RUNTIMES)}")
         self.library = library
         self.runtime = runtime
         self.device = device
         self.threads = threads
+        self.onnx_threads = threads if onnx_threads is None else onnx_threads
+        self.one_shot = one_shot
         self.torch_encoder = torch_encoder or (lambda: library.encoder(device=device))
         self._onnx = None
         self._onnx_failed: str | None = None
@@ -51,7 +57,8 @@ class QueryRuntimes:
             from retrieval.store.onnx_exports import ExportError, open_export
 
             try:
-                self._onnx = open_export(self.library, threads=self.threads, notice=warnings.append)
+                self._onnx = open_export(self.library, threads=self.onnx_threads, notice=warnings.append)
+                self._onnx.one_shot = self.one_shot  # sessions open on first use: it applies to all
             except (ExportError, OnnxUnavailable) as exc:
                 self._give_up_onnx(str(exc), warnings)
                 return None

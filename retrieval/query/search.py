@@ -79,7 +79,10 @@ class Searcher:
 
     def __init__(self, library: Library | QueryLibrary, spec=None, device: str = "auto", precision: str = "auto",
                  cache: TextCache | None = None, query_threads: int | None = QUERY_THREADS,
-                 runtime: str = "auto") -> None:
+                 runtime: str = "auto", onnx_threads: int | None = None, one_shot: bool = False) -> None:
+        """`query_threads` run torch encoders, `onnx_threads` ONNX Runtime sessions (default:
+        `query_threads`); `one_shot`: the process answers one query and exits. `clipfind search`
+        gives both (`config.query_threads`); the server and the library API keep the defaults."""
         record = library.model_record
         if record is None:
             raise library.empty_error()
@@ -97,7 +100,7 @@ class Searcher:
         # while a query image is read or decoded. A server shares it between its threads.
         self.lock: contextlib.AbstractContextManager = contextlib.nullcontext()
         self.runtimes = QueryRuntimes(library, runtime, device, query_threads,
-                                      torch_encoder=self.encoder)
+                                      torch_encoder=self.encoder, onnx_threads=onnx_threads, one_shot=one_shot)
 
     @property
     def model_label(self) -> str:
@@ -181,8 +184,12 @@ class Searcher:
             return self._unpack(same[1]), own_id
         from retrieval.media.images import ImageError, open_image
 
+        size = int(self.record.get("image_size") or 0)
         try:
-            image = open_image(path)
+            # Decoded as the indexer decodes (JPEG draft mode down to the model's size): the same
+            # pixels as a stored vector of this file would have, and a 12-MP photo decodes and
+            # resizes in 0.18 s instead of 0.54 s (2 busy cores).
+            image = open_image(path, draft_size=(size, size) if size else None)
         except ImageError as exc:
             raise ImageError(exc.kind, f"query image {exc}") from None
         def encode(encoder):
