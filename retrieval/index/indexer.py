@@ -37,6 +37,7 @@ from retrieval.index.refresh import check_factory, refresh_vectors
 from retrieval.index.threads import ThreadTuner
 from retrieval.index.workers import WorkerTuner
 from retrieval.media.images import DEFAULT_MAX_PIXELS
+from retrieval.model import release
 from retrieval.model.precision_cache import onnxruntime_version
 from retrieval.model.spec import ModelSpec
 from retrieval.store.library import Library
@@ -215,7 +216,9 @@ class IndexStages:
 
         from retrieval.media import pipeline
 
+        release.fix_mmap_threshold()  # activations' buffers go back to the kernel (model/release.py)
         encoder = self.load_encoder()
+        encoder.keep_image_tower_only()  # no text tower, no fp32 copy of an int8/bf16/ONNX tower
         opts = self.options
         threads = torch.get_num_threads()
         tuner = None
