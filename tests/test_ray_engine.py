@@ -30,10 +30,11 @@ from retrieval.index.inspection import verify_library
 from retrieval.media import synthetic
 from retrieval.model.encoder import ModelSpec
 from retrieval.store.library import Library
-from retrieval.store.schema import Run
+from retrieval.store.schema import ErrorRow, Run
 from tests.test_index_faults import db_count, stored_vectors, wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
+HEAD: dict[str, int] = {}  # the test cluster's `ray start` process: its session holds every Ray process
 ray = pytest.importorskip("ray", reason="the Ray extra is not installed (pip install 'clipfind[ray]')")
 
 
@@ -67,6 +68,7 @@ def cluster():
                 raise AssertionError(f"ray start failed: {head.stderr.read()}") from None
             time.sleep(0.5)
     time.sleep(2)  # the raylet registers just after the GCS port opens
+    HEAD["pid"] = head.pid
     yield address
     head.send_signal(signal.SIGTERM)  # --block: stops the processes this head started
     try:
@@ -161,6 +163,9 @@ def test_shards_from_ray_ingest_to_the_same_library_once(cluster, photos, local,
         assert loaded.exit_code == 0, loaded.output
     assert '"added": 0' in loaded.output and '"unchanged": 49' in loaded.output
     assert_same(tmp_path / "lib", local)
+    with Library.open(tmp_path / "lib") as lib, lib.session() as s:  # the skip report, as `index` keeps it
+        errors = s.execute(select(ErrorRow.path, ErrorRow.kind)).all()
+    assert sorted(map(tuple, errors)) == local[1]  # once, though ingested twice
 
 
 def test_a_ray_address_that_does_not_answer(tmp_path, tiny_model_dir):
@@ -176,3 +181,58 @@ def test_a_ray_address_that_does_not_answer(tmp_path, tiny_model_dir):
     assert result.exit_code == EXIT_USAGE and result.output.count("\n") == 1, result.output
     result = CliRunner().invoke(cli.cli, [*base[:-2], "--output-shards", str(tmp_path / "s")])
     assert result.exit_code == EXIT_USAGE and "--engine ray" in result.output
+
+
+def cluster_processes(name: str = "") -> dict[int, str]:
+    """pid -> command line of the test cluster's processes that name `name` (only the processes
+    of the session the test's `ray start` opened: nothing else on the machine is touched)."""
+    found = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as fh:
+                cmdline = fh.read().decode(errors="replace")
+            if name in cmdline and os.getsid(int(entry)) == HEAD["pid"]:
+                found[int(entry)] = cmdline.replace("\0", " ").strip()
+        except (OSError, ProcessLookupError):
+            continue
+    return found
+
+
+@pytest.mark.slow
+def test_urls_from_a_file_list_and_a_killed_encoder_actor(cluster, photos, local, tiny_model_dir, tmp_path):
+    """file:// URLs are listed, hashed and read through fsspec (decode tasks read their bytes in
+    the workers). The encoder actor is SIGKILLed after the first block is committed: Ray restarts
+    it and retries its blocks (or the run fails in one line and a re-run resumes); the library
+    ends identical to the single-process one."""
+    files = sorted(p for p in photos.rglob("*") if p.is_file())
+    listing = tmp_path / "files.txt"
+    listing.write_text("".join(f"file://{p}\n" for p in files))
+    lib_dir = tmp_path / "lib"
+    args = ["index", "--file-list", str(listing), "-L", str(lib_dir), "--model-dir", str(tiny_model_dir),
+            "--precision", "fp32", "--batch-size", "4", "--engine", "ray", "--ray-address", cluster, "--json"]
+    driver = subprocess.Popen([sys.executable, "-m", "retrieval.cli", *args], cwd=ROOT,
+                              env={**os.environ, "PYTHONPATH": str(ROOT)},
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for(lambda: db_count(lib_dir) >= 4, driver, timeout=300)
+    deadline = time.monotonic() + 60
+    while len(actors := cluster_processes("ImageEncoder")) != 1 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert len(actors) == 1, cluster_processes()
+    os.kill(next(iter(actors)), signal.SIGKILL)
+    out, err = driver.communicate(timeout=600)
+    print(f"killed encoder actor: the driver exited {driver.returncode}")  # 0: Ray retried it (-s shows)
+    if driver.returncode != 0:  # the other allowed outcome: one line, then a re-run finishes
+        assert err.count("\n") == 1 and "Traceback" not in err, err
+        rerun = CliRunner().invoke(cli.cli, args)
+        assert rerun.exit_code == 0, rerun.output
+    vectors, skipped = local
+    with Library.open(lib_dir) as lib:
+        got = {p.removeprefix("file://"): v for p, v in stored_vectors(lib).items()}
+        with lib.session() as s:
+            errors = sorted((p.removeprefix("file://"), k) for p, k in s.execute(select(ErrorRow.path, ErrorRow.kind)))
+            last = s.execute(select(Run.status, Run.stats).order_by(Run.id.desc())).first()
+    assert sorted(got) == sorted(vectors) and errors == skipped
+    assert max(float(np.abs(got[p] - vectors[p]).max()) for p in vectors) < 1e-5
+    assert last.status == "done" and last.stats["duplicates"] == 1

@@ -152,3 +152,37 @@ def test_a_killed_writer_leaves_listed_shards_whole_and_a_rerun_takes_over(sourc
         other = ShardWriter(shards, {**lib.model_record, "fingerprint": "another"}, "fp32", "cpu")
     with pytest.raises(LibraryError, match="another model"):
         other.open()
+
+
+def test_files_the_workers_could_not_decode_are_the_ingest_runs_skips(source, tmp_path):
+    """Recorded as `index` records its skips (error rows of the run, runs.stats, --json, -v), once."""
+    import json
+
+    shards = write_shards_of(source, tmp_path / "shards")
+    doc = json.loads((shards / MANIFEST).read_text())
+    doc["skipped"] = [{"path": "/photos/broken.jpg", "kind": "corrupt", "message": "broken.jpg: JPEG header unreadable"},
+                      {"path": "/photos/half.jpg", "kind": "truncated", "message": "half.jpg: truncated file"}]
+    (shards / MANIFEST).write_text(json.dumps(doc))
+    result = CliRunner().invoke(cli.cli, ["ingest", str(shards), str(tmp_path / "lib"), "--json"])
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.output)
+    assert out["skipped"] == 2 and out["skipped_by_kind"] == {"corrupt": 1, "truncated": 1}
+    assert [s["path"] for s in out["skipped_files"]] == ["/photos/broken.jpg", "/photos/half.jpg"]
+    with Library.open(tmp_path / "lib") as lib, lib.session() as s:
+        from retrieval.store.schema import ErrorRow
+
+        rows = s.execute(select(ErrorRow.run_id, ErrorRow.path, ErrorRow.kind).order_by(ErrorRow.path)).all()
+        run = s.execute(select(Run.id, Run.stats).order_by(Run.id.desc())).first()
+    assert rows == [(run.id, "/photos/broken.jpg", "corrupt"), (run.id, "/photos/half.jpg", "truncated")]
+    assert run.stats["skipped_by_kind"] == {"corrupt": 1, "truncated": 1}
+    again = CliRunner().invoke(cli.cli, ["ingest", str(shards), str(tmp_path / "lib"), "-v"])
+    assert again.exit_code == 0 and "skipped 2 files: 1 corrupt, 1 truncated" in again.output, again.output
+    assert "truncated   /photos/half.jpg: truncated file" in again.output
+    with Library.open(tmp_path / "lib") as lib, lib.session() as s:
+        from retrieval.store.schema import ErrorRow
+
+        assert s.query(ErrorRow).count() == 2  # the same failures again: not recorded twice
+    status = CliRunner().invoke(cli.cli, ["status", "-L", str(tmp_path / "lib"), "--json"])
+    info = json.loads(status.output)
+    assert info["last_index_run"]["kind"] == "ingest" and info["skipped_last_index_run"] == 2
+    assert info["errors_recorded"] == 2

@@ -11,7 +11,8 @@ from collections.abc import Callable
 import click
 
 from retrieval import config
-from retrieval.cli.common import emit_json, json_option, library_option, warn
+from retrieval.cli.common import emit_json, json_option, library_option
+from retrieval.cli.skips import report_skipped, skipped_json
 
 ENGINES = ("local", "ray")
 
@@ -84,13 +85,16 @@ def run_export(library_path, roots, shards_dir, spec, device, precision, options
 @click.argument("library_arg", required=False, type=click.Path(file_okay=False), metavar="[LIBRARY]")
 @library_option
 @click.option("--wait", is_flag=True, help="Wait for a running writer instead of refusing.")
+@click.option("--verbose", "-v", is_flag=True, help="List every file the workers could not decode.")
 @json_option
-def ingest_command(shards_dir, library_arg, library_path, wait, as_json) -> None:
+def ingest_command(shards_dir, library_arg, library_path, wait, verbose, as_json) -> None:
     """Load the shards `index --engine ray --output-shards` wrote into a library.
 
     Every shard is checked first (size, checksum, model): a truncated shard or
     one made with another model is refused and nothing is written. Loading the
-    same shards again adds nothing. LIBRARY may be given here or with -L.
+    same shards again adds nothing. Files the workers could not decode are
+    recorded as the run's skips, as `index` records them. LIBRARY may be given
+    here or with -L.
 
     \b
     Examples:
@@ -107,15 +111,13 @@ def ingest_command(shards_dir, library_arg, library_path, wait, as_json) -> None
     with Library.open(library_arg or library_path) as library:
         stats = ingest_shards(library, shards_dir, wait=wait, manifest=manifest)
     if as_json:
-        emit_json(stats)
+        emit_json({**stats, "skipped_files": skipped_json(stats["skipped_files"])})
         return
     click.echo(f"ingested {stats['shards']} shards ({stats['rows']} rows): {stats['added']} added, "
                f"{stats['updated']} updated, {stats['unchanged']} already there"
                + (f", {stats['stale']} older than the library's" if stats["stale"] else "")
                + f", in {stats['seconds']:.1f} s; library {stats['library']}")
-    if stats["skipped_when_written"]:
-        warn(f"{stats['skipped_when_written']} files could not be decoded when the shards were written "
-             "(see skipped in the manifest)")
+    report_skipped(stats["skipped_files"], verbose, quiet=False)
 
 
 COMMANDS = [ingest_command]

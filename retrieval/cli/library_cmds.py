@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-from collections import Counter
 from collections.abc import Iterator
 
 import click
@@ -27,19 +26,9 @@ from retrieval.cli.common import (
     warn,
 )
 from retrieval.cli.engine_cmds import engine_options, pop_engine_options, run_export
+from retrieval.cli.skips import by_kind, report_skipped, skipped_json
 from retrieval.errors import ClipfindError, VerifyError
 from retrieval.query.render import human_size, shown_path
-
-
-def _reason(path: str, message: str) -> str:
-    for prefix in (f"{path}: ", f"{os.path.basename(path)}: "):
-        if message.startswith(prefix):
-            return message[len(prefix):]
-    return message
-
-
-def _by_kind(skipped) -> str:
-    return ", ".join(f"{n} {kind}" for kind, n in Counter(s.kind for s in skipped).most_common())
 
 
 def _open(library_path: str | None, create: bool = False):
@@ -66,9 +55,12 @@ def _sigterm_as_interrupt() -> Iterator[None]:
 
 
 @click.command("index", epilog=MODEL_HELP)
-@click.argument("paths", nargs=-1, required=True, type=click.Path())
+@click.argument("paths", nargs=-1, type=click.Path())
 @library_option
 @model_options
+@click.option("--file-list", type=click.File("r", encoding="utf-8", errors="surrogateescape"), metavar="FILE",
+              help="Index the paths and fsspec URLs listed in FILE, one a line ('-': standard input), "
+                   "besides any PATHS. Listed files that are gone are skipped, not fatal.")
 @click.option("--workers", type=click.IntRange(0),
               help="Decode worker processes (default: cores - 1, one more while the encoder waits on decoding).")
 @click.option("--threads", type=click.IntRange(1),
@@ -86,9 +78,9 @@ def _sigterm_as_interrupt() -> Iterator[None]:
 @click.option("--verbose", "-v", is_flag=True, help="List every skipped file (and, with --dry-run, every change).")
 @engine_options
 @json_option
-def index_command(paths, library_path, workers, threads, batch_size, index_type, follow_symlinks, max_pixels,
+def index_command(paths, library_path, file_list, workers, threads, batch_size, index_type, follow_symlinks, max_pixels,
                   retry_failed, dry_run, wait, quiet, verbose, as_json, **model_kwargs) -> None:
-    """Add the images under PATHS to the library, or bring it up to date with them.
+    """Add the images under PATHS (folders, files, fsspec URLs) to the library, or bring it up to date.
 
     Only new and changed files are encoded; deleted files are removed, moved or
     renamed files keep their row, duplicates reuse the stored vector. Broken
@@ -102,11 +94,13 @@ def index_command(paths, library_path, workers, threads, batch_size, index_type,
       clipfind index ~/Pictures --dry-run -v
       clipfind index ~/Pictures --db postgresql+psycopg://me@dbhost/photos   # metadata in PostgreSQL
       clipfind index ~/Pictures --engine ray    # decode + encode on a local Ray cluster
+      clipfind index s3://bucket/photos/ --engine ray     # a bucket prefix (needs s3fs)
+      clipfind index --file-list paths.txt --engine ray   # one path or URL per line
       clipfind index /data --engine ray --ray-address head:6379 --output-shards /shared/shards
     """
     from retrieval.errors import ModelError
     from retrieval.index.indexer import NO_MODEL, IndexOptions, IndexResult, index_paths
-    from retrieval.index.planner import check_roots, plan_index
+    from retrieval.index.planner import check_roots, plan_index, read_file_list
     from retrieval.model.spec import ModelSpec
     from retrieval.store.library import Library, library_exists
 
@@ -114,9 +108,14 @@ def index_command(paths, library_path, workers, threads, batch_size, index_type,
     make_stages, ray_options, shards_dir = pop_engine_options(model_kwargs)
     options = IndexOptions(workers=workers, threads=threads, batch_size=batch_size, follow_symlinks=follow_symlinks,
                            max_pixels=max_pixels, index_type=index_type, progress=not quiet,
-                           wait=wait, dry_run=dry_run, retry_failed=retry_failed)
+                           wait=wait, dry_run=dry_run, retry_failed=retry_failed,
+                           missing_ok=file_list is not None)
     root = str(config.library_path(library_path))
-    roots = check_roots(paths)  # mistakes first, before a library directory is made
+    if not paths and file_list is None:
+        raise click.UsageError("give PATHS to index, or --file-list FILE")
+    listed = read_file_list(file_list, file_list.name) if file_list is not None else []
+    # mistakes first, before a library directory is made; a listed file that is gone is only skipped
+    roots = (check_roots(paths) if paths else []) + (check_roots(listed, missing_ok=True) if listed else [])
     exists = library_exists(root)
     if spec is None and not exists:
         raise ModelError(NO_MODEL)
@@ -140,7 +139,7 @@ def index_command(paths, library_path, workers, threads, batch_size, index_type,
     _report_index(result, as_json, verbose, quiet)
     if result.nothing_indexed:
         raise ClipfindError(f"nothing could be indexed: {len(result.skipped)} files skipped "
-                            f"({_by_kind(result.skipped)})")
+                            f"({by_kind(result.skipped)})")
 
 
 def _report_index(result, as_json: bool, verbose: bool, quiet: bool) -> None:
@@ -150,8 +149,7 @@ def _report_index(result, as_json: bool, verbose: bool, quiet: bool) -> None:
     if as_json:
         out = {"library": result.library, "run_id": result.run_id, "status": result.status,
                "dry_run": result.dry_run, **stats,
-               "skipped_files": [{"path": shown_path(s.path), "kind": s.kind, "message": shown_path(s.message)}
-                                 for s in result.skipped]}
+               "skipped_files": skipped_json(result.skipped)}
         if result.dry_run:
             out["changes"] = _dry_run_changes(plan)
         emit_json(out)
@@ -173,12 +171,7 @@ def _report_index(result, as_json: bool, verbose: bool, quiet: bool) -> None:
                    f"library {result.library}")
         if stats.get("encoded") and stats.get("precision"):
             click.echo(f"encoded with {run_mix(stats)}")
-    if result.skipped:
-        click.echo(f"skipped {len(result.skipped)} files: {_by_kind(result.skipped)}"
-                   + ("" if verbose else " (--verbose lists them)"), err=not verbose and quiet)
-        if verbose:
-            for s in result.skipped:
-                click.echo(f"  {s.kind:<11} {shown_path(s.path)}: {shown_path(_reason(s.path, s.message))}")
+    report_skipped(result.skipped, verbose, quiet)
     if not result.dry_run and c["scanned"] == 0 and not result.skipped:
         warn("no image files found there")
 

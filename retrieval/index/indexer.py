@@ -36,6 +36,7 @@ from retrieval.index.planner import (
 from retrieval.index.refresh import check_factory, refresh_vectors
 from retrieval.index.threads import ThreadTuner
 from retrieval.index.workers import WorkerTuner
+from retrieval.media import remote
 from retrieval.media.images import DEFAULT_MAX_PIXELS
 from retrieval.model import release
 from retrieval.model.precision_cache import onnxruntime_version
@@ -63,6 +64,7 @@ class IndexOptions:
     wait: bool = False  # wait for the write lock instead of refusing
     dry_run: bool = False
     retry_failed: bool = False  # decode again files that failed before and are unchanged
+    missing_ok: bool = False  # roots from a file list: one that is gone is skipped (vanished), not fatal
 
 
 @dataclass
@@ -96,7 +98,7 @@ def index_paths(library: Library, roots: Iterable[str | os.PathLike], spec: Mode
     decodes and encodes (`retrieval.index.ray_engine.RayStages`); everything else stays.
     """
     options = options or IndexOptions()
-    roots = check_roots(roots)
+    roots = check_roots(roots, options.missing_ok)
     if spec is None and library.model_record is None:
         raise ModelError(NO_MODEL)
     if options.dry_run:
@@ -387,7 +389,8 @@ def _progress(total: int, enabled: bool):
 def remove_paths(library: Library, paths: Iterable[str | os.PathLike], dry_run: bool = False,
                  wait: bool = False, on_match: Callable[[str], None] | None = None) -> int:
     """Delete the rows of files at or under `paths` (they need not exist on disk)."""
-    targets = [os.path.abspath(os.fsdecode(p)) for p in paths]
+    targets = [remote.canonical(t) if remote.is_url(t) else os.path.abspath(t)
+               for t in (os.fsdecode(p) for p in paths)]
     with library.write_lock(wait=wait):
         rows = known_rows(library, targets)
         for path in sorted(rows):

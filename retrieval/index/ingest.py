@@ -6,8 +6,11 @@ refused in one line with nothing changed. Then each shard is one transaction: a 
 whose path already holds the same bytes (content hash) adds nothing, so loading a
 folder twice, or again after a kill, changes nothing the first load did. A path the
 library holds with other bytes is replaced only when the shard's file is newer (its
-mtime), so an old shard never undoes a later index. The FAISS cache catches up at the
-end, as after `index`.
+mtime), so an old shard never undoes a later index. The files the workers could not
+decode (the manifest's `skipped`) become the run's error rows, as the single-process
+indexer records its skips: `status`, `--verbose` and `--json` report them alike, and a
+failure already recorded is not recorded twice. The FAISS cache catches up at the end,
+as after `index`.
 """
 
 from __future__ import annotations
@@ -21,9 +24,10 @@ from pathlib import Path
 from sqlalchemy import insert, select, update
 
 from retrieval.errors import InputError, LibraryError
+from retrieval.index.planner import Skipped
 from retrieval.index.refresh import refresh_vectors
 from retrieval.store.library import Library
-from retrieval.store.schema import Image, Run, path_to_db
+from retrieval.store.schema import ErrorRow, Image, Run, path_to_db
 from retrieval.store.shards import Manifest, check_shard, read_manifest, read_shards
 from retrieval.store.sql import in_chunks
 
@@ -56,6 +60,7 @@ def ingest_shards(library: Library, folder: str | os.PathLike, wait: bool = Fals
     check_model(library, manifest)
     started = time.perf_counter()
     counts: Counter = Counter(added=0, updated=0, unchanged=0, stale=0)
+    skipped = skipped_of(manifest)
     with library.write_lock(wait=wait):
         check_model(library, manifest)  # again under the lock: a writer may have bound a model since
         if library.model_record is None:
@@ -68,13 +73,44 @@ def ingest_shards(library: Library, folder: str | os.PathLike, wait: bool = Fals
                 for table in read_shards(folder, manifest):
                     counts.update(_load(library, run.id, table.to_pylist(), int(manifest.model["embed_dim"])))
                     counts["shards"] += 1
+                counts["errors_recorded"] = record_skipped(library, run.id, skipped)
             finally:
                 run.stats = {**counts, "rows": manifest.rows, "shards_listed": len(manifest.shards),
-                             "indexed": counts["added"] + counts["updated"],
+                             "indexed": counts["added"] + counts["updated"], "skipped": len(skipped),
+                             "skipped_by_kind": dict(Counter(k.kind for k in skipped)),
                              "seconds": round(time.perf_counter() - started, 3)}
                 run.stats["faiss"] = refresh_vectors(library)
     return {"library": str(library.root.resolve()), "shards_dir": str(folder.resolve()),
-            "run_id": run.id, **run.stats, "skipped_when_written": len(manifest.skipped)}
+            "run_id": run.id, **run.stats, "skipped_files": skipped}
+
+
+def skipped_of(manifest: Manifest) -> list[Skipped]:
+    """The manifest's undecodable files as the indexer's `Skipped` (paths as the store keeps them)."""
+    out = []
+    for entry in manifest.skipped:
+        try:
+            out.append(Skipped(str(entry["path"]), str(entry["kind"]), str(entry["message"])))
+        except (KeyError, TypeError):
+            raise InputError("the shards' manifest.json is damaged (a skipped entry without "
+                             "path, kind and message)") from None
+    return out
+
+
+def record_skipped(library: Library, run_id: int, skipped: list[Skipped]) -> int:
+    """Error rows for `skipped` under this run, but none for a failure (path, kind, message) the
+    library has recorded already: ingesting the same shards twice records nothing new."""
+    if not skipped:
+        return 0
+    with library.session() as s, s.begin():
+        known = set()
+        for part in in_chunks(sorted({k.path for k in skipped})):
+            known.update(s.execute(select(ErrorRow.path, ErrorRow.kind, ErrorRow.message)
+                                   .where(ErrorRow.path.in_(part))).all())
+        rows = [{"run_id": run_id, "path": k.path, "kind": k.kind, "message": k.message}
+                for k in skipped if (k.path, k.kind, k.message) not in known]
+        if rows:
+            s.execute(insert(ErrorRow), rows)
+    return len(rows)
 
 
 def _load(library: Library, run_id: int, rows: list[dict], dim: int) -> Counter:

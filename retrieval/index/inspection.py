@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from sqlalchemy import select, text
 
+from retrieval.media import remote
 from retrieval.model.precision_cache import cached_choice
 from retrieval.store import postgres
 from retrieval.store.integrity import RESTORE_HINT, damage_of
@@ -56,7 +57,8 @@ def library_status(library: Library) -> dict:
         for r in last:  # nobody holds the write lock: those runs were killed (kill -9, power cut)
             if r["status"] == "running":
                 r["status"], r["note"] = "interrupted", "its process is gone"
-    last_index = next((r for r in last if r["kind"] == "index"), None)
+    # an ingest adds images (from shards) as an index run does, with its own skips
+    last_index = next((r for r in last if r["kind"] in ("index", "ingest")), None)
     return {
         "library": str(root),
         "database": library.store.label,
@@ -161,7 +163,7 @@ def damaged_finding(detail: str) -> str:
 
 
 def _check_rows(library: Library, dim: int, report: VerifyReport, check_files: bool) -> np.ndarray:
-    bad_size, bad_norm, changed, last, all_ids = [], [], 0, 0, []
+    bad_size, bad_norm, changed, last, all_ids, urls = [], [], 0, 0, [], 0
     query = text("SELECT id, path, path_bytes, size, mtime_ns, embedding FROM images "
                  "WHERE id > :last ORDER BY id LIMIT 20000")
     with library.engine.connect() as conn:
@@ -176,6 +178,9 @@ def _check_rows(library: Library, dim: int, report: VerifyReport, check_files: b
                     good.append(r)
                 if check_files:
                     path = path_from_db(r.path, r.path_bytes)
+                    if remote.is_url(path):  # a request per object: not here (index re-lists them)
+                        urls += 1
+                        continue
                     try:
                         st = os.stat(path)
                         changed += (st.st_size, st.st_mtime_ns) != (r.size, r.mtime_ns)
@@ -193,6 +198,9 @@ def _check_rows(library: Library, dim: int, report: VerifyReport, check_files: b
                                "(run `clipfind index` on their folder, or `clipfind remove`)")
     if changed:
         report.notes.append(f"{changed} files changed on disk since indexing (run `clipfind index` again)")
+    if urls:
+        report.notes.append(f"{urls} rows are URLs, not checked against their store (`clipfind index` "
+                            "re-lists them)")
     report.checked["files"] = check_files
     return np.array(all_ids, dtype=np.int64)
 

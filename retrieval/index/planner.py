@@ -19,6 +19,7 @@ from datetime import datetime, timezone
 from sqlalchemy import select, text
 
 from retrieval.errors import InputError
+from retrieval.media import remote
 from retrieval.media.images import DEFAULT_MAX_PIXELS, ImageError, read_info
 from retrieval.media.scan import FileEntry, content_hash, diff, walk
 from retrieval.store.library import Library
@@ -70,7 +71,8 @@ def plan_index(library: Library | None, roots: Sequence[str], follow_symlinks: b
                retry_failed: bool = False, max_pixels: int = DEFAULT_MAX_PIXELS) -> Plan:
     """Walk, diff and hash: decide what each file needs, touching nothing.
 
-    `library` None plans against an empty library (a dry run before the first).
+    `library` None plans against an empty library (a dry run before the first). A root may
+    be a folder, a file or an fsspec URL (`media.remote`: an object or a prefix).
     """
     plan = Plan()
     scan_errors: list[Skipped] = []
@@ -80,13 +82,21 @@ def plan_index(library: Library | None, roots: Sequence[str], follow_symlinks: b
         scan_errors.append(Skipped(path, kind, f"{path}: {reason}"))
 
     exclude = {library.root} if library else None
-    entries = list(walk(roots, follow_symlinks, on_error, exclude))
-    rows = known_rows(library, roots) if library else {}
+    urls = [r for r in roots if remote.is_url(r)]
+    local = [r for r in roots if not remote.is_url(r)]
+    entries = list(walk(local, follow_symlinks, on_error, exclude))
+    found_urls, url_folders = remote.walk(urls, on_error) if urls else ([], set())
+    entries += found_urls
+    # folders (and prefixes) are matched by prefix, one query each; files by IN, a chunk a query,
+    # so a file list of a million lines costs a few thousand queries, not a million
+    folders = [r for r in local if os.path.isdir(r)] + sorted(url_folders)
+    files = [r for r in roots if r not in folders]
+    rows = known_rows(library, folders, files) if library else {}
     found = diff(entries, {p: (r[1], r[2]) for p, r in rows.items()},
                  unreachable=[s.path for s in scan_errors])
     plan.scanned, plan.unchanged, plan.skipped = len(entries), len(found.unchanged), scan_errors
     if library and not retry_failed:
-        found.new = _drop_known_failures(library, roots, found.new, plan, max_pixels)
+        found.new = _drop_known_failures(library, folders, files, found.new, plan, max_pixels)
 
     digests = _hash_all(found.new + found.changed, plan.skipped)
     gone_by_hash: dict[str, list[tuple[int, str]]] = {}
@@ -137,20 +147,30 @@ def plan_index(library: Library | None, roots: Sequence[str], follow_symlinks: b
     return plan
 
 
-def known_rows(library: Library, roots: Sequence[str]) -> dict[str, tuple[int, int, int, str]]:
-    """path -> (id, size, mtime_ns, hash) for the rows at or under the roots."""
+def known_rows(library: Library, roots: Sequence[str],
+               files: Sequence[str] = ()) -> dict[str, tuple[int, int, int, str]]:
+    """path -> (id, size, mtime_ns, hash) for the rows at or under the roots, and of `files`."""
     out: dict[str, tuple[int, int, int, str]] = {}
     with library.engine.connect() as conn:
-        for root in roots:
-            where, params = under_folder(path_to_db(root)[0])
+        for where, params in scopes(roots, files):
             query = text(f"SELECT id, path, path_bytes, size, mtime_ns, content_hash FROM images WHERE {where}")
             for r in conn.execute(query, params):
                 out[path_from_db(r.path, r.path_bytes)] = (r.id, r.size, r.mtime_ns, r.content_hash)
     return out
 
 
-def _drop_known_failures(library: Library, roots: Sequence[str], entries: list[FileEntry],
-                         plan: Plan, max_pixels: int) -> list[FileEntry]:
+def scopes(folders: Sequence[str], files: Sequence[str] = ()) -> Iterable[tuple[str, dict]]:
+    """(WHERE clause, parameters) on `path`: one per folder (itself or under it), one per
+    chunk of exact `files`."""
+    for folder in folders:
+        yield under_folder(path_to_db(folder)[0])
+    for part in in_chunks(sorted({path_to_db(f)[0] for f in files})):
+        names = [f"f{i}" for i in range(len(part))]
+        yield f"path IN ({', '.join(':' + n for n in names)})", dict(zip(names, part))
+
+
+def _drop_known_failures(library: Library, roots: Sequence[str], files: Sequence[str],
+                         entries: list[FileEntry], plan: Plan, max_pixels: int) -> list[FileEntry]:
     """Files that failed to decode and have not been touched since: report, do not retry.
 
     Without this, every run over a folder with one broken JPEG would load the model
@@ -158,8 +178,7 @@ def _drop_known_failures(library: Library, roots: Sequence[str], entries: list[F
     """
     failed = {}
     with library.engine.connect() as conn:
-        for root in roots:
-            where, params = under_folder(path_to_db(root)[0])
+        for where, params in scopes(roots, files):
             # the newest failure per path (a window, not SQLite's bare-column max(): PostgreSQL too)
             query = text(f"SELECT path, kind, message, at FROM (SELECT path, kind, message, at, "
                          "row_number() OVER (PARTITION BY path ORDER BY at DESC, id DESC) AS newest "
@@ -183,13 +202,17 @@ def _drop_known_failures(library: Library, roots: Sequence[str], entries: list[F
 def _still_failing(path: str, row, max_pixels: int) -> bool:
     """Untouched since it failed (and, if too large, still over today's pixel limit)."""
     try:
-        st = os.stat(path)
         failed_at = datetime.fromisoformat(str(row.at)).replace(tzinfo=timezone.utc).timestamp()
+        if remote.is_url(path):  # an object store keeps no ctime; a rewrite renews the mtime
+            changed_at = remote.stat(path)[1] / 1e9
+        else:
+            st = os.stat(path)
+            changed_at = max(st.st_mtime, st.st_ctime)
     except (OSError, ValueError):
         return False
-    if max(st.st_mtime, st.st_ctime) >= failed_at:
+    if changed_at >= failed_at:
         return False
-    if row.kind != "too_large":
+    if row.kind != "too_large" or remote.is_url(path):  # a URL's pixel limit: read it again
         return True
     try:  # the limit may have been raised: a header read (no decode) tells
         info = read_info(path)
@@ -202,7 +225,7 @@ def _hash_all(entries: list[FileEntry], skipped: list[Skipped]) -> dict[str, str
     """Content hashes in a few threads (hashlib releases the GIL); failures become Skipped."""
     def one(entry: FileEntry) -> tuple[FileEntry, str | Skipped]:
         try:
-            return entry, content_hash(entry.path)
+            return entry, (remote.content_hash if remote.is_url(entry.path) else content_hash)(entry.path)
         except FileNotFoundError:
             return entry, Skipped(entry.path, "vanished", f"{entry.path}: file no longer exists")
         except PermissionError:
@@ -233,13 +256,25 @@ def stored_ids(library: Library, digests: set[str], exclude: set[int]) -> dict[s
                     out.setdefault(digest, row_id)
     return out
 
-def check_roots(roots: Iterable[str | os.PathLike]) -> list[str]:
-    """Absolute roots; a missing one is a typo to report, not a folder to empty."""
-    out = [os.path.abspath(os.fsdecode(r)) for r in roots]
+def check_roots(roots: Iterable[str | os.PathLike], missing_ok: bool = False) -> list[str]:
+    """Absolute roots (URLs in fsspec's spelling); a missing one is a typo to report, not a
+    folder to empty. `missing_ok` (a file list's lines): kept, and skipped as vanished."""
+    out = [remote.canonical(r) if remote.is_url(r) else os.path.abspath(r)
+           for r in (os.fsdecode(x) for x in roots)]
     if not out:
         raise InputError("nothing to index: give one or more folders or image files")
-    missing = [r for r in out if not os.path.lexists(r)]
-    if missing:
-        raise InputError(f"no such file or folder: {missing[0]}")
+    if not missing_ok:
+        for root in out:
+            if not (remote.exists(root) if remote.is_url(root) else os.path.lexists(root)):
+                raise InputError(f"no such file or folder: {root}")
+    return out
+
+
+def read_file_list(lines: Iterable[str], source: str = "the file list") -> list[str]:
+    """The paths and URLs of a file list: one a line; blank lines are skipped."""
+    out = [line.rstrip("\r\n") for line in lines]
+    out = [line for line in out if line.strip()]
+    if not out:
+        raise InputError(f"{source} names no files")
     return out
 

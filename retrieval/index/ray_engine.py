@@ -70,7 +70,7 @@ class RayStages(IndexStages):
             try:
                 for block in embed([w.entry.path for w in plan.encode], encoder.spec.to_json(),
                                    encoder.preprocess, encoder.image_size, layout, precision,
-                                   self.options.max_pixels):
+                                   self.options.max_pixels, encoder.embed_dim):
                     made_by = check_block(block, expected)
                     if self.stats["blocks"] == 0:  # workers started, model loaded: the fixed cost
                         self.stats["first_block_s"] = round(time.perf_counter() - started, 2)
@@ -144,7 +144,7 @@ def export_shards(library: Library | None, roots: Sequence[str], out_dir: str | 
         encoded = 0
         if todo:
             for block in embed([w.entry.path for w in todo], encoder.spec.to_json(), encoder.preprocess,
-                               encoder.image_size, layout, precision, options.max_pixels):
+                               encoder.image_size, layout, precision, options.max_pixels, encoder.embed_dim):
                 made_by = check_block(block, encoder.fingerprint)
                 writer.manifest.precision, writer.manifest.device = made_by if made_by[0] else (
                     writer.manifest.precision, writer.manifest.device)

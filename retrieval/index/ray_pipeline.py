@@ -218,7 +218,8 @@ def decode_files(batch: dict[str, np.ndarray], preprocess: Callable, image_size:
 class ImageEncoder:
     """An actor of the pool: loads the model once, then turns decoded blocks into unit vectors."""
 
-    def __init__(self, spec_json: str, device: str, precision: str, threads: int, max_threads: int = 1) -> None:
+    def __init__(self, spec_json: str, device: str, precision: str, threads: int, max_threads: int = 1,
+                 embed_dim: int | None = None) -> None:
         import torch
 
         from retrieval.index.threads import ThreadTuner
@@ -228,7 +229,10 @@ class ImageEncoder:
         self.tuner = ThreadTuner(max_threads) if device == "cpu" and not threads else None
         if device == "cpu":
             torch.set_num_threads(threads or max_threads)
-        self.encoder = Encoder(ModelSpec.from_json(spec_json), device=device, precision=precision)
+        # the dimension is the driver's (its own model, whose fingerprint each block is checked
+        # against), so the actor skips probing it: less work before the first block
+        self.encoder = Encoder(ModelSpec.from_json(spec_json), device=device, precision=precision,
+                               embed_dim=embed_dim)
         self.info = (self.encoder.fingerprint, self.encoder.precision, str(self.encoder.device))
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -254,7 +258,8 @@ class ImageEncoder:
 
 
 def embed(paths: Sequence[str], spec_json: str, preprocess: Callable, image_size: int,
-          layout: Layout, precision: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> Iterator[dict]:
+          layout: Layout, precision: str, max_pixels: int = DEFAULT_MAX_PIXELS,
+          embed_dim: int | None = None) -> Iterator[dict]:
     """Blocks of encoded rows (numpy columns) as the cluster finishes them; call inside `connected`.
 
     One input block per encoder batch, so a block is what one transaction commits and what a
@@ -275,7 +280,7 @@ def embed(paths: Sequence[str], spec_json: str, preprocess: Callable, image_size
                         concurrency=layout.actors, num_cpus=layout.actor_cpus, num_gpus=layout.actor_gpus,
                         fn_constructor_kwargs={"spec_json": spec_json, "device": layout.device,
                                                "precision": precision, "threads": layout.threads,
-                                               "max_threads": layout.max_threads})
+                                               "max_threads": layout.max_threads, "embed_dim": embed_dim})
     yield from ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=1)
 
 

@@ -146,14 +146,16 @@ def open_image(
     path: PathArg,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     draft_size: tuple[int, int] | None = None,
+    data: bytes | None = None,
 ) -> Image.Image:
     """Decode the first frame, upright and RGB, or raise ImageError.
 
     ``draft_size`` is the smallest (width, height) the caller needs after EXIF
     orientation; JPEGs then decode at 1/2, 1/4 or 1/8 scale while keeping each
     side >= that size, which is most of the cost of feeding a small model.
+    ``data``: the file's bytes, already read (an object behind a URL, `media.remote`).
     """
-    with _opened(path) as img:
+    with _opened(path, data) as img:
         _check_pixels(img, max_pixels, path)
         orientation = _orientation(img)
         try:
@@ -175,9 +177,9 @@ def open_image(
         return rgb.copy() if rgb is img else rgb
 
 
-def read_info(path: PathArg) -> ImageInfo:
+def read_info(path: PathArg, data: bytes | None = None) -> ImageInfo:
     """Size, format and capture time from the header alone (no pixel decode)."""
-    with _opened(path) as img:
+    with _opened(path, data) as img:
         width, height = img.size
         if _orientation(img) in (5, 6, 7, 8):
             width, height = height, width
@@ -189,9 +191,15 @@ def _name(path: PathArg) -> str:
 
 
 @contextmanager
-def _opened(path: PathArg) -> Iterator[Image.Image]:
-    """A header-parsed PIL image on an open file, with every failure mapped."""
+def _opened(path: PathArg, data: bytes | None = None) -> Iterator[Image.Image]:
+    """A header-parsed PIL image on an open file (or on `data`), with every failure mapped."""
     name = _name(path)
+    if data is not None:
+        if not data:
+            raise ImageError("empty", f"{name}: empty file (0 bytes)")
+        with io.BytesIO(data) as fh:
+            yield _parse_header(fh, path)
+        return
     try:
         raw, st = open_regular(path)  # never blocks on a FIFO, never reads a device
     except NotRegularFile as exc:

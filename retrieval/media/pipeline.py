@@ -20,6 +20,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from retrieval.media.images import DEFAULT_MAX_PIXELS, ImageError, open_image, read_info
+from retrieval.media.remote import is_url, read_bytes
 
 
 @dataclass
@@ -59,7 +60,7 @@ class Batch:
 
 
 class ImageFiles(Dataset):
-    """Item i is file `paths[i]`, decoded upright and preprocessed, or a `Failed`."""
+    """Item i is file `paths[i]` (or an fsspec URL), decoded upright and preprocessed, or a `Failed`."""
 
     def __init__(self, paths: Sequence[str], preprocess: Callable, image_size: int,
                  max_pixels: int = DEFAULT_MAX_PIXELS, first_key: int = 0) -> None:
@@ -76,8 +77,9 @@ class ImageFiles(Dataset):
         path = self.paths[index]
         key = self.first_key + index
         try:
-            info = read_info(path)
-            image = open_image(path, self.max_pixels, draft_size=self.draft)
+            data = read_bytes(path) if is_url(path) else None  # read once, through fsspec
+            info = read_info(path, data)
+            image = open_image(path, self.max_pixels, draft_size=self.draft, data=data)
             pixels = self.preprocess(image)
         except ImageError as exc:
             return Failed(key, exc.kind, str(exc))
