@@ -179,22 +179,18 @@ def default_batch_size(device: torch.device) -> int:
 
 def make_loader(paths: Sequence[str], preprocess: Callable, image_size: int, *, batch_size: int,
                 workers: int, pin_memory: bool = False, max_pixels: int = DEFAULT_MAX_PIXELS,
-                close_in_workers: Sequence[str | int] = (), start: int = 0,
-                prefetch: int | None = None) -> DataLoader:
+                close_in_workers: Sequence[str | int] = (), start: int = 0) -> DataLoader:
     """Batches of `Batch`, in the order of `paths[start:]` (items keyed by their position in
     `paths`); workers=0 decodes in this process.
 
     `close_in_workers`: files (lock files) whose inherited descriptors workers must close, or
-    descriptors (ints) to close. `prefetch`: batches each worker decodes ahead (None: 4 when
-    feeding a GPU, 2 on a CPU, where one batch of 32 at 256x256 is 25 MB of the worker's
-    shared memory and a batch takes the encoder a second or more: 2 keep it fed).
+    descriptors (ints) to close.
     """
     dataset = ImageFiles(list(paths)[start:], preprocess, image_size, max_pixels, first_key=start)
     if workers > 0:
         _quiet_hangups_of_the_fd_sharer()
     init = functools.partial(_worker_init, tuple(p if isinstance(p, int) else str(p)
                                                  for p in close_in_workers))
-    prefetch = prefetch or (4 if pin_memory else 2)
-    extra = {"prefetch_factor": prefetch, "worker_init_fn": init} if workers > 0 else {}
+    extra = {"prefetch_factor": 4, "worker_init_fn": init} if workers > 0 else {}
     return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
                       collate_fn=collate, pin_memory=pin_memory, **extra)
