@@ -219,8 +219,7 @@ class IndexStages:
         from retrieval.media import pipeline
 
         release.fix_mmap_threshold()  # activations' buffers go back to the kernel (model/release.py)
-        encoder = self.load_encoder()
-        encoder.keep_image_tower_only()  # no text tower, no fp32 copy of an int8/bf16/ONNX tower
+        encoder = self.load_encoder(images_only=True)
         opts = self.options
         threads = torch.get_num_threads()
         tuner = None
@@ -280,10 +279,16 @@ class IndexStages:
                 self.stats["workers"], self.stats["worker_waits"] = workers_tuner.workers, workers_tuner.history
             torch.set_num_threads(threads)
 
-    def load_encoder(self) -> Encoder:
-        """The library's encoder at the precision this run uses; records it on the run."""
+    def load_encoder(self, images_only: bool = False) -> Encoder:
+        """The library's encoder at the precision this run uses; records it on the run.
+
+        `images_only`: this process encodes nothing else, so the encoder keeps only the image
+        tower it runs (`Encoder.keep_image_tower_only`, before the precision is settled, so
+        the text tower is gone before an int8/bf16 copy is made)."""
         library = self.library
         encoder = library.encoder(self.spec, device=self.device, precision=self.precision_to_use())
+        if images_only:
+            encoder.keep_image_tower_only()
         if self.options.index_type:
             check_factory(self.options.index_type, encoder.embed_dim)
         with library.session() as s, s.begin():
