@@ -345,8 +345,9 @@ def main(argv=None) -> int:
           f"{c['model_load_s']:.1f} s model load: {summary['overlap_ratio_after_load']:.2f}")
     print(f"re-index / first run = {100 * summary['reindex_ratio']:.2f} %   (target < 2 %)")
     print("memory: main = the phase process's peak RSS (VmHWM); workers = the largest sum of its "
-          "children's unique memory (Private_Clean+Private_Dirty, sampled every 50 ms); sum = both "
-          "(target for (c) with ViT-B-32: <= 1200 MB)")
+          "children's unique memory (Private_Clean+Private_Dirty, sampled every 50 ms); sum = the "
+          "largest main RSS + workers' unique in one sample, at least main (target for (c) with "
+          "ViT-B-32: <= 1200 MB)")
     if args.memory:
         print(f"{'first index run, one precision each':<44} {'img/s':>8} {'main MB':>8} {'workers MB':>11} {'sum MB':>7}")
         for name, run in (kv for kv in results.items() if kv[0].startswith("memory_")):
