@@ -1,4 +1,5 @@
-"""`clipfind concept ...`, `search --concept/--more-like/--until-irrelevant`, `tag --concepts` through click."""
+"""`clipfind concept ...`, `search --concept/--more-like/--until-irrelevant`, `tag --concepts` through click,
+on each store (PostgreSQL: `index --db URL` once, then the folder remembers the database)."""
 
 from __future__ import annotations
 
@@ -10,19 +11,26 @@ from retrieval.errors import EXIT_INPUT, EXIT_LIBRARY, EXIT_USAGE
 from retrieval.media import synthetic
 from retrieval.query.relevance import CUT
 from tests.cli_runner import clipfind
+from tests.pg_server import PASSWORD
+from tests.store_sql import sql
 
 PER_CLASS = 8
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory, tiny_model_dir):
+def setup(tmp_path_factory, tiny_model_dir, module_store):
     base = tmp_path_factory.mktemp("cli-concepts")
     pairs = synthetic.write_collection(base / "photos", per_class=PER_CLASS, seed=23)
     labels = {str(p): label for p, label in pairs}
     lib = base / "lib"
-    result = clipfind("index", base / "photos", "-L", lib, "--model-dir", tiny_model_dir, "--workers", "0", "-q")
+    db = ["--db", module_store] if module_store else []
+    result = clipfind("index", base / "photos", "-L", lib, *db, "--model-dir", tiny_model_dir, "--workers", "0",
+                      "-q")
     assert result.exit_code == 0, result.output
-    return {"lib": str(lib), "photos": base / "photos", "labels": labels}
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("PGPASSWORD", PASSWORD)
+        mp.delenv("CLIPFIND_DB", raising=False)
+        yield {"lib": str(lib), "photos": base / "photos", "labels": labels, "db": module_store}
 
 
 def test_learn_list_show_search_tag_remove(setup):
@@ -94,10 +102,7 @@ def test_mistakes_are_one_line_with_their_exit_codes(setup, tmp_path):
         result = clipfind(*args, "-L", lib)
         assert result.exit_code == code, (args, result.output)
         assert message in result.output, (args, result.output)
-    import sqlite3
-
-    with sqlite3.connect(f"{lib}/clipfind.db") as conn:
-        conn.execute("UPDATE concepts SET fingerprint = 'another' WHERE name = 'dup'")
+    sql(lib, "UPDATE concepts SET fingerprint = 'another' WHERE name = 'dup'", setup["db"])
     other = clipfind("search", "--concept", "dup", "-L", lib, "--no-server")
     assert other.exit_code == EXIT_LIBRARY and "other weights" in other.output
     listed = clipfind("concept", "list", "-L", lib)

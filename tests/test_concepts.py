@@ -2,7 +2,8 @@
 
 Learned concepts must find their class, a prompt must hold one example on
 course, a concept from other weights must be refused, and every bad input must
-fail before anything is written.
+fail before anything is written. Every test runs on both stores (SQLite;
+PostgreSQL with the `postgres` mark).
 """
 
 from __future__ import annotations
@@ -37,12 +38,12 @@ def collection(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def built(tmp_path_factory, collection, tiny_model_dir):
+def built(tmp_path_factory, collection, tiny_model_dir, module_store):
     lib_dir = tmp_path_factory.mktemp("concepts") / "lib"
     spec = ModelSpec(model_dir=str(tiny_model_dir))
-    with Library.open(lib_dir, model=spec) as library:
+    with Library.open(lib_dir, model=spec, db=module_store) as library:
         index_paths(library, [str(collection[0])], spec, options=IndexOptions(workers=0))
-    return lib_dir
+    return lib_dir, module_store
 
 
 @pytest.fixture(scope="module")
@@ -51,10 +52,11 @@ def encoder(tiny_model_dir):
 
 
 @pytest.fixture
-def library(built, tmp_path, encoder):
+def library(built, tmp_path, encoder, copy_store):
+    """A copy of the library (and of its PostgreSQL database) per test."""
     target = tmp_path / "lib"
-    shutil.copytree(built, target)
-    lib = Library.open(target, create=False)
+    shutil.copytree(built[0], target)
+    lib = Library.open(target, create=False, db=copy_store(built[1]))
     lib.bind_encoder(encoder)
     yield lib
     lib.close()

@@ -1,20 +1,20 @@
 """Auto-tagging from stored vectors: scores against numpy, modes, atomic runs, bad input.
 
 The library is indexed once per module from drawn shapes (true label = the
-folder) and copied per test. Expected tags are recomputed independently: the
-vectors read with sqlite3, class vectors encoded text by text, softmax and
-thresholds in numpy.
+folder) and copied per test, on each store (SQLite, and PostgreSQL with the
+`postgres` mark). Expected tags are recomputed independently: the vectors read
+with plain SQL, class vectors encoded text by text, softmax and thresholds in numpy.
 """
 
 from __future__ import annotations
 
 import json
 import shutil
-import sqlite3
 from pathlib import Path
 
 import numpy as np
 import pytest
+from sqlalchemy import text
 
 from retrieval.errors import InputError, LibraryError
 from retrieval.facade import Library
@@ -30,34 +30,41 @@ DESCRIPTIONS = {label: [f"a small {label}.", f"there is a {label} in the image."
 
 
 @pytest.fixture(scope="module")
-def built(tmp_path_factory, tiny_model_dir) -> Path:
+def built(tmp_path_factory, tiny_model_dir, module_store) -> tuple[Path, str | None]:
     root = tmp_path_factory.mktemp("tagging")
     synthetic.write_collection(root / "photos", per_class=8, seed=21)
     spec = ModelSpec(model_dir=str(tiny_model_dir))
-    with Library.open(root / "lib", model=spec) as lib:
+    with Library.open(root / "lib", model=spec, db=module_store) as lib:
         index_paths(lib, [root / "photos"], spec, options=IndexOptions(workers=0))
     (root / "labels.txt").write_text("\n".join(LABELS) + "\n")
     (root / "desc.json").write_text(json.dumps(DESCRIPTIONS))
-    return root
+    return root, module_store
 
 
 @pytest.fixture
-def library(built, tmp_path):
-    shutil.copytree(built / "lib", tmp_path / "lib")
-    lib = Library.open(tmp_path / "lib", create=False)
+def library(built, tmp_path, copy_store):
+    shutil.copytree(built[0] / "lib", tmp_path / "lib")
+    lib = Library.open(tmp_path / "lib", create=False, db=copy_store(built[1]))
     yield lib
     lib.close()
 
 
 @pytest.fixture
 def labels_file(built) -> Path:
-    return built / "labels.txt"
+    return built[0] / "labels.txt"
+
+
+def sql(library, statement: str, **params) -> list:
+    """Rows of one plain SQL statement on the library's database (either store), not through
+    the code under test."""
+    with library.engine.begin() as conn:
+        result = conn.execute(text(statement), params)
+        return result.all() if result.returns_rows else []
 
 
 def stored(library) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """(ids, vectors, true labels) read straight from the file with sqlite3."""
-    with sqlite3.connect(library.db_path) as conn:
-        rows = conn.execute("SELECT id, embedding, path FROM images ORDER BY id").fetchall()
+    """(ids, vectors, true labels) read straight from the database."""
+    rows = sql(library, "SELECT id, embedding, path FROM images ORDER BY id")
     ids = np.array([r[0] for r in rows])
     x = np.stack([np.frombuffer(r[1], np.float32) for r in rows]).astype(np.float64)
     truth = [Path(r[2]).parent.name.replace("_", " ") for r in rows]
@@ -65,9 +72,8 @@ def stored(library) -> tuple[np.ndarray, np.ndarray, list[str]]:
 
 
 def tag_rows(library, run: str) -> dict[int, list[tuple[str, float, int]]]:
-    with sqlite3.connect(library.db_path) as conn:
-        rows = conn.execute("SELECT t.image_id, t.label, t.score, t.rank FROM tags t JOIN tag_runs r "
-                            "ON r.id = t.tag_run_id WHERE r.name = ? ORDER BY t.image_id, t.rank", (run,)).fetchall()
+    rows = sql(library, "SELECT t.image_id, t.label, t.score, t.rank FROM tags t JOIN tag_runs r "
+                        "ON r.id = t.tag_run_id WHERE r.name = :run ORDER BY t.image_id, t.rank", run=run)
     out: dict[int, list] = {}
     for image_id, label, score, rank in rows:
         out.setdefault(image_id, []).append((label, score, rank))
@@ -80,9 +86,7 @@ def class_matrix(encoder, template: str = "a photo of a {}.") -> np.ndarray:
 
 
 def count_runs(library) -> int:
-    with sqlite3.connect(library.db_path) as conn:
-        return conn.execute("SELECT count(*) FROM tag_runs").fetchone()[0] + \
-            conn.execute("SELECT count(*) FROM tags").fetchone()[0]
+    return sql(library, "SELECT (SELECT count(*) FROM tag_runs) + (SELECT count(*) FROM tags)")[0][0]
 
 
 def test_single_label_tags_equal_numpy_softmax(library, labels_file):
@@ -114,7 +118,7 @@ def test_single_label_probability_threshold(library, labels_file):
 @pytest.mark.parametrize("strategy", ["raw", "template", "ensemble:simple7", "ensemble", "cupl",
                                       "ensemble+cupl"])
 def test_every_strategy_tags_far_above_chance(library, labels_file, built, strategy):
-    result = library.tag(labels_file, strategy, name=strategy, descriptions=str(built / "desc.json"))
+    result = library.tag(labels_file, strategy, name=strategy, descriptions=str(built[0] / "desc.json"))
     assert result.notes == []
     ids, _, truth = stored(library)
     tags = tag_rows(library, strategy)
@@ -228,21 +232,20 @@ def test_missing_descriptions_fall_back_with_a_note(library, labels_file, tmp_pa
     assert tagging.list_runs(library)[0]["tags"] == 96
 
 
-def test_busy_library_and_empty_library(library, labels_file, tmp_path, tiny_model_dir):
+def test_busy_library_and_empty_library(library, labels_file, tmp_path, tiny_model_dir, new_database):
     with library.write_lock():
         with pytest.raises(LibraryError, match="busy"):
             library.tag(labels_file, "template")
     assert count_runs(library) == 0
     spec = ModelSpec(model_dir=str(tiny_model_dir))
-    with Library.open(tmp_path / "empty", model=spec) as empty:
+    with Library.open(tmp_path / "empty", model=spec, db=new_database(library.store.url_with_password)) as empty:
         empty.encoder(spec)
         with pytest.raises(LibraryError, match="is empty"):
             empty.tag(labels_file, "template")
 
 
 def test_a_corrupt_stored_vector_is_a_clear_error(library, labels_file):
-    with sqlite3.connect(library.db_path) as conn:
-        conn.execute("UPDATE images SET embedding = x'00000000' WHERE id = 5")
+    sql(library, "UPDATE images SET embedding = :blob WHERE id = 5", blob=bytes(4))
     with pytest.raises(LibraryError, match="image 5 has a stored vector that is not 64-dimensional"):
         library.tag(labels_file, "template")
     assert count_runs(library) == 0

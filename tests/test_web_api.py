@@ -1,8 +1,12 @@
 """The web app's JSON API and files, over real HTTP on 127.0.0.1 (httpx, and raw sockets where a
-client library would refuse to send the bad request). Each hostile request must be refused."""
+client library would refuse to send the bad request). Each hostile request must be refused.
+
+Tests of what the server reads or writes in the library run on both stores (`store_web`,
+`store_client`); tests of HTTP itself (framing, bodies, connections, the token) on SQLite only."""
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
 import os
@@ -15,9 +19,18 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 from PIL import Image
+from sqlalchemy import text as sql_text
 
 from retrieval.serve.state import MAX_JSON_BODY, MAX_UPLOAD_BYTES
-from tests.webapp import TOKEN, wait_for, web_fixture, web_lib_fixture  # noqa: F401 - fixtures
+from tests.store_sql import scalar
+from tests.webapp import (  # noqa: F401 - fixtures
+    TOKEN,
+    pg_web_fixture,
+    store_web_fixture,
+    wait_for,
+    web_fixture,
+    web_lib_fixture,
+)
 
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
@@ -25,6 +38,12 @@ AUTH = {"Authorization": f"Bearer {TOKEN}"}
 @pytest.fixture
 def client(web):
     with httpx.Client(base_url=web.url, headers=AUTH, timeout=30) as c:
+        yield c
+
+
+@pytest.fixture
+def store_client(store_web):
+    with httpx.Client(base_url=store_web.url, headers=AUTH, timeout=30) as c:
         yield c
 
 
@@ -59,7 +78,8 @@ def image_id(client, name_part: str) -> int:
 
 
 # -- the API the CLI uses, and its schema ---------------------------------------------------
-def test_search_similar_and_openapi(client):
+def test_search_similar_and_openapi(store_client):
+    client = store_client
     got = client.post("/search", json={"text": "red circle", "k": 5}).json()
     assert len(got["results"]) == 5 and "red_circle" in got["results"][0]["path"]
     assert got["results"] == sorted(got["results"], key=lambda r: -r["score"])
@@ -221,7 +241,8 @@ def test_traversal_and_unindexed_paths_are_refused(web, target, statuses):
     assert b"root:" not in reply and b"ServeState" not in reply
 
 
-def test_indexed_file_by_path_and_symlink_out_is_refused(web, client, web_lib, tmp_path):
+def test_indexed_file_by_path_and_symlink_out_is_refused(store_web, store_client, tmp_path):
+    web, client = store_web, store_client
     hit = client.post("/search", json={"text": "green square", "k": 1}).json()["results"][0]
     status, reply = raw_get(web, "/file" + hit["path"].replace(" ", "%20"))
     assert status == 200 and reply.endswith(open(hit["path"], "rb").read())
@@ -239,7 +260,8 @@ def test_indexed_file_by_path_and_symlink_out_is_refused(web, client, web_lib, t
         os.rename(moved, hit["path"])
 
 
-def test_escaped_everywhere(client):
+def test_escaped_everywhere(store_client):
+    client = store_client
     page = client.get("/", params={"q": "<script>alert(1)</script>"}, headers={"Accept": "text/html"}).text
     assert "<script>alert(1)" not in page and "&lt;script&gt;alert(1)" in page
     xss = image_id(client, "alert(1)")
@@ -250,7 +272,8 @@ def test_escaped_everywhere(client):
 
 
 # -- thumbnails and uploads ---------------------------------------------------------------------
-def test_thumbnails_are_upright_webp_cached_by_content(web, client):
+def test_thumbnails_are_upright_webp_cached_by_content(store_web, store_client):
+    web, client = store_web, store_client
     rotated = image_id(client, "rotated")
     before = web.state.thumbs.decodes
     first = client.get(f"/thumb/{rotated}", params={"size": "small", "v": "x"})
@@ -272,11 +295,13 @@ def test_thumbnails_are_upright_webp_cached_by_content(web, client):
 
 
 def _hash(web, image_id_: int) -> str:
-    with sqlite3.connect(web.state.library.db_path) as conn:
-        return conn.execute("SELECT content_hash FROM images WHERE id = ?", (image_id_,)).fetchone()[0]
+    library = web.state.library
+    return scalar(library.root, "SELECT content_hash FROM images WHERE id = :i", library.store.url_with_password,
+                  i=image_id_)
 
 
-def test_a_page_of_thumbnails_decodes_each_original_once(web, client):
+def test_a_page_of_thumbnails_decodes_each_original_once(store_web, store_client):
+    web, client = store_web, store_client
     ids = [r["image_id"] for r in client.post("/search", json={"text": "blue", "k": 40}).json()["results"]]
     hashes = {_hash(web, i) for i in ids}
     fresh = [i for i in ids if not web.state.thumbs.path_for(_hash(web, i), "small").exists()]
@@ -293,7 +318,8 @@ def _png(width: int, height: int) -> bytes:
     return buffer.getvalue()
 
 
-def test_uploads_are_checked_and_find_their_indexed_copy(web, client):
+def test_uploads_are_checked_and_find_their_indexed_copy(store_web, store_client):
+    web, client = store_web, store_client
     hit = client.post("/search", json={"text": "red circle", "k": 1}).json()["results"][0]
     data = open(hit["path"], "rb").read()
     up = client.post("/api/upload", content=data, headers={"Content-Type": "image/jpeg"})
@@ -312,25 +338,34 @@ def test_uploads_are_checked_and_find_their_indexed_copy(web, client):
 
 
 # -- reads while a writer holds the database, and runs started over the API ---------------------
-def test_pages_answer_while_a_writer_holds_the_database(client, web_lib):
-    writer = sqlite3.connect(web_lib / "clipfind.db", timeout=1, isolation_level=None)
-    writer.execute("BEGIN IMMEDIATE")
-    writer.execute("UPDATE meta SET value = value WHERE key = 'model'")
-    try:
+def test_pages_answer_while_a_writer_holds_the_database(store_web, store_client):
+    """A writer mid-transaction (SQLite: BEGIN IMMEDIATE; PostgreSQL: the library's write lock and
+    uncommitted updates of the rows the pages read) must not hold up a reader."""
+    library = store_web.state.library
+    with contextlib.ExitStack() as stack:
+        if library.store.is_postgres:
+            stack.enter_context(library.write_lock())
+            conn = stack.enter_context(library.engine.connect())  # closed uncommitted: rolled back
+            conn.execute(sql_text("UPDATE meta SET value = value"))
+            conn.execute(sql_text("UPDATE images SET size = size"))
+        else:
+            writer = sqlite3.connect(library.db_path, timeout=1, isolation_level=None)
+            stack.callback(writer.close)
+            writer.execute("BEGIN IMMEDIATE")
+            writer.execute("UPDATE meta SET value = value WHERE key = 'model'")
+            stack.callback(writer.execute, "ROLLBACK")
         started = time.monotonic()
         for path in ("/status", "/tags", "/api/status", "/"):
-            assert client.get(path).status_code == 200, path
-        assert client.post("/search", json={"text": "red", "k": 3}).status_code == 200
+            assert store_client.get(path).status_code == 200, path
+        assert store_client.post("/search", json={"text": "red", "k": 3}).status_code == 200
         assert time.monotonic() - started < 20
-    finally:
-        writer.execute("ROLLBACK")
-        writer.close()
 
 
-def test_index_run_over_the_api_shows_progress_and_new_images(client, web_lib):
+def test_index_run_over_the_api_shows_progress_and_new_images(store_web, store_client):
     from retrieval.media import synthetic
 
-    folder = web_lib.parent / "photos" / "api-added"
+    client = store_client
+    folder = store_web.state.library.root.parent / "photos" / "api-added"
     synthetic.write_collection(folder, per_class=1, seed=77, labels=["green circle"])
     before = client.get("/api/status").json()["images"]
     job = client.post("/api/jobs", json={"folders": [str(folder)]})
@@ -346,7 +381,8 @@ def test_index_run_over_the_api_shows_progress_and_new_images(client, web_lib):
     assert client.post("/api/jobs", json={}).status_code == 400
 
 
-def test_tagging_run_over_the_api(client, web_lib, tmp_path):
+def test_tagging_run_over_the_api(store_client, tmp_path):
+    client = store_client
     labels = tmp_path / "colours.txt"
     labels.write_text("red thing\ngreen thing\nblue thing\nyellow thing\n")
     job = client.post("/api/jobs", json={"labels": str(labels)})

@@ -1,6 +1,9 @@
 """A real library and a real server on loopback for the web tests (tiny model, drawn photos).
 
-Import `web_fixture` and `web_lib_fixture` into a test module to use the `web` / `web_lib` fixtures.
+Import `web_fixture` and `web_lib_fixture` into a test module to use the `web` / `web_lib` fixtures
+(a SQLite library). For the tests that touch the store, import `store_web_fixture` too: `store_web`
+is the same server on each store (SQLite's `web`, and one over a PostgreSQL library with the
+`postgres` mark), so protocol-only tests do not pay for a second library.
 
 The photos: 36 drawn shapes (red ones dated 2020, the rest 2024 by mtime), one
 file named `<script>alert(1)</script>.jpg`, one 12-MP-style JPEG with EXIF
@@ -26,6 +29,7 @@ from retrieval.query.search import Searcher
 from retrieval.serve.runner import WebServer
 from retrieval.serve.state import ServeState
 from retrieval.tagging.labels import from_names
+from tests.conftest import STORES
 
 XSS_NAME = "<script>alert(1)</script>.jpg"  # a folder `<script>alert(1)<` holding `script>.jpg`
 TOKEN = "test-token-0123456789abcdef"
@@ -41,7 +45,7 @@ def rotated_jpeg(path: Path, size=(1600, 800)) -> None:
     image.save(path, "JPEG", exif=exif.tobytes())
 
 
-def build_library(base: Path, model_dir: Path) -> Path:
+def build_library(base: Path, model_dir: Path, db: str | None = None) -> Path:
     photos = base / "photos"
     pairs = synthetic.write_collection(photos / "shapes", per_class=3, seed=31)
     for path, label in pairs:
@@ -51,7 +55,7 @@ def build_library(base: Path, model_dir: Path) -> Path:
     shutil.copy(pairs[-1][0], photos / XSS_NAME)
     rotated_jpeg(photos / "rotated.jpg")
     spec = ModelSpec(model_dir=str(model_dir))
-    with Library.open(base / "lib", model=spec) as library:
+    with Library.open(base / "lib", model=spec, db=db) as library:
         index_paths(library, [str(photos)], spec, options=IndexOptions(workers=0))
         labels = sorted({label.replace("_", " ") for _, label in pairs})
         library.tag(from_names(labels), name="shapes")
@@ -63,15 +67,35 @@ def web_lib_fixture(tmp_path_factory, tiny_model_dir) -> Path:
     return build_library(tmp_path_factory.mktemp("web"), tiny_model_dir)
 
 
-@pytest.fixture(scope="module", name="web")
-def web_fixture(web_lib):
-    """A running server on 127.0.0.1 (any free port) with a known token."""
-    library = Library.open(web_lib, create=False)
+def serve(lib: Path, db: str | None = None):
+    """A running server on 127.0.0.1 (any free port) with a known token; stop it after."""
+    library = Library.open(lib, create=False, db=db)
     server = WebServer(ServeState(library, Searcher(library), token=TOKEN), "127.0.0.1", 0,
                        idle_timeout=2.0).start_in_thread()
-    yield server
-    server.stop()
-    library.close()
+    try:
+        yield server
+    finally:
+        server.stop()
+        library.close()
+
+
+@pytest.fixture(scope="module", name="web")
+def web_fixture(web_lib):
+    """The server over the SQLite library."""
+    yield from serve(web_lib)
+
+
+@pytest.fixture(scope="module", name="pg_web")
+def pg_web_fixture(tmp_path_factory, tiny_model_dir, pg_server):
+    """The same server over the same photos, kept in a PostgreSQL database."""
+    url = pg_server.database()
+    yield from serve(build_library(tmp_path_factory.mktemp("web-pg"), tiny_model_dir, db=url), db=url)
+
+
+@pytest.fixture(params=STORES, name="store_web")
+def store_web_fixture(request):
+    """`web` on each store: SQLite, then PostgreSQL."""
+    return request.getfixturevalue("web" if request.param == "sqlite" else "pg_web")
 
 
 def wait_for(predicate, timeout: float = 60.0, every: float = 0.2):

@@ -258,7 +258,7 @@ def verify_command(library_path, no_files, sample, wait, verbose, as_json) -> No
             report = verify_library(library, wait=wait, sample=sample, check_files=not no_files)
     except DamagedDatabase as exc:  # too damaged to open at all: still a finding, not a refusal
         report = VerifyReport()
-        report.problem("integrity", damaged_finding(exc.detail))
+        report.problem("integrity", damaged_finding(exc.detail, exc.hint))
     if as_json:
         out = report.as_dict()
         out["missing_files"] = [shown_path(p) for p in report.missing]

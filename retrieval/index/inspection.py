@@ -19,7 +19,7 @@ from sqlalchemy import select, text
 from retrieval.media import remote
 from retrieval.model.precision_cache import cached_choice
 from retrieval.store import postgres
-from retrieval.store.integrity import RESTORE_HINT, damage_of
+from retrieval.store.integrity import RESTORE_HINT, damage_of, restore_hint
 from retrieval.store.library import Library
 from retrieval.store.onnx_exports import export_problems
 from retrieval.store.runs import mixed_precision_problem, vectors_by_precision
@@ -132,7 +132,7 @@ def verify_library(library: Library, wait: bool = False, sample: int = 1000,
     with library.write_lock(wait=wait, check=False):
         damage = damage_of(library.engine)
         if damage is not None:
-            report.problem("integrity", damaged_finding(damage))
+            report.problem("integrity", damaged_finding(damage, restore_hint(library.engine)))
             return report
         record = library.model_record
         count = library.image_count()
@@ -157,9 +157,9 @@ def verify_library(library: Library, wait: bool = False, sample: int = 1000,
     return report
 
 
-def damaged_finding(detail: str) -> str:
+def damaged_finding(detail: str, hint: str = RESTORE_HINT) -> str:
     """How verify words damaged pages: the same sentence every other command refuses with."""
-    return f"the library database is damaged: {detail}; {RESTORE_HINT}"
+    return f"the library database is damaged: {detail}; {hint}"
 
 
 def _check_rows(library: Library, dim: int, report: VerifyReport, check_files: bool) -> np.ndarray:

@@ -37,18 +37,37 @@ _FULL_ERRNOS = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT}
 
 
 class DamagedDatabase(LibraryError):
-    """The library's SQLite file has damaged pages: nothing may be trusted or written."""
+    """The library's SQLite file has damaged pages, or its PostgreSQL schema lost a table, column
+    or trigger: nothing may be trusted or written."""
 
-    def __init__(self, detail: str, what: str = "the library database is damaged") -> None:
-        self.detail = detail
-        super().__init__(f"{what}: {detail}; {RESTORE_HINT}")
+    def __init__(self, detail: str, what: str = "the library database is damaged",
+                 hint: str = RESTORE_HINT) -> None:
+        self.detail, self.hint = detail, hint
+        super().__init__(f"{what}: {detail}; {hint}")
+
+
+def restore_hint(engine: Engine) -> str:
+    """How to get a sound database back: `clipfind backup` copies SQLite, pg_dump PostgreSQL."""
+    if engine.dialect.name == "postgresql":
+        from retrieval.store.postgres import RESTORE_HINT as PG_RESTORE_HINT
+
+        return PG_RESTORE_HINT
+    return RESTORE_HINT
 
 
 def damage_of(engine: Engine) -> str | None:
     """What `PRAGMA quick_check` finds wrong (first few lines), or None when the file is sound.
 
-    PostgreSQL: None; the server checks its own pages (checksums, WAL) and says so in the error
-    of whichever statement meets damage."""
+    PostgreSQL: the server checks its own pages (checksums, WAL) and says so in the error of
+    whichever statement meets damage; what is checked here is that the schema clipfind made is
+    all there (a table, column or change-log trigger dropped by hand is damage too)."""
+    if engine.dialect.name == "postgresql":
+        from retrieval.store.postgres import schema_damage
+        from retrieval.store.schema import Base
+
+        tables = {t.name: {c.name for c in t.columns} for t in Base.metadata.tables.values()}
+        with engine.connect() as conn:
+            return schema_damage(conn, tables)
     if engine.dialect.name != "sqlite":
         return None
     try:
@@ -72,10 +91,10 @@ def one_line(findings: list[str], keep: int = 3) -> str:
 
 
 def check_pages(engine: Engine) -> None:
-    """Raise DamagedDatabase if any page of the database is damaged."""
+    """Raise DamagedDatabase if any page of the database (PostgreSQL: its schema) is damaged."""
     detail = damage_of(engine)
     if detail is not None:
-        raise DamagedDatabase(detail)
+        raise DamagedDatabase(detail, hint=restore_hint(engine))
 
 
 def check_pages_if_small(engine: Engine, db_path: str | os.PathLike) -> None:
@@ -96,8 +115,12 @@ def library_error_for(exc: BaseException) -> LibraryError | None:
         return exc
     orig = exc.orig if isinstance(exc, DBAPIError) else exc
     if type(orig).__module__.startswith("psycopg"):  # only loaded when a library uses PostgreSQL
-        from retrieval.store.postgres import error_for
+        from retrieval.store.postgres import RESTORE_HINT as PG_RESTORE_HINT
+        from retrieval.store.postgres import error_for, schema_error_words
 
+        words = schema_error_words(orig)
+        if words is not None:
+            return DamagedDatabase(words, hint=PG_RESTORE_HINT)
         return error_for(orig)
     if isinstance(orig, sqlite3.Error):
         message = _first_line(orig)

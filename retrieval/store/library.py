@@ -149,7 +149,8 @@ class Library:
                 shutil.rmtree(root, ignore_errors=True)
             known = library_error_for(exc)
             if isinstance(known, DamagedDatabase):  # (or never a library: a stray file at that path)
-                raise DamagedDatabase(known.detail, f"cannot use {db_path} as a library database") from None
+                raise DamagedDatabase(known.detail, f"cannot use {store.label} as a library database",
+                                      known.hint) from None
             if known is not None and store.is_postgres:
                 raise known from None
             reason = " ".join(str(exc.orig if getattr(exc, "orig", None) else exc).split())[:300]
@@ -161,7 +162,14 @@ class Library:
         library = cls(root, engine, store)
         if check and not store.is_postgres:
             check_pages_if_small(engine, db_path)
-        library.ensure_identity()
+        try:
+            library.ensure_identity()
+        except (OperationalError, DatabaseError) as exc:  # e.g. PostgreSQL: the meta table dropped
+            engine.dispose()
+            known = library_error_for(exc)
+            if known is None:
+                raise
+            raise known from None
         store.remember(root)
         if model is not None:
             library.check_model_spec(model)
@@ -297,11 +305,14 @@ class Library:
 
         SQLite: an flock on `write.lock` in the folder. PostgreSQL: an advisory lock keyed
         by the library's identity, so writers on other machines wait too. Holding it, a
-        SQLite writer first checks every page of the database (`check`): writing into a
-        damaged file spreads the damage (PostgreSQL checks its own pages).
+        writer first checks the database (`check`): SQLite, every page (writing into a
+        damaged file spreads the damage); PostgreSQL, which checks its own pages, that no
+        table, column or change-log trigger is missing.
         """
         if self.store.is_postgres:
             with self._advisory_write_lock(wait):
+                if check:
+                    check_pages(self.engine)  # the schema clipfind made is all there
                 yield
             return
         lock_path = self.root / LOCK_NAME

@@ -21,7 +21,7 @@ import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from sqlalchemy import create_engine, text
+from sqlalchemy import create_engine, event, text
 from sqlalchemy.engine import URL, Connection, Engine, make_url
 from sqlalchemy.exc import ArgumentError, DBAPIError
 
@@ -91,6 +91,9 @@ def is_postgres(engine_or_conn: Engine | Connection) -> bool:
 
 
 # -- errors -------------------------------------------------------------------------------
+PRIVILEGES_HINT = ("the role lacks a privilege on the library: reading needs SELECT on its tables; "
+                   "writing commands also need INSERT, UPDATE and DELETE on them and USAGE on their "
+                   "sequences; making a library needs CREATE on the schema")
 _CONNECT_HINTS = (
     ("password authentication failed", "wrong user or password"),
     ("no password supplied", "a password is needed (in the URL, $PGPASSWORD or ~/.pgpass)"),
@@ -123,19 +126,60 @@ def error_for(exc: BaseException, where: str = "the library database") -> Librar
     if sqlstate == "25006":  # read_only_sql_transaction
         return LibraryError("the library database is read-only for this user: writing commands need a "
                             "role that may write it")
-    if sqlstate.startswith("42501"):  # insufficient_privilege
-        return LibraryError(f"the database refused: {_server_words(message)}")
+    if sqlstate == "42501":  # insufficient_privilege
+        return LibraryError(f"the database refused: {_server_words(message, orig)} ({PRIVILEGES_HINT})")
     if sqlstate in ("53100", "53200"):  # disk full, out of memory
-        return LibraryError(f"the database server cannot write ({_server_words(message)}); nothing "
+        return LibraryError(f"the database server cannot write ({_server_words(message, orig)}); nothing "
                             "committed is lost, run the command again when it has room")
     if sqlstate.startswith("57P"):  # admin shutdown, crash shutdown, cannot connect now
-        return LibraryError(f"the database server went away: {_server_words(message)}; run the "
+        return LibraryError(f"the database server went away: {_server_words(message, orig)}; run the "
                             "command again (nothing committed is lost)")
     return None
 
 
-def _server_words(message: str) -> str:
-    """libpq's 'connection to server at "h", port p failed: FATAL:  reason' -> 'reason'."""
+# -- a damaged schema: tables, columns or the change-log triggers gone --------------------------
+LOG_TRIGGERS = ("images_vector_add", "images_vector_change", "images_vector_del")  # migration 0001
+RESTORE_HINT = "run `clipfind verify`, or restore the database from a backup (pg_dump makes one)"
+_SCHEMA_STATES = {"42P01", "42703", "42883"}  # undefined table, column, function
+
+
+def schema_damage(conn: Connection, tables: dict[str, set[str]]) -> str | None:
+    """What is missing of the schema clipfind made (`tables`: name -> columns, and the change-log
+    triggers), in one line; None when nothing is. The PostgreSQL counterpart of SQLite's
+    quick_check: the server guards its pages, but a dropped table or trigger is damage too."""
+    have: dict[str, set[str]] = {}
+    for table, column in conn.execute(text(
+            "SELECT table_name, column_name FROM information_schema.columns "
+            "WHERE table_schema = current_schema()")):
+        have.setdefault(table, set()).add(column)
+    missing = []
+    for table, columns in sorted(tables.items()):
+        if table not in have:
+            missing.append(f"table {table} is missing")
+        else:
+            missing += [f"column {table}.{c} is missing" for c in sorted(columns - have[table])]
+    triggers = set(conn.execute(text("SELECT tgname FROM pg_trigger WHERE NOT tgisinternal "
+                                     "AND tgrelid = to_regclass('images')")).scalars())
+    missing += [f"trigger {t} on images is missing" for t in LOG_TRIGGERS if t not in triggers]
+    if not missing:
+        return None
+    more = f" (and {len(missing) - 3} more)" if len(missing) > 3 else ""
+    return "; ".join(missing[:3]) + more
+
+
+def schema_error_words(exc: BaseException) -> str | None:
+    """The server's words for a statement that met a missing table, column or function, else None."""
+    if getattr(exc, "sqlstate", None) not in _SCHEMA_STATES:
+        return None
+    return _server_words(str(exc), exc)
+
+
+def _server_words(message: str, orig: BaseException | None = None) -> str:
+    """libpq's 'connection to server at "h", port p failed: FATAL:  reason' -> 'reason'; a server
+    error's primary message alone (not the 'LINE 2: CREATE TABLE ...' that follows it)."""
+    primary = getattr(getattr(orig, "diag", None), "message_primary", None)
+    if primary:
+        return " ".join(primary.split()).rstrip(".")[:300]
     tail = message.rsplit("failed:", 1)[-1]
     for prefix in ("FATAL:", "ERROR:"):
         tail = tail.split(prefix, 1)[-1]
@@ -162,15 +206,54 @@ def advisory_lock(engine: Engine, key: int, wait: bool, busy_message) -> Iterato
             conn.execute(text("SELECT pg_advisory_lock(:k)"), {"k": key})
         elif not conn.execute(text("SELECT pg_try_advisory_lock(:k)"), {"k": key}).scalar_one():
             raise busy_message(_holder(conn, key))
+        guard = _CommitGuard(conn.execute(text("SELECT pg_backend_pid()")).scalar_one(), key)
+        event.listen(engine, "commit", guard)
         try:
             yield conn
         finally:
+            event.remove(engine, "commit", guard)
             try:
                 conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": key})
             except DBAPIError:  # the connection died: the server dropped the lock with it
                 pass
     finally:
         conn.close()
+
+
+class LostLock(LibraryError):
+    """The session holding the write lock ended (server restart, network, an administrator)."""
+
+    def __init__(self) -> None:
+        super().__init__("lost the library's write lock: the database session holding it ended (the "
+                         "server restarted, the network dropped, or an administrator closed it); the "
+                         "transaction in flight was rolled back and everything committed before it is "
+                         "kept: run the command again")
+
+
+class _CommitGuard:
+    """Refuses every commit on the engine while the write lock's session no longer holds it.
+
+    Why: the lock lives on one connection and the writes go through others, which the pool
+    reconnects silently; without this a writer whose lock session died would go on writing,
+    unlocked, beside the next writer. The check runs inside the committing transaction, so a
+    refused commit rolls back; what remains is the instant between the check and the commit.
+    """
+
+    def __init__(self, pid: int, key: int) -> None:
+        self.pid = pid
+        self.classid, self.objid = (key >> 32) & 0xFFFFFFFF, key & 0xFFFFFFFF
+
+    def __call__(self, conn: Connection) -> None:
+        cursor = conn.connection.dbapi_connection.cursor()
+        try:
+            cursor.execute("SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND granted "
+                           "AND pid = %s AND classid = %s AND objid = %s AND objsubid = 1)",
+                           (self.pid, self.classid, self.objid))
+            held = cursor.fetchone()[0]
+        finally:
+            cursor.close()
+        if not held:
+            raise LostLock()
 
 
 def lock_held(engine: Engine, key: int) -> bool:
