@@ -5,6 +5,7 @@
     .venv/bin/python bench/index_throughput.py --model-dir DIR --workers 2
     .venv/bin/python bench/index_throughput.py --runtimes          # + runtime axis, default vs best explicit
     .venv/bin/python bench/index_throughput.py --runtimes --quick  # the same, small (a smoke run)
+    .venv/bin/python bench/index_throughput.py --memory --quick    # memory of a run per precision
 
 Measures, on the same model, workers and batch size:
   (a) decode + preprocess alone, through the indexer's own DataLoader;
@@ -18,8 +19,12 @@ With --runtimes: the encoder alone on torch and ONNX Runtime at fp32 and int8, a
 precision all measured by clipfind) against every explicit --threads x --workers
 setting, each a first run into its own library, after one warm-up run that fills
 the per-machine caches (precision choice, ONNX exports) so no run pays for them.
-Each phase runs in its own process, so "peak RSS" is that phase's own high-water mark
-(main process + its largest child). Photos (1024x768 JPEG, quality 90, drawn:
+With --memory: one first run per precision (torch fp32, bf16 where the CPU has it, int8;
+ONNX Runtime fp32 and int8), each into its own library, with the memory columns.
+Each phase runs in its own process, sampled from outside (bench/memory.py): "main MB"
+is its peak RSS, "workers MB" the largest sum of its children's unique memory (a
+forked decode worker's RSS counts the model pages it shares with the main process, its
+unique memory does not), "sum MB" both: issue 17's target is <= 1200 MB. Photos (1024x768 JPEG, quality 90, drawn:
 gradients, noise, shapes) are generated once into --cache-dir and reused.
 """
 
@@ -29,7 +34,6 @@ import argparse
 import json
 import os
 import resource
-import subprocess
 import sys
 import tempfile
 import time
@@ -38,6 +42,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve()
 sys.path.insert(0, str(HERE.parent.parent))
+from bench.memory import run_sampled  # noqa: E402
 from bench.subset import symlinked_subset  # noqa: E402
 from retrieval import config  # noqa: E402
 
@@ -234,12 +239,12 @@ def _without(argv: list[str], flag: str) -> list[str]:
 
 
 def run_phase(name: str, argv: list[str]) -> dict:
-    out = subprocess.run([sys.executable, str(HERE), "--phase", name, *argv],
-                         capture_output=True, text=True)
+    """One phase in its own process, its memory sampled from outside (bench/memory.py)."""
+    out, memory = run_sampled([sys.executable, str(HERE), "--phase", name, *argv])
     if out.returncode:
         sys.stderr.write(out.stderr)
         raise SystemExit(f"phase {name} failed ({out.returncode})")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return {**json.loads(out.stdout.strip().splitlines()[-1]), "memory": memory}
 
 
 def _peak_mb() -> dict:
@@ -267,6 +272,9 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--runtimes", action="store_true",
                    help="also time the encoder on torch and ONNX Runtime, fp32 and int8, and index "
                         "with each explicit --threads to compare with the default (measured) choice")
+    p.add_argument("--memory", action="store_true",
+                   help="also index once per precision (fp32, bf16, int8, onnx-fp32, onnx-int8), "
+                        "each into its own library, to compare their memory")
     p.add_argument("--quick", action="store_true",
                    help="a smoke run: 96 photos, 64 images for (b) (numbers mean little)")
     p.add_argument("--phase", help=argparse.SUPPRESS)
@@ -288,7 +296,8 @@ def main(argv=None) -> int:
         return 0
     ensure_photos(args.cache_dir, args.count)
     folder = symlinked_subset(args.cache_dir, args.count)
-    passthrough = [a for a in (argv if argv is not None else sys.argv[1:]) if a not in ("--json", "--quick")]
+    passthrough = [a for a in (argv if argv is not None else sys.argv[1:])
+                   if a not in ("--json", "--quick", "--memory", "--runtimes")]
     with tempfile.TemporaryDirectory(prefix="clipfind-bench-") as tmp:
         lib = ["--library", str(Path(tmp) / "lib")]
         if args.runtimes:  # fills the per-machine caches, so the timed first runs all find them
@@ -298,6 +307,13 @@ def main(argv=None) -> int:
                    "b_encode": run_phase("encode", passthrough),
                    "c_index": run_phase("index", passthrough + lib),
                    "reindex": run_phase("index", passthrough + lib)}
+        if args.memory:
+            from retrieval.model.autoprecision import candidates
+
+            for mode in candidates("cpu"):
+                own = ["--library", str(Path(tmp) / f"lib-{mode}")]
+                results[f"memory_{mode}"] = run_phase("index", _without(passthrough, "--precision") + own
+                                                      + ["--precision", mode])
         if args.runtimes:
             results["runtimes"] = run_phase("runtimes", passthrough)
             explicit = _without(_without(passthrough, "--threads"), "--workers")
@@ -319,19 +335,31 @@ def main(argv=None) -> int:
     print(f"model: {summary['model']} | device {summary['device']} {summary['precision']} | "
           f"{args.count} photos 1024x768 | workers {summary['workers']} | batch {summary['batch_size']} | "
           f"encoder threads {b['threads']} | {summary['cpus']} CPUs, load average {os.getloadavg()[0]:.1f}")
-    print(f"{'phase':<44} {'images':>7} {'seconds':>8} {'img/s':>8} {'peak RSS MB':>12}")
+    print(f"{'phase':<44} {'images':>7} {'seconds':>8} {'img/s':>8} {'main MB':>8} {'workers MB':>11} "
+          f"{'sum MB':>7}")
     rows = [("(a) decode + preprocess (DataLoader)", a), ("(b) encoder forward only", b),
             ("(c) clipfind index, whole run", c), ("re-index, unchanged collection", r)]
     for label, row in rows:
-        rss = f"{row['peak_rss_mb']:.0f}+{row['peak_child_rss_mb']:.0f}"
-        print(f"{label:<44} {row['images']:>7} {row['seconds']:>8.2f} {row['per_s']:>8.1f} {rss:>12}")
+        print(f"{label:<44} {row['images']:>7} {row['seconds']:>8.2f} {row['per_s']:>8.1f} {_memory(row)}")
     print(f"(c) / min(a, b) = {summary['overlap_ratio']:.2f}   (target >= 0.8); without the "
           f"{c['model_load_s']:.1f} s model load: {summary['overlap_ratio_after_load']:.2f}")
     print(f"re-index / first run = {100 * summary['reindex_ratio']:.2f} %   (target < 2 %)")
-    print("peak RSS: main process + largest child (decode worker)")
+    print("memory: main = the phase process's peak RSS (VmHWM); workers = the largest sum of its "
+          "children's unique memory (Private_Clean+Private_Dirty, sampled every 50 ms); sum = the "
+          "largest main RSS + workers' unique in one sample, at least main (target for (c) with "
+          "ViT-B-32: <= 1200 MB)")
+    if args.memory:
+        print(f"{'first index run, one precision each':<44} {'img/s':>8} {'main MB':>8} {'workers MB':>11} {'sum MB':>7}")
+        for name, run in (kv for kv in results.items() if kv[0].startswith("memory_")):
+            print(f"  {name[len('memory_'):]:<42} {run['per_s_after_load']:8.1f} {_memory(run)}")
     if args.runtimes:
         print_runtimes(results, c)
     return 0
+
+
+def _memory(row: dict) -> str:
+    m = row["memory"]
+    return f"{m['main_peak_mb']:>8.0f} {m['workers_peak_mb']:>11.0f} {m['total_mb']:>7.0f}"
 
 
 def print_runtimes(results: dict, default_run: dict) -> None:
@@ -348,10 +376,11 @@ def print_runtimes(results: dict, default_run: dict) -> None:
     # warm-up run filled the machine's caches. Minutes apart: on a busy machine, re-run.
     rate = "per_s_after_load"
     best_name, best = max(explicit.items(), key=lambda kv: kv[1][rate])
-    print(f"{'index run (first run, own library)':<44} {'img/s':>8}  precision (runtime), threads, workers")
+    print(f"{'index run (first run, own library)':<44} {'img/s':>8} {'main MB':>8} {'workers MB':>11} "
+          f"{'sum MB':>7}  precision (runtime), threads, workers")
 
     def row(label: str, run: dict) -> None:
-        print(f"  {label:<42} {run[rate]:8.1f}  {run.get('precision_used')} ({run.get('runtime')}), "
+        print(f"  {label:<42} {run[rate]:8.1f} {_memory(run)}  {run.get('precision_used')} ({run.get('runtime')}), "
               f"{run.get('threads')} threads, {run.get('workers')} workers")
 
     row("default flags (all measured)", default_run)

@@ -38,6 +38,7 @@ from retrieval.index.threads import ThreadTuner
 from retrieval.index.workers import WorkerTuner
 from retrieval.media import remote
 from retrieval.media.images import DEFAULT_MAX_PIXELS
+from retrieval.model import release
 from retrieval.model.precision_cache import onnxruntime_version
 from retrieval.model.spec import ModelSpec
 from retrieval.store.library import Library
@@ -217,7 +218,8 @@ class IndexStages:
 
         from retrieval.media import pipeline
 
-        encoder = self.load_encoder()
+        release.fix_mmap_threshold()  # activations' buffers go back to the kernel (model/release.py)
+        encoder = self.load_encoder(images_only=True)
         opts = self.options
         threads = torch.get_num_threads()
         tuner = None
@@ -277,10 +279,16 @@ class IndexStages:
                 self.stats["workers"], self.stats["worker_waits"] = workers_tuner.workers, workers_tuner.history
             torch.set_num_threads(threads)
 
-    def load_encoder(self) -> Encoder:
-        """The library's encoder at the precision this run uses; records it on the run."""
+    def load_encoder(self, images_only: bool = False) -> Encoder:
+        """The library's encoder at the precision this run uses; records it on the run.
+
+        `images_only`: this process encodes nothing else, so the encoder keeps only the image
+        tower it runs (`Encoder.keep_image_tower_only`, before the precision is settled, so
+        the text tower is gone before an int8/bf16 copy is made)."""
         library = self.library
         encoder = library.encoder(self.spec, device=self.device, precision=self.precision_to_use())
+        if images_only:
+            encoder.keep_image_tower_only()
         if self.options.index_type:
             check_factory(self.options.index_type, encoder.embed_dim)
         with library.session() as s, s.begin():

@@ -299,6 +299,20 @@ def choose(encoder: Measurable, refresh: bool = False) -> dict:
     return {**entry, "source": source}
 
 
+def will_measure(encoder: Measurable, requested: str) -> bool:
+    """Whether `settle(encoder, requested)` would time the modes now (not answer from the cache).
+
+    Measuring needs the whole fp32 model (text queries judge the top-10 overlap), so a caller
+    about to free part of it settles first when this says so."""
+    if encoder.device.type != "cpu" or requested not in ("auto", "bf16", "int8", *ONNX_MODES):
+        return False
+    entry = cached_entry(machine_key(encoder.fingerprint))
+    if entry is None or entry["chosen"] not in candidates(encoder.device.type):
+        return True
+    return requested != "auto" and requested not in entry.get("agreement", {}) \
+        and requested not in entry.get("errors", {})
+
+
 def settle(encoder: Measurable, requested: str) -> dict:
     """Called by Encoder on a CPU: make `auto` concrete, check a forced mode; returns the report."""
     report: dict[str, Any] = {"requested": requested}

@@ -26,7 +26,7 @@ import torch
 
 from retrieval import config
 from retrieval.errors import ModelError
-from retrieval.model import autoprecision, hftext
+from retrieval.model import autoprecision, hftext, release
 from retrieval.model.onnx_export import ExportError
 from retrieval.model.onnx_tower import ONNX_MODES, onnx_image_model
 from retrieval.model.runtime import image_model_at
@@ -246,19 +246,63 @@ class Encoder:
         saves a text forward pass (~1 s of CPU on ViT-B-32) before the first image."""
         self.spec = spec
         self.device = choose_device(device)
-        self.model, self.preprocess, self.tokenizer = load_model(spec, self.device)
-        self.fingerprint = weights_fingerprint(self.model)
+        self._model, self.preprocess, self.tokenizer = load_model(spec, self.device)
+        self._released: str | None = None  # "text" or "all": freed by keep_image_tower_only()
+        self.fingerprint = weights_fingerprint(self._model)
         self._precision = resolve_precision(precision, self.device)
         self.embed_dim = int(embed_dim) if embed_dim else self._probe_dim()
-        self.image_size = _image_size(self.model)
+        self.image_size = _image_size(self._model)
         # The tokenizer's limit is the one texts are cut at (a BERT tower reports 512 positions).
         self.context_length = int(getattr(self.tokenizer, "context_length", None)
-                                  or getattr(self.model, "context_length", 77))
+                                  or getattr(self._model, "context_length", 77))
         self._image_model = self._prepare_for_precision(self._precision)  # ONNX exports need the above
         self._precision_report: dict | None = None
         # Settled on first need (an image to encode, or `precision` read), so that commands
         # that only encode text never pay for measuring the image tower.
         self._unsettled: str | None = precision if self.device.type == "cpu" else None
+
+    @property
+    def model(self) -> torch.nn.Module:
+        """The whole model, both towers in fp32 (reloaded if `keep_image_tower_only` freed them)."""
+        if self._released:
+            self._reload()
+        return self._model
+
+    # -- memory ----------------------------------------------------------------------
+    def keep_image_tower_only(self) -> int:
+        """Free the weights that encoding images at the settled precision does not use.
+
+        Indexing encodes images only: the text tower (~260 MB of ViT-B-32's 660 MB) and,
+        once an int8, bf16 or ONNX image tower runs, the fp32 image weights are dead
+        weight there (retrieval.model.release says what they cost). The text tower goes
+        before the int8/bf16 copy is made, so the two never add up; if the precision has
+        to be measured first (once per model and machine), that needs both towers.
+        Anything that needs them later (`model`, `encode_texts`) reloads them: seconds,
+        never wrong answers. Returns the bytes let go; a no-op on a GPU.
+        """
+        if self.device.type != "cpu" or self._released:
+            return 0
+        if self._unsettled is not None and autoprecision.will_measure(self, self._unsettled):
+            self._settle()
+        freed = release.release_tensors(self._model, keep=release.tensors_of(self._model.visual))
+        self._released = "text"
+        release.trim_heap()
+        self._settle()  # builds the int8/bf16 copy or ONNX session from the fp32 image tower
+        image_tower = getattr(self._image_model, "visual", None)
+        if image_tower is not self._model.visual:
+            freed += release.release_tensors(self._model.visual, keep=release.tensors_of(image_tower))
+            self._released = "all"
+            release.trim_heap()
+        return freed
+
+    def _reload(self) -> None:
+        """Load the weights again after `keep_image_tower_only`; they must be the same weights."""
+        model, _, _ = load_model(self.spec, self.device)
+        if weights_fingerprint(model) != self.fingerprint:
+            raise ModelError(f"{self.spec.label}: the weights changed on disk while clipfind was using them")
+        if self._image_model is self._model:
+            self._image_model = model
+        self._model, self._released = model, None
 
     # -- precision -----------------------------------------------------------------
     def _prepare_for_precision(self, precision: str) -> torch.nn.Module:
@@ -269,7 +313,8 @@ class Encoder:
         weights on every call, as autocast does, costs more than bf16 saves on CPUs.
         """
         if self.device.type == "cpu" and precision in ("bf16", "int8"):
-            return image_model_at(self.model, precision)
+            # Only the image tower is copied: without its text tower (released), the model serves.
+            return image_model_at(self.model if self._released == "all" else self._model, precision)
         if precision in ONNX_MODES:
             try:
                 return onnx_image_model(self, precision)
@@ -277,7 +322,7 @@ class Encoder:
                 raise ModelError(f"--precision {precision} needs onnxruntime (pip install onnxruntime)") from exc
             except ExportError as exc:
                 raise ModelError(f"--precision {precision}: cannot export this model to ONNX ({exc})") from exc
-        return self.model
+        return self.model if self._released == "all" else self._model
 
     @property
     def precision(self) -> str:
