@@ -166,3 +166,28 @@ def test_it_refuses_another_model_and_cannot_write(made, tmp_path, tiny_model_di
             reads.all("DELETE FROM images")
         # What it lacks is the full library's, opened on first use (here: a session).
         assert library.full is not None and library.image_count() > 0
+
+
+def mapped_files() -> set[str]:
+    with open("/proc/self/maps") as maps:
+        return {line.split(maxsplit=5)[-1].strip() for line in maps if "/" in line}
+
+
+def test_a_query_maps_the_flat_index_and_edits_only_an_in_memory_copy(made, tmp_path):
+    """A one-shot query maps index.faiss instead of copying it; a catch-up (rows deleted
+    behind the saved index) first swaps in an in-memory copy, since FAISS aborts the process
+    on editing a mapped index. Both answer as the SQLAlchemy path does."""
+    lib = library_copy(made, tmp_path)
+    index_file = str(lib / "index.faiss")
+    with open_for_query(lib) as library:
+        assert isinstance(library, QueryLibrary)
+        vectors = library.vectors()
+        assert index_file in mapped_files()
+        before = int(vectors.index.ntotal)
+    with sqlite3.connect(lib / "clipfind.db") as conn:
+        conn.execute("DELETE FROM images WHERE id = (SELECT min(id) FROM images)")
+    with open_for_query(lib) as library:
+        caught_up = library.vectors()
+        assert int(caught_up.index.ntotal) == before - 1
+    with Library.open(lib, create=False) as full:
+        assert int(full.vectors().index.ntotal) == before - 1

@@ -115,7 +115,7 @@ class QueryLibrary:
     def vectors(self, sync: bool = True) -> VectorIndex:
         """The FAISS index, caught up with the database (as `Library.vectors`)."""
         if self._vectors is None:
-            self._vectors = VectorIndex(self.root, self.dim, self.identity)
+            self._vectors = VectorIndex(self.root, self.dim, self.identity, mapped=True)
         if sync:
             self._vectors.sync(self)
         return self._vectors

@@ -18,10 +18,14 @@ import faiss
 MMAP_FLAGS = faiss.IO_FLAG_ONDISK_SAME_DIR | faiss.IO_FLAG_READ_ONLY
 
 
-def open_index(path: Path, on_disk: bool) -> faiss.Index:
-    """Read an index; on-disk IVF lists are memory-mapped read-only from the `.ivfdata` beside it."""
+def open_index(path: Path, on_disk: bool, mapped: bool = False) -> faiss.Index:
+    """Read an index; on-disk IVF lists are memory-mapped read-only from the `.ivfdata` beside it.
+
+    `mapped` (a one-shot query) maps a flat index's vectors from the file instead of copying
+    them (100k x 512 floats: 0.25 s and 200 MB less). FAISS aborts the process on any edit of
+    a mapped index, so its holder must reopen it unmapped before adding or removing vectors."""
     if not on_disk:
-        return faiss.read_index(str(path))
+        return faiss.read_index(str(path), faiss.IO_FLAG_MMAP_IFC if mapped else 0)
     with quiet_stdout():  # FAISS announces the renamed data path on stdout, which --json owns
         return faiss.read_index(str(path), MMAP_FLAGS)
 

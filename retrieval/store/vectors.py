@@ -113,8 +113,10 @@ class IndexState:
 class VectorIndex:
     """FAISS over the database's embeddings; `sync()` makes it agree with the database."""
 
-    def __init__(self, root: Path, dim: int, library_id: str | None = None) -> None:
+    def __init__(self, root: Path, dim: int, library_id: str | None = None, mapped: bool = False) -> None:
         self.root = Path(root)
+        self.mapped = mapped  # open a saved flat index memory-mapped (see index_files.open_index)
+        self._index_is_mapped = False
         self.dim = dim
         self.library_id = library_id  # None (an old library opened read-only): not checked
         self.index_path = self.root / INDEX_FILE
@@ -132,12 +134,13 @@ class VectorIndex:
             state = IndexState(**json.loads(self.state_path.read_text()))
             if self.library_id is not None and state.library_id != self.library_id:
                 return False
-            index = open_index(self.index_path, state.on_disk)
+            index = open_index(self.index_path, state.on_disk, mapped=self.mapped)
         except (OSError, ValueError, TypeError, RuntimeError):
             return False
         if index.d != self.dim or index.ntotal != state.ntotal:
             return False
         self.index, self.state = index, state
+        self._index_is_mapped = self.mapped and not state.on_disk
         self.delta, self._delta_upto = Delta.empty(self.dim), -1
         return True
 
@@ -161,6 +164,7 @@ class VectorIndex:
         fsync_write(self.state_path, lambda tmp: tmp.write_text(json.dumps(state.__dict__)))
         shutil.rmtree(built.build_dir, ignore_errors=True)
         self.index, self.state = open_index(self.index_path, state.on_disk), state
+        self._index_is_mapped = False
         self.delta, self._delta_upto = Delta.empty(self.dim), -1
         self.drop_unused_data_files()
 
@@ -196,7 +200,7 @@ class VectorIndex:
                 ids = np.array([r[0] for r in rows], dtype=np.int64)
                 index.add_with_ids(blobs_to_matrix([r[1] for r in rows], self.dim), ids)
                 last_id = int(ids[-1])
-        self.index = index
+        self.index, self._index_is_mapped = index, False
         self.state = IndexState(watermark=watermark, factory=factory, nprobe=self.state.nprobe,
                                 library_id=self.library_id)
         self.delta, self._delta_upto = Delta.empty(self.dim), -1
@@ -251,6 +255,8 @@ class VectorIndex:
                                       {"w": self.state.watermark, "last": last})))
         if ids:
             id_array = np.array(ids, dtype=np.int64)
+            if not self._own_index():
+                return None
             try:
                 self.index.remove_ids(id_array)
             except RuntimeError:  # e.g. HNSW cannot remove: rebuild instead
@@ -265,6 +271,20 @@ class VectorIndex:
                     )
         self.state.watermark = last
         return "caught-up"
+
+    def _own_index(self) -> bool:
+        """Before an edit: swap a memory-mapped index for an in-memory copy of the same file
+        (FAISS aborts on editing a mapped one). False if the file no longer matches."""
+        if not self._index_is_mapped:
+            return True
+        try:
+            index = open_index(self.index_path, on_disk=False)
+        except (OSError, RuntimeError):
+            return False
+        if index.ntotal != self.index.ntotal or index.d != self.dim:
+            return False
+        self.index, self._index_is_mapped = index, False
+        return True
 
     def _count_matches(self, reads: Reads) -> bool:
         return self.index.ntotal == _count(reads)
