@@ -102,7 +102,7 @@ def ensure_export(library: Library, precision: str = "fp32", encoder: Encoder | 
             if not found:  # another process exported while we waited
                 return folder
             if notice is not None:
-                notice(f"{found[0]}; exporting the model to ONNX (once, a few seconds)")
+                notice(f"{found[0]}; exporting the model to ONNX (once; a minute or two for a ViT-B model on a small CPU)")
             remove_leftovers(folder.parent)
             for other in root.iterdir():  # exports of weights this library no longer uses
                 if other.is_dir() and other.name != fingerprint and not other.name.startswith("."):
