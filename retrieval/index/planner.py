@@ -23,6 +23,7 @@ from retrieval.media import remote
 from retrieval.media.images import DEFAULT_MAX_PIXELS, ImageError, read_info
 from retrieval.media.scan import FileEntry, content_hash, diff, walk
 from retrieval.store.library import Library
+from retrieval.store.reads import in_list
 from retrieval.store.schema import Image, path_from_db, path_to_db
 from retrieval.store.sql import in_chunks, under_folder
 
@@ -165,8 +166,8 @@ def scopes(folders: Sequence[str], files: Sequence[str] = ()) -> Iterable[tuple[
     for folder in folders:
         yield under_folder(path_to_db(folder)[0])
     for part in in_chunks(sorted({path_to_db(f)[0] for f in files})):
-        names = [f"f{i}" for i in range(len(part))]
-        yield f"path IN ({', '.join(':' + n for n in names)})", dict(zip(names, part))
+        listed, params = in_list(part, "f", str)
+        yield f"path IN {listed}", params
 
 
 def _drop_known_failures(library: Library, roots: Sequence[str], files: Sequence[str],

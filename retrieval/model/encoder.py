@@ -314,7 +314,7 @@ class Encoder:
         """
         if self.device.type == "cpu" and precision in ("bf16", "int8"):
             # Only the image tower is copied: without its text tower (released), the model serves.
-            return image_model_at(self.model if self._released == "all" else self._model, precision)
+            return image_model_at(self._image_weights(), precision)
         if precision in ONNX_MODES:
             try:
                 return onnx_image_model(self, precision)
@@ -322,6 +322,11 @@ class Encoder:
                 raise ModelError(f"--precision {precision} needs onnxruntime (pip install onnxruntime)") from exc
             except ExportError as exc:
                 raise ModelError(f"--precision {precision}: cannot export this model to ONNX ({exc})") from exc
+        return self._image_weights()
+
+    def _image_weights(self) -> torch.nn.Module:
+        """The fp32 model whose image tower a precision is built from: with only the text tower
+        released it serves as it is; with the image weights released too, they are reloaded."""
         return self.model if self._released == "all" else self._model
 
     @property

@@ -15,7 +15,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sqlite3
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 from urllib.parse import quote
 
@@ -85,11 +85,12 @@ def reading(source) -> Iterator[Reads]:
             yield EngineReads(conn)
 
 
-def in_list(values: Sequence[int], name: str = "id") -> tuple[str, dict[str, int]]:
+def in_list(values: Sequence, name: str = "id", convert: Callable[[Any], Any] = int) -> tuple[str, dict]:
     """("(:id0, :id1, ...)", their parameters): an `IN` list both drivers bind. Keep `values` to
-    `sql.IN_CHUNK` or fewer (SQLite's bound-parameter limit)."""
+    `sql.IN_CHUNK` or fewer (SQLite's bound-parameter limit). `convert` makes each value one a
+    driver binds (ids arrive as numpy integers, which sqlite3 refuses)."""
     keys = [f"{name}{i}" for i in range(len(values))]
-    return "(" + ", ".join(f":{k}" for k in keys) + ")", {k: int(v) for k, v in zip(keys, values)}
+    return "(" + ", ".join(f":{k}" for k in keys) + ")", {k: convert(v) for k, v in zip(keys, values)}
 
 
 def readonly_uri(db_path: str | os.PathLike) -> str:
