@@ -11,7 +11,6 @@ error, an unreadable object is skipped like an unreadable file.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 from collections.abc import Callable, Iterable
@@ -19,7 +18,7 @@ from datetime import datetime, timezone
 
 from retrieval.errors import InputError, UsageError
 from retrieval.media.images import IMAGE_EXTENSIONS, ImageError
-from retrieval.media.scan import FileEntry
+from retrieval.media.scan import FileEntry, content_digest
 
 _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 _MTIME_KEYS = ("mtime", "LastModified", "last_modified", "updated", "modified", "created", "ctime")
@@ -122,7 +121,7 @@ def stat(url: str) -> tuple[int, int]:
 def content_hash(url: str, chunk: int = 1 << 20) -> str:
     """The same BLAKE2b-128 as `media.scan.content_hash`, so a URL and a local copy of the
     same bytes are one image (a duplicate, not a second encoding)."""
-    digest = hashlib.blake2b(digest_size=16)
+    digest = content_digest()
     fs, path = filesystem(url)
     with fs.open(path, "rb") as fh:
         while block := fh.read(chunk):

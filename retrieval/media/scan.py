@@ -156,6 +156,12 @@ def _log_error(path: str, reason: str) -> None:
     log.warning("skipped %s: %s", path, reason)
 
 
+def content_digest():
+    """A fresh digest of the kind every content hash is (BLAKE2b-128): local files and URLs alike,
+    so the same bytes anywhere are one image."""
+    return hashlib.blake2b(digest_size=16)
+
+
 def content_hash(path: str | os.PathLike[str] | bytes, chunk: int = 1 << 20) -> str:
     """BLAKE2b-128 hex of the file's bytes, read in ``chunk``-sized pieces.
 
@@ -164,7 +170,7 @@ def content_hash(path: str | os.PathLike[str] | bytes, chunk: int = 1 << 20) -> 
     Only a regular file is read, and only as many bytes as it had when opened
     (``NotRegularFile`` for a FIFO or device: `/dev/zero` would never end).
     """
-    digest = hashlib.blake2b(digest_size=16)
+    digest = content_digest()
     buffer = bytearray(chunk)
     view = memoryview(buffer)
     fh, st = open_regular(path)
