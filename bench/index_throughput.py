@@ -210,7 +210,11 @@ def phase_index(args, folder: Path) -> dict:
     with Library.open(lib_dir) as lib:
         loaded = start
         if lib.model_record is None:  # the first run loads the model: timed apart as well
-            _ = lib.encoder(_spec(args), args.device, args.precision).precision  # settles auto (cached)
+            # As the indexer loads it (Indexer.encode, load_encoder): image tower only, auto settled (cached).
+            from retrieval.model import release
+
+            release.fix_mmap_threshold()
+            lib.encoder(_spec(args), args.device, args.precision, images_only=True).keep_image_tower_only()
             loaded = time.perf_counter()
         result = index_paths(lib, [str(folder)], _spec(args), args.device, args.precision, options)
     seconds = time.perf_counter() - start

@@ -282,11 +282,13 @@ class IndexStages:
     def load_encoder(self, images_only: bool = False) -> Encoder:
         """The library's encoder at the precision this run uses; records it on the run.
 
-        `images_only`: this process encodes nothing else, so the encoder keeps only the image
-        tower it runs (`Encoder.keep_image_tower_only`, before the precision is settled, so
-        the text tower is gone before an int8/bf16 copy is made)."""
+        `images_only`: this process encodes nothing else, so the encoder builds only the image
+        tower where it can, and keeps only the one it runs (`Encoder.keep_image_tower_only`,
+        before the precision is settled, so the text tower is gone before an int8/bf16 copy
+        is made)."""
         library = self.library
-        encoder = library.encoder(self.spec, device=self.device, precision=self.precision_to_use())
+        encoder = library.encoder(self.spec, device=self.device, precision=self.precision_to_use(),
+                                  images_only=images_only)
         if images_only:
             encoder.keep_image_tower_only()
         if self.options.index_type:

@@ -14,7 +14,6 @@ Outputs are always L2-normalised float32 numpy arrays, whatever ran inside.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import socket
@@ -26,7 +25,7 @@ import torch
 
 from retrieval import config
 from retrieval.errors import ModelError
-from retrieval.model import autoprecision, hftext, release
+from retrieval.model import autoprecision, hftext, release, towers
 from retrieval.model.onnx_export import ExportError
 from retrieval.model.onnx_tower import ONNX_MODES, onnx_image_model
 from retrieval.model.runtime import image_model_at
@@ -72,13 +71,7 @@ def weights_fingerprint(model: torch.nn.Module) -> str:
     Hashing every byte of a 600 MB model would add seconds to each query; a
     strided sample of every tensor tells different weights apart just as well.
     """
-    digest = hashlib.blake2b(digest_size=12)
-    for name, tensor in sorted(model.state_dict().items()):
-        flat = tensor.detach().reshape(-1).float().cpu()
-        step = max(1, flat.numel() // 4096)
-        digest.update(f"{name}:{tuple(tensor.shape)}".encode())
-        digest.update(flat[::step].numpy().tobytes())
-    return digest.hexdigest()
+    return towers.fingerprint_of({name: towers.sample(t) for name, t in model.state_dict().items()})
 
 
 def _is_config_file(model: str | None) -> bool:
@@ -200,19 +193,15 @@ def _own_config(spec: ModelSpec) -> tuple[dict | None, Path | None]:
     return cfg, file.parent
 
 
-def load_model(spec: ModelSpec, device: torch.device):
-    """Build the open_clip model, its eval transform and tokenizer; every failure is a ModelError.
+def _creation_args(spec: ModelSpec) -> tuple[str, str | None, dict, bool]:
+    """(open_clip name, pretrained, create_model overrides, needs a download) for `spec`.
 
     A config whose text tower is a Hugging Face model gets its tower folder
     resolved first (retrieval.model.hftext), so a model dir or config file that
     names a local folder or an installed package loads with no network.
     """
-    import open_clip
-
     _check_source_exists(spec)
     name, pretrained = _open_clip_name(spec)
-    if spec.random_weights:
-        torch.manual_seed(0)  # the same "random" model every time, so libraries can reopen it
     needs_download = bool(spec.pretrained) and not Path(spec.pretrained).is_file()
     own_cfg, base_dir = _own_config(spec)
     overrides: dict = {}
@@ -220,15 +209,22 @@ def load_model(spec: ModelSpec, device: torch.device):
         hftext.require_transformers(spec.label)
         overrides["text_cfg"], needs_hub = hftext.resolve_text_cfg(own_cfg, base_dir, spec.label)
         needs_download = needs_download or needs_hub
+    return name, pretrained, overrides, needs_download
+
+
+def load_model(spec: ModelSpec, device: torch.device):
+    """Build the open_clip model, its eval transform and tokenizer; every failure is a ModelError."""
+    import open_clip
+
+    name, pretrained, overrides, needs_download = _creation_args(spec)
+    if spec.random_weights:
+        torch.manual_seed(0)  # the same "random" model every time, so libraries can reopen it
     try:
         with _quiet_offline_aware_loading(needs_download):
             model, _, preprocess = open_clip.create_model_and_transforms(
                 name, pretrained=pretrained, device=device, load_weights=not spec.random_weights, **overrides
             )
-            if overrides:
-                tokenizer = hftext.hf_tokenizer(overrides["text_cfg"])
-            else:
-                tokenizer = open_clip.get_tokenizer(name)
+            tokenizer = _tokenizer(name, overrides)
     except ModelError:
         raise
     except Exception as exc:  # open_clip raises RuntimeError/ValueError/OSError/pickle errors
@@ -237,21 +233,61 @@ def load_model(spec: ModelSpec, device: torch.device):
     return model, preprocess, tokenizer
 
 
+def _tokenizer(name: str, overrides: dict):
+    import open_clip
+
+    return hftext.hf_tokenizer(overrides["text_cfg"]) if overrides else open_clip.get_tokenizer(name)
+
+
+def load_image_model(spec: ModelSpec, device: torch.device):
+    """(model with only its image tower in memory, eval transform, tokenizer, fingerprint of the
+    whole model), or None where only the whole build can do it (retrieval.model.towers)."""
+    name, pretrained, overrides, needs_download = _creation_args(spec)
+    try:
+        with _quiet_offline_aware_loading(needs_download):
+            built = towers.load_image_tower(spec, name, pretrained, overrides, device)
+            if built is None:
+                return None
+            tokenizer = _tokenizer(name, overrides)
+    except ModelError:
+        raise
+    except Exception as exc:
+        raise _load_failure(spec, exc) from exc
+    model, preprocess, fingerprint = built
+    return model, preprocess, tokenizer, fingerprint
+
+
 class Encoder:
     """A loaded model that turns PIL images, pixel tensors and texts into unit vectors."""
 
     def __init__(self, spec: ModelSpec, device: str = "auto", precision: str = "auto",
-                 embed_dim: int | None = None) -> None:
+                 embed_dim: int | None = None, images_only: bool = False) -> None:
         """`embed_dim`: the dimension when the caller knows it (a Ray actor: the library's), which
-        saves a text forward pass (~1 s of CPU on ViT-B-32) before the first image."""
+        saves a text forward pass (~1 s of CPU on ViT-B-32) before the first image.
+        `images_only`: the caller encodes images only (indexing), so on a CPU only the image
+        tower is built where `towers` can (the text tower comes on first need, as after
+        `keep_image_tower_only`); the fingerprint is the whole model's either way."""
         self.spec = spec
         self.device = choose_device(device)
-        self._model, self.preprocess, self.tokenizer = load_model(spec, self.device)
-        self._released: str | None = None  # "text" or "all": freed by keep_image_tower_only()
-        self.fingerprint = weights_fingerprint(self._model)
         self._precision = resolve_precision(precision, self.device)
-        self.embed_dim = int(embed_dim) if embed_dim else self._probe_dim()
+        self._released: str | None = None  # "text" or "all": freed by keep_image_tower_only()
+        self._image_model = None
+        self._freed = 0  # bytes let go while an int8 copy was made (keep_image_tower_only reports them)
+        built = load_image_model(spec, self.device) if images_only else None
+        if built is not None:
+            self._model, self.preprocess, self.tokenizer, self.fingerprint = built
+            self._released = "text"
+            if self.device.type == "cpu" and autoprecision.will_measure(self, precision):
+                # Measuring once per model and machine judges text queries too: whole model,
+                # loaded after this one is let go, so the two never add up.
+                self._model = None
+                release.trim_heap()
+                self._reload()
+        else:
+            self._model, self.preprocess, self.tokenizer = load_model(spec, self.device)
+            self.fingerprint = weights_fingerprint(self._model)
         self.image_size = _image_size(self._model)
+        self.embed_dim = int(embed_dim) if embed_dim else self._probe_dim()
         # The tokenizer's limit is the one texts are cut at (a BERT tower reports 512 positions).
         self.context_length = int(getattr(self.tokenizer, "context_length", None)
                                   or getattr(self._model, "context_length", 77))
@@ -280,14 +316,17 @@ class Encoder:
         Anything that needs them later (`model`, `encode_texts`) reloads them: seconds,
         never wrong answers. Returns the bytes let go; a no-op on a GPU.
         """
-        if self.device.type != "cpu" or self._released:
+        if self.device.type != "cpu" or self._released == "all":
             return 0
         if self._unsettled is not None and autoprecision.will_measure(self, self._unsettled):
             self._settle()
-        freed = release.release_tensors(self._model, keep=release.tensors_of(self._model.visual))
-        self._released = "text"
-        release.trim_heap()
+        freed = 0
+        if not self._released:
+            freed = release.release_tensors(self._model, keep=release.tensors_of(self._model.visual))
+            self._released = "text"
+            release.trim_heap()
         self._settle()  # builds the int8/bf16 copy or ONNX session from the fp32 image tower
+        freed, self._freed = freed + self._freed, 0  # an int8 copy lets the fp32 parts go as it goes
         image_tower = getattr(self._image_model, "visual", None)
         if image_tower is not self._model.visual:
             freed += release.release_tensors(self._model.visual, keep=release.tensors_of(image_tower))
@@ -295,10 +334,14 @@ class Encoder:
             release.trim_heap()
         return freed
 
+    def _let_go(self, module: torch.nn.Module, keep: torch.nn.Module) -> None:
+        """Release `module`'s tensors that `keep` does not use; counted for keep_image_tower_only."""
+        self._freed += release.release_tensors(module, keep=release.tensors_of(keep))
+
     def _reload(self) -> None:
         """Load the weights again after `keep_image_tower_only`; they must be the same weights."""
         model, _, _ = load_model(self.spec, self.device)
-        if weights_fingerprint(model) != self.fingerprint:
+        if weights_fingerprint(model) != self.fingerprint:  # also checks an image-tower-only build's
             raise ModelError(f"{self.spec.label}: the weights changed on disk while clipfind was using them")
         if self._image_model is self._model:
             self._image_model = model
@@ -314,6 +357,16 @@ class Encoder:
         """
         if self.device.type == "cpu" and precision in ("bf16", "int8"):
             # Only the image tower is copied: without its text tower (released), the model serves.
+            if precision == "int8" and self._released == "text":
+                # Images only from here on: the fp32 image tower goes part by part as the int8
+                # copy takes its place (reloaded if fp32 is ever asked for again).
+                fp32 = self._model.visual
+                model = image_model_at(self._model, precision, converted=lambda path, part: self._let_go(
+                    fp32.get_submodule(path), keep=part))
+                self._let_go(fp32, keep=model.visual)
+                self._released = "all"
+                release.trim_heap()
+                return model
             return image_model_at(self._image_weights(), precision)
         if precision in ONNX_MODES:
             try:
@@ -417,6 +470,13 @@ class Encoder:
         return np.concatenate(out) if out else np.zeros((0, self.embed_dim), np.float32)
 
     def _probe_dim(self) -> int:
+        if self._released:  # no text tower here: the image tower's output has the same size
+            output_dim = getattr(self._model.visual, "output_dim", None)
+            if isinstance(output_dim, int):  # open_clip's towers say it (no forward pass, no buffers kept)
+                return output_dim
+            with torch.inference_mode():
+                size = self.image_size
+                return int(self._model.encode_image(torch.zeros(1, 3, size, size, device=self.device)).shape[-1])
         return int(self.encode_texts(["a"]).shape[1])
 
     def describe(self) -> dict:

@@ -84,3 +84,50 @@ def fix_mmap_threshold(threshold: int = MMAP_THRESHOLD) -> bool:
     """
     libc = _libc()
     return bool(libc and libc.mallopt(M_MMAP_THRESHOLD, int(threshold)) == 1)
+
+
+MADV_DONTNEED = 4  # Linux madvise advice: drop these pages (a file mapping re-reads them on access)
+
+
+def file_ranges(path: Any) -> list[tuple[int, int]]:
+    """The address ranges where this process maps `path` (from /proc/self/maps; [] elsewhere)."""
+    import os
+
+    try:
+        inode = os.stat(path).st_ino
+        with open("/proc/self/maps") as fh:
+            lines = fh.read().splitlines()
+    except OSError:
+        return []
+    ranges = []
+    for line in lines:
+        fields = line.split(maxsplit=5)
+        if len(fields) == 6 and fields[4] == str(inode) and os.path.realpath(fields[5]) == os.path.realpath(path):
+            start, end = (int(x, 16) for x in fields[0].split("-"))
+            ranges.append((start, end))
+    return ranges
+
+
+def drop_file_pages(tensor: torch.Tensor, ranges: list[tuple[int, int]]) -> int:
+    """Let the kernel drop the resident pages of a tensor that is a view of a mapped file.
+
+    A mapped checkpoint counts in RSS for every page read; after its tensor was read
+    (sampled, or copied), its pages are not needed again. Only pages wholly inside one
+    of `ranges` (file_ranges of that file) are dropped: on anonymous memory the same
+    call would zero live data. Returns the bytes advised (0 where nothing applies)."""
+    libc = _libc()
+    if libc is None or tensor.is_meta or not tensor.numel():
+        return 0
+    import mmap
+
+    if tensor.is_contiguous():  # its own bytes (a mapped checkpoint's storages may be one file-wide storage)
+        start, size = tensor.data_ptr(), tensor.numel() * tensor.element_size()
+    else:
+        start, size = tensor.untyped_storage().data_ptr(), tensor.untyped_storage().nbytes()
+    end = start + size
+    page = mmap.PAGESIZE
+    first, last = -(-start // page) * page, end // page * page
+    if last <= first or not any(lo <= first and last <= hi for lo, hi in ranges):
+        return 0
+    libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+    return (last - first) if libc.madvise(ctypes.c_void_p(first), last - first, MADV_DONTNEED) == 0 else 0

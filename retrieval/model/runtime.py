@@ -13,8 +13,10 @@ import contextlib
 import copy
 import functools
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
+
+from retrieval.model import release
 
 if TYPE_CHECKING:
     import torch
@@ -22,13 +24,17 @@ if TYPE_CHECKING:
 CPU_PRECISIONS = ("fp32", "bf16", "int8")
 
 
-def image_model_at(model: torch.nn.Module, precision: str) -> torch.nn.Module:
+def image_model_at(model: torch.nn.Module, precision: str,
+                   converted: Callable[[str, torch.nn.Module], object] | None = None) -> torch.nn.Module:
     """A shallow clone of `model` whose image tower runs at `precision` on the CPU.
 
     bf16: a bf16 copy of the image tower (input cast to bf16 by the encoder).
     int8: a copy whose nn.Linear layers are dynamically quantised, including the
     attention projections, which nn.MultiheadAttention otherwise keeps in fp32.
     The text tower and everything else stay shared with `model`, in fp32.
+    `converted` (int8): called with each part's path (for `visual.get_submodule`) and its
+    quantised module once that part of the copy is done, so a caller that is done with the fp32 tower can
+    free it part by part and never hold both whole towers (issue 17: ~130 MB of peak).
     """
     import torch
 
@@ -42,19 +48,47 @@ def image_model_at(model: torch.nn.Module, precision: str) -> torch.nn.Module:
     else:
         memo = {id(t): t for t in params}
     visual = copy.deepcopy(model.visual, memo)
+    del params, memo  # they hold every fp32 tensor: `converted` could free none of them
     input_dtype = None
     if precision == "bf16":
         visual = visual.to(torch.bfloat16)  # buffers; the parameters are bf16 already
         input_dtype = torch.bfloat16
     elif precision == "int8":
         split_self_attention(visual)
-        _quantize_linear_layers(visual)
+        if converted is None:
+            _quantize_linear_layers(visual)
+        else:
+            for parent, name, path in _parts(visual, ""):
+                holder = torch.nn.Sequential(getattr(parent, name))  # quantize_dynamic swaps children only
+                swapped = [m for m in holder.modules() if isinstance(m, torch.nn.Linear)]
+                _quantize_linear_layers(holder)
+                setattr(parent, name, holder[0])
+                for module in swapped:  # left in reference cycles: let go of their fp32 tensors now, not at gc
+                    release.release_tensors(module)
+                converted(path, holder[0])
     visual.eval()
     clone = copy.copy(model)
     clone._modules = dict(model._modules)  # our own module table: the original keeps its tower
     clone.visual = visual
     clone.input_dtype = input_dtype
     return clone
+
+
+PART_BYTES = 32 << 20  # quantised one part at a time: a ViT block is ~28 MB of fp32
+
+
+def _parts(module: torch.nn.Module, prefix: str) -> list[tuple[torch.nn.Module, str, str]]:
+    """(parent, attribute, path) of the children to quantise one by one: each child of at most
+    PART_BYTES of parameters, or with no children; bigger ones are split into theirs."""
+    out = []
+    for name, child in module.named_children():
+        path = f"{prefix}.{name}" if prefix else name
+        size = sum(p.numel() * p.element_size() for p in child.parameters())
+        if size <= PART_BYTES or not any(True for _ in child.children()):
+            out.append((module, name, path))
+        else:
+            out.extend(_parts(child, path))
+    return out
 
 
 def _quantize_linear_layers(module: torch.nn.Module) -> None:

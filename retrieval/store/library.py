@@ -268,8 +268,9 @@ class Library:
         self._encoder = encoder
 
     def encoder(self, spec: ModelSpec | None = None, device: str = "auto",
-                precision: str = "auto") -> Encoder:
-        """The library's model, loaded once per process; `spec` defaults to the recorded one."""
+                precision: str = "auto", images_only: bool = False) -> Encoder:
+        """The library's model, loaded once per process; `spec` defaults to the recorded one.
+        `images_only`: the caller encodes only images (see `Encoder`)."""
         if self._encoder is not None and (spec is None or spec == self._encoder.spec):
             return self._encoder
         if spec is None:
@@ -281,7 +282,7 @@ class Library:
             self.check_model_spec(spec)
         from retrieval.model.encoder import Encoder  # torch loads only when a model is needed
 
-        self.bind_encoder(Encoder(spec, device=device, precision=precision))
+        self.bind_encoder(Encoder(spec, device=device, precision=precision, images_only=images_only))
         return self._encoder
 
     @property
