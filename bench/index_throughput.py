@@ -201,7 +201,8 @@ def phase_runtimes(args, folder: Path) -> dict:
 
 
 def phase_index(args, folder: Path) -> dict:
-    from retrieval.index.indexer import IndexOptions, index_paths
+    from retrieval.index.indexer import IndexOptions, export_onnx, index_paths
+    from retrieval.model import release
     from retrieval.store.library import Library
 
     lib_dir = Path(args.library)
@@ -210,11 +211,12 @@ def phase_index(args, folder: Path) -> dict:
     with Library.open(lib_dir) as lib:
         loaded = start
         if lib.model_record is None:  # the first run loads the model: timed apart as well
-            # As the indexer loads it (Indexer.encode, load_encoder): image tower only, auto settled (cached).
-            from retrieval.model import release
-
+            # As `clipfind index` loads it into a new library (index_paths, then IndexStages.encode):
+            # image tower only, the ONNX export for queries, auto settled (cached).
             release.fix_mmap_threshold()
-            lib.encoder(_spec(args), args.device, args.precision, images_only=True).keep_image_tower_only()
+            encoder = lib.encoder(_spec(args), args.device, args.precision, images_only=True)
+            export_onnx(lib, encoder)  # as index_paths does for a new library (a copy when the machine has one)
+            encoder.keep_image_tower_only()
             loaded = time.perf_counter()
         result = index_paths(lib, [str(folder)], _spec(args), args.device, args.precision, options)
     seconds = time.perf_counter() - start

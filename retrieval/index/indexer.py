@@ -109,7 +109,10 @@ def index_paths(library: Library, roots: Iterable[str | os.PathLike], spec: Mode
     with library.write_lock(wait=options.wait):
         export_warning = None
         if library.model_record is None:  # a new library: record the model before anything
-            export_warning = export_onnx(library, library.encoder(spec, device=device, precision=precision))
+            # Image tower only: the export reloads the whole model if the machine has no copy of it.
+            release.fix_mmap_threshold()  # as encode() does: what loading frees goes back to the kernel
+            export_warning = export_onnx(library, library.encoder(spec, device=device, precision=precision,
+                                                                  images_only=True))
         started = time.perf_counter()
         plan = Plan()
         with library.run("index") as run:

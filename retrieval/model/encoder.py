@@ -279,9 +279,7 @@ class Encoder:
             self._released = "text"
             if self.device.type == "cpu" and autoprecision.will_measure(self, precision):
                 # Measuring once per model and machine judges text queries too: whole model,
-                # loaded after this one is let go, so the two never add up.
-                self._model = None
-                release.trim_heap()
+                # loaded after this one is let go (_reload), so the two never add up.
                 self._reload()
         else:
             self._model, self.preprocess, self.tokenizer = load_model(spec, self.device)
@@ -339,7 +337,13 @@ class Encoder:
         self._freed += release.release_tensors(module, keep=release.tensors_of(keep))
 
     def _reload(self) -> None:
-        """Load the weights again after `keep_image_tower_only`; they must be the same weights."""
+        """Load the weights again after `keep_image_tower_only`; they must be the same weights.
+
+        When images run on the fp32 tower itself, that tower is let go first: the reload
+        replaces it, so the two never add up (an ONNX export on first index reloads)."""
+        if self._model is not None and self._image_model in (self._model, None):
+            release.release_tensors(self._model)
+            release.trim_heap()
         model, _, _ = load_model(self.spec, self.device)
         if weights_fingerprint(model) != self.fingerprint:  # also checks an image-tower-only build's
             raise ModelError(f"{self.spec.label}: the weights changed on disk while clipfind was using them")
