@@ -230,9 +230,10 @@ class ImageEncoder:
         if device == "cpu":
             torch.set_num_threads(threads or max_threads)
         # the dimension is the driver's (its own model, whose fingerprint each block is checked
-        # against), so the actor skips probing it: less work before the first block
+        # against), so the actor skips probing it: less work before the first block; it encodes
+        # images only, so it builds only the image tower where it can (retrieval.model.towers)
         self.encoder = Encoder(ModelSpec.from_json(spec_json), device=device, precision=precision,
-                               embed_dim=embed_dim)
+                               embed_dim=embed_dim, images_only=True)
         self.info = (self.encoder.fingerprint, self.encoder.precision, str(self.encoder.device))
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
