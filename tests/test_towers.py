@@ -147,3 +147,13 @@ def test_fingerprint_parts_are_the_encoders(model_dir_spec):
 def test_vit_b_32_random_weights_tower_is_the_whole_models(precision):
     spec = ModelSpec(model="ViT-B-32", random_weights=True)
     assert_same_model(spec, random_pixels, precision)
+
+
+def test_a_failing_tower_build_falls_back_to_the_whole_model(model_dir_spec, monkeypatch):
+    def fails(*_args, **_kwargs):
+        raise RuntimeError("cannot map this checkpoint")
+
+    monkeypatch.setattr(towers, "load_image_tower", fails)
+    encoder = Encoder(model_dir_spec, device="cpu", precision="fp32", images_only=True)
+    assert encoder._released is None
+    assert encoder.fingerprint == Encoder(model_dir_spec, device="cpu", precision="fp32").fingerprint

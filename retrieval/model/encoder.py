@@ -249,10 +249,8 @@ def load_image_model(spec: ModelSpec, device: torch.device):
             if built is None:
                 return None
             tokenizer = _tokenizer(name, overrides)
-    except ModelError:
-        raise
-    except Exception as exc:
-        raise _load_failure(spec, exc) from exc
+    except Exception:  # noqa: BLE001 - e.g. a TorchScript archive torch cannot map: the whole build
+        return None    # loads it, or says in one line what is wrong with it
     model, preprocess, fingerprint = built
     return model, preprocess, tokenizer, fingerprint
 

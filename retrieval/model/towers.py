@@ -73,8 +73,11 @@ def weights_file(spec: ModelSpec) -> Path | None:
 @contextlib.contextmanager
 def _mapped_torch_load() -> Iterator[None]:
     """torch.load maps the checkpoint instead of reading it (open_clip calls torch.load itself)."""
-    from torch.utils.serialization import config
-
+    try:
+        from torch.utils.serialization import config
+    except ImportError:  # an older torch: read, not mapped (more memory, same weights)
+        yield
+        return
     previous = config.load.mmap
     config.load.mmap = True
     try:
