@@ -44,7 +44,7 @@ DEFAULT_WORK = Path(os.environ.get("CLIPFIND_CACHE", Path.home() / ".cache" / "c
 DRIVER = r"""
 import sys, time, json
 t0 = time.perf_counter()
-import retrieval.cli  # what `clipfind` imports before running a command
+import retrieval.cli.group  # what `clipfind` imports before running a command (not `quick` via a server)
 from retrieval.query.search import Query, Searcher
 from retrieval.store.fast_read import open_for_query  # as search_cmds._answer opens the library
 from retrieval.query.render import write_output

@@ -8,7 +8,6 @@ load the model themselves.
 
 from __future__ import annotations
 
-import os
 import signal
 import sys
 from collections.abc import Callable
@@ -134,17 +133,12 @@ def _answer(kind: str, subject, k: int, filters: Filters, library_path, use_serv
 
 
 def _emit(response, fmt: str, html_file: str | None) -> None:
-    from retrieval.query.render import write_html, write_output
+    from retrieval.cli.quick import emit
 
-    for message in response.warnings:
-        warn(message)
-    try:
-        sys.stdout.flush()
-        write_output(response, fmt, sys.stdout.buffer)  # bytes: file names need not be UTF-8
-    except BrokenPipeError:  # `| head`: the reader has what it wanted
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        sys.exit(0)
+    emit(response, fmt)
     if html_file:
+        from retrieval.query.render import write_html
+
         target = write_html(response, html_file)
         click.echo(f"wrote a contact sheet of {len(response.results)} images to {target}", err=True)
 
