@@ -20,9 +20,13 @@ HEAVY = ("torch", "torchvision", "open_clip", "onnxruntime", "faiss", "numpy", "
 
 def run_clipfind(*args: str, watch: tuple[str, ...] = HEAVY) -> tuple[dict, list[str]]:
     """`clipfind ARGS --json` in a fresh process: (its JSON output, the `watch` modules it imported)."""
-    code = ("import sys, atexit, json\n"
-            f"atexit.register(lambda: print('HEAVY=' + json.dumps([m for m in {watch!r} if m in sys.modules]), "
-            "file=sys.stderr))\n"
+    # Reported at exit either way: a finished search leaves by os._exit, skipping atexit.
+    code = ("import sys, atexit, json, os\n"
+            f"report = lambda: print('HEAVY=' + json.dumps([m for m in {watch!r} if m in sys.modules]), "
+            "file=sys.stderr, flush=True)\n"
+            "atexit.register(report)\n"
+            "fast_exit = os._exit\n"
+            "os._exit = lambda code: (report(), fast_exit(code))\n"
             "from retrieval.cli import main\n"
             f"sys.argv = ['clipfind', *{list(args)!r}]\n"
             "main()\n")

@@ -129,7 +129,10 @@ def _answer(kind: str, subject, k: int, filters: Filters, library_path, use_serv
     with open_for_query(root, model=spec) as library:
         searcher = Searcher(library, spec, device, precision, runtime=runtime,
                             onnx_threads=config.query_threads(), one_shot=True)
-        return getattr(searcher, kind)(subject, k, filters)
+        try:
+            return getattr(searcher, kind)(subject, k, filters)
+        finally:
+            searcher.cache.close()  # nothing of this query is left open when `main` skips teardown
 
 
 def _emit(response, fmt: str, html_file: str | None) -> None:
