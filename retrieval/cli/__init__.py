@@ -40,7 +40,7 @@ def main() -> None:
     try:
         cli.main(args=args, prog_name="clipfind")
     except SystemExit as exc:
-        if args[:1] in (["search"], ["similar"]) and exc.code in (0, None):
+        if quick.answered and exc.code in (0, None):
             # Done, and everything written: the library and the text cache are closed, the
             # results printed. Tearing down the interpreter (ONNX Runtime's sessions, FAISS,
             # numpy, every module) cost 0.1 s more of a fresh query's wall time (2 busy cores).

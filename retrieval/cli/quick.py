@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import sys
 
+answered = False  # set once a search or similar has written its whole answer (retrieval.cli.main)
 FORMATS = {"--json": "json", "--paths": "paths", "--paths0": "paths0", "--null": "paths0", "-0": "paths0"}
 VALUED = ("-k", "--top", "-L", "--library")
 

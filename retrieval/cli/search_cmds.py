@@ -136,14 +136,15 @@ def _answer(kind: str, subject, k: int, filters: Filters, library_path, use_serv
 
 
 def _emit(response, fmt: str, html_file: str | None) -> None:
-    from retrieval.cli.quick import emit
+    from retrieval.cli import quick
 
-    emit(response, fmt)
+    quick.emit(response, fmt)
     if html_file:
         from retrieval.query.render import write_html
 
         target = write_html(response, html_file)
         click.echo(f"wrote a contact sheet of {len(response.results)} images to {target}", err=True)
+    quick.answered = True  # all written: `main` may skip the interpreter's teardown
 
 
 @click.command("search", epilog=f"{FORMULA_HELP}\n\n{MODEL_HELP}")
