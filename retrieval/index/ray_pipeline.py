@@ -3,7 +3,7 @@
 Why Ray Data: a collection too big for one machine's encoder needs many encoders,
 and Ray Data already streams blocks between CPU tasks and GPU actors with
 back-pressure, retries failed tasks and restarts dead actors. The pipeline is
-`from_items(paths)` -> `map_batches(decode_files)` (CPU tasks: the same
+blocks of paths -> `map_batches(decode_files)` (CPU tasks: the same
 `media.decode.decode_file` the single-process indexer runs, with the model's
 transform or its bit-identical Pillow+numpy copy, so pixels are identical and a
 decode worker need not import torch) -> `map_batches(ImageEncoder)` (an actor
@@ -22,7 +22,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
-import math
 import os
 import socket
 from collections.abc import Callable, Iterator, Sequence
@@ -280,11 +279,17 @@ def embed(paths: Sequence[str], spec_json: str, preprocess: Callable, image_size
     One input block per encoder batch, so a block is what one transaction commits and what a
     killed driver can lose.
     """
+    import pyarrow as pa
     import ray.data
 
-    items = [{"key": i, "path": os.fsencode(p)} for i, p in enumerate(paths)]
     preprocess = pixel_transform(preprocess)
-    ds = ray.data.from_items(items, override_num_blocks=max(1, math.ceil(len(items) / layout.batch_size)))
+    # Blocks of exactly one batch (the last one shorter): `from_items` splits evenly, and
+    # blocks of 29 rows for batches of 32 made every task take two blocks as 32 + 26 rows.
+    size = layout.batch_size
+    ds = ray.data.from_arrow([pa.table({"key": pa.array(range(start, min(start + size, len(paths))), pa.int64()),
+                                        "path": pa.array([os.fsencode(p) for p in paths[start:start + size]],
+                                                         pa.binary())})
+                              for start in range(0, len(paths), size)])
     ds = ds.map_batches(decode_files, batch_size=layout.batch_size, batch_format="numpy",
                         num_cpus=layout.decode_cpus,
                         # a batch of decoded images; asking for memory (the actors do not) also keeps
@@ -297,7 +302,9 @@ def embed(paths: Sequence[str], spec_json: str, preprocess: Callable, image_size
                         fn_constructor_kwargs={"spec_json": spec_json, "device": layout.device,
                                                "precision": precision, "threads": layout.threads,
                                                "max_threads": layout.max_threads, "embed_dim": embed_dim})
-    yield from ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=1)
+    # no prefetching: Ray Data hands over a prefetched block only once the one after it exists,
+    # so each block would wait for the next batch to be encoded before it could be committed
+    yield from ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=0)
 
 
 def pixel_transform(transform: Callable) -> PreprocessConfig | Callable:
