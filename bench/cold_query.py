@@ -4,6 +4,7 @@
     .venv/bin/python bench/cold_query.py --sizes 1000 --repeats 3 --json
     .venv/bin/python bench/cold_query.py --model-dir DIR        # any open_clip model folder
     .venv/bin/python bench/cold_query.py --quick                # 1k vectors, 2 processes a cell
+    .venv/bin/python bench/cold_query.py --paths onnx --server-threads auto,1 --repeats 5   # issue 17's rows
 
 Libraries: N rows of SYNTHETIC random unit vectors (bench/query_latency.py's
 `build_library`) bound to the model, so the FAISS and SQL phases see N real
@@ -18,7 +19,8 @@ that does what `clipfind search --no-server` does, timing each phase: imports
 only the tower the query needs), encode, FAISS (sync + search), SQL (result
 rows), print (the table to stdout); "wall" is the parent's clock from spawn to
 exit, so it includes interpreter start-up. "server" rows run the real
-`clipfind search` CLI against a running `clipfind serve`. Peak RSS is the
+`clipfind search` CLI against a running `clipfind serve` (threads: its --threads; auto
+is 1, or every core up to 4 while they are idle). Peak RSS is the
 child's ru_maxrss (from wait4). The load average is printed in the header:
 on a shared machine, compare the torch/ONNX ratio of one run, not absolute times.
 """
@@ -44,7 +46,7 @@ DEFAULT_WORK = Path(os.environ.get("CLIPFIND_CACHE", Path.home() / ".cache" / "c
 DRIVER = r"""
 import sys, time, json
 t0 = time.perf_counter()
-import retrieval.cli  # what `clipfind` imports before running a command
+import retrieval.cli.group  # what `clipfind` imports before running a command (not `quick` via a server)
 from retrieval.query.search import Query, Searcher
 from retrieval.store.fast_read import open_for_query  # as search_cmds._answer opens the library
 from retrieval.query.render import write_output
@@ -72,6 +74,11 @@ print(json.dumps({"imports": t_imports - t0, "load": t_load - t_imports,
                   "sql": timings["sql"] / 1000, "print": t_print - t_search,
                   "in_process": t_print - t0, "used": sorted(searcher.runtimes.used), "heavy": heavy,
                   "warnings": response.warnings + notes}), file=sys.stderr)
+searcher.cache.close()
+library.close()
+sys.stderr.flush()
+import os
+os._exit(0)  # as `clipfind search` leaves (retrieval.cli.main): no interpreter teardown
 """
 
 
@@ -157,8 +164,11 @@ def direct_runs(library: Path, runtime: str, kind: str, values: list[str], threa
     return summarise(samples)
 
 
-def server_runs(library: Path, values: list[str]) -> dict:
-    server = subprocess.Popen([sys.executable, "-m", "retrieval.cli", "serve", "-L", str(library), "--port", "0"],
+def server_runs(library: Path, values: list[str], threads: str = "auto") -> dict:
+    """`clipfind search` (a fresh client) against `clipfind serve` (`--threads`, unless auto)."""
+    flags = [] if threads == "auto" else ["--threads", threads]
+    server = subprocess.Popen([sys.executable, "-m", "retrieval.cli", "serve", "-L", str(library), "--port", "0",
+                               *flags],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
                               env={**os.environ, "PYTHONPATH": str(REPO)})
     try:
@@ -231,6 +241,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--paths", default="torch,onnx", help="runtimes of the direct rows (torch, onnx; empty: none)")
     parser.add_argument("--threads", default="auto",
                         help="ONNX Runtime threads of the onnx rows, e.g. 1,2 (auto: what clipfind search uses)")
+    parser.add_argument("--server-threads", default="auto",
+                        help="`clipfind serve --threads` of the server rows, e.g. auto,1 (auto: its default)")
     args = parser.parse_args(argv)
     if args.quick:
         args.sizes, args.repeats = "1000", min(args.repeats, 2)
@@ -253,8 +265,10 @@ def main(argv: list[str] | None = None) -> int:
                         report["rows"].append({"vectors": n, "kind": kind, "path": path, **row,
                                                **({"threads": threads} if path == "onnx" else {})})
             if not args.no_server:
-                row = server_runs(library, [unique_text(100 + i) for i in range(args.repeats)])
-                report["rows"].append({"vectors": n, "kind": "text", "path": "server", **row})
+                for threads in args.server_threads.split(","):
+                    row = server_runs(library, [unique_text(100 + i) for i in range(args.repeats)], threads)
+                    report["rows"].append({"vectors": n, "kind": "text", "path": "server", "threads": threads,
+                                           **row})
     report["load_after"] = os.getloadavg()[0]
     if args.json:
         print(json.dumps(report, indent=1))

@@ -3,6 +3,7 @@
     .venv/bin/python bench/rerun.py                  # 1,000 and 100,000 files, 5 re-runs each
     .venv/bin/python bench/rerun.py --quick          # 1,000 and 10,000 files, 3 re-runs each
     .venv/bin/python bench/rerun.py --sizes 100000 --profile   # + where one re-run spends its time
+    .venv/bin/python bench/rerun.py --quick --compare          # + the same re-runs with the fast path off
     .venv/bin/python bench/rerun.py --json
 
 Targets (issue 17, medians on 2 idle cores): 1,000 files <= 0.5 s, 100,000 files <= 10 s,
@@ -18,6 +19,10 @@ Each re-run is `python -m retrieval.cli index FOLDER -L LIB --json` exactly as t
 its CPU time (user + system: on a busy shared machine the figure to compare),
 its peak RSS, and the heavy modules it imported (read from sys.modules at exit, by a
 one-line wrapper). The first run of each size is a warm-up (page cache), not counted.
+
+An unchanged re-run of a SQLite library is answered by `retrieval.index.rerun` (stdlib only);
+`--compare` adds rows with it turned off (the wrapper replaces it by one that declines), i.e.
+the full path through SQLAlchemy, the planner and the FAISS catch-up, as before it existed.
 """
 
 from __future__ import annotations
@@ -44,9 +49,11 @@ TARGETS = {1000: 0.5, 100_000: 10.0}
 WRAPPER = ("import sys, json, atexit\n"
            f"atexit.register(lambda: print('HEAVY=' + json.dumps([m for m in {HEAVY!r} if m in sys.modules]), "
            "file=sys.stderr))\n"
+           "{full}"
            "from retrieval.cli import main\n"
            "sys.argv = ['clipfind', *sys.argv[1:]]\n"
            "main()\n")
+FULL_PATH = "import retrieval.index.rerun as fast; fast.unchanged_rerun = lambda *a, **kw: None\n"
 
 
 def source_photos(count: int) -> list[Path]:
@@ -83,8 +90,9 @@ def ensure_folder(cache: Path, n: int) -> Path:
     return folder
 
 
-def clipfind(*args: str) -> dict:
-    """One fresh `clipfind ARGS --json` process: wall seconds, peak RSS, heavy imports, its JSON."""
+def clipfind(*args: str, full: bool = False) -> dict:
+    """One fresh `clipfind ARGS --json` process: wall seconds, peak RSS, heavy imports, its JSON.
+    `full`: with the unchanged-re-run fast path turned off."""
     wrapper = ("import resource, subprocess, sys, time, json\n"
                "t = time.perf_counter(); p = subprocess.run(sys.argv[1:], capture_output=True)\n"
                "wall = time.perf_counter() - t\n"
@@ -93,7 +101,8 @@ def clipfind(*args: str) -> dict:
                "print('RSS=' + json.dumps([u.ru_maxrss, wall, u.ru_utime + u.ru_stime]),"
                " file=sys.stderr)\n"
                "sys.exit(p.returncode)\n")
-    out = subprocess.run([sys.executable, "-c", wrapper, sys.executable, "-c", WRAPPER, *args, "--json"],
+    out = subprocess.run([sys.executable, "-c", wrapper, sys.executable, "-c",
+                          WRAPPER.replace("{full}", FULL_PATH if full else ""), *args, "--json"],
                          capture_output=True, text=True, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
     if out.returncode != 0:
         raise SystemExit(f"clipfind {' '.join(args)} failed ({out.returncode}): {out.stderr[-1500:]}")
@@ -133,15 +142,15 @@ def profile(folder: Path, lib: Path, top: int) -> str:
     return out.stderr
 
 
-def measure(cache: Path, n: int, repeats: int) -> dict:
+def measure(cache: Path, n: int, repeats: int, full: bool = False) -> dict:
     folder = ensure_folder(cache, n)
     lib = ensure_library(cache, n, folder)
-    clipfind("index", str(folder), "-L", str(lib))  # warm-up: page cache, .pyc files
-    runs = [clipfind("index", str(folder), "-L", str(lib)) for _ in range(repeats)]
+    clipfind("index", str(folder), "-L", str(lib), full=full)  # warm-up: page cache, .pyc files
+    runs = [clipfind("index", str(folder), "-L", str(lib), full=full) for _ in range(repeats)]
     stats = runs[-1]["result"]
     walls = [r["wall_s"] for r in runs]
     cpus = [r["cpu_s"] for r in runs]
-    return {"files": n, "runs": repeats, "median_s": statistics.median(walls), "min_s": min(walls),
+    return {"files": n, "path": "full" if full else "fast", "runs": repeats, "median_s": statistics.median(walls), "min_s": min(walls),
             "max_s": max(walls), "cpu_median_s": statistics.median(cpus), "peak_rss_mb": max(r["peak_rss_mb"] for r in runs),
             "heavy": sorted({m for r in runs for m in r["heavy"]}), "scanned": stats.get("scanned"),
             "unchanged": stats.get("unchanged"), "encoded": stats.get("encoded"),
@@ -154,26 +163,28 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=None, help="timed re-runs per size (default 5; --quick 3)")
     p.add_argument("--quick", action="store_true", help="1,000 and 10,000 files, 3 re-runs (a smoke run)")
     p.add_argument("--profile", action="store_true", help="also profile one re-run of the largest size")
+    p.add_argument("--compare", action="store_true", help="also time each size with the fast path off")
     p.add_argument("--cache-dir", type=Path, default=config.cache_root() / "bench" / "rerun")
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
     sizes = [int(s) for s in (args.sizes or ("1000,10000" if args.quick else "1000,100000")).split(",")]
     repeats = args.repeats or (3 if args.quick else 5)
     args.cache_dir.mkdir(parents=True, exist_ok=True)
-    rows = [measure(args.cache_dir, n, repeats) for n in sizes]
+    rows = [measure(args.cache_dir, n, repeats, full) for n in sizes for full in ((False, True) if args.compare else (False,))]
     if args.json:
         print(json.dumps({"rows": rows, "load_average": os.getloadavg()}))
     else:
         print(f"unchanged re-run, fresh process (`clipfind index FOLDER`), tiny dev model | "
               f"{os.cpu_count()} CPUs, load average {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
-        print(f"{'files':>8} {'median s':>9} {'min s':>7} {'max s':>7} {'target s':>9} {'CPU s':>6} {'peak RSS MB':>12}  "
+        print(f"{'files':>8} {'path':>5} {'median s':>9} {'min s':>7} {'max s':>7} {'target s':>9} {'CPU s':>6} {'peak RSS MB':>12}  "
               f"{'unchanged/scanned':>18}  heavy modules imported")
         for r in rows:
             target = f"{r['target_s']:.1f}" if r["target_s"] else "-"
-            print(f"{r['files']:>8} {r['median_s']:>9.2f} {r['min_s']:>7.2f} {r['max_s']:>7.2f} {target:>9} "
+            print(f"{r['files']:>8} {r['path']:>5} {r['median_s']:>9.2f} {r['min_s']:>7.2f} {r['max_s']:>7.2f} {target:>9} "
                   f"{r['cpu_median_s']:>6.2f} {r['peak_rss_mb']:>12.0f}  {r['unchanged']:>8}/{r['scanned']:<9}  {', '.join(r['heavy']) or '-'}")
         print(f"{repeats} timed re-runs per size after one warm-up; encoded in re-runs: "
-              f"{sum(r['encoded'] or 0 for r in rows)} (must be 0); torch/open_clip must not be imported")
+              f"{sum(r['encoded'] or 0 for r in rows)} (must be 0); torch/open_clip must not be imported; "
+              "path fast: index/rerun.py answered, full: the fast path turned off (--compare)")
     if args.profile:
         print(profile(Path(rows[-1]["folder"]), Path(rows[-1]["library"]), 25), file=sys.stderr)
     return 0

@@ -87,6 +87,32 @@ def test_one_shot_sessions_load_unoptimised_and_agree(tiny_export):
     assert np.abs(warm.encode_images(images) - once.encode_images(images)).max() < 1e-5
 
 
+def test_server_text_sessions_prepack_and_take_the_wide_one_only_on_idle_cores(tiny_export, monkeypatch):
+    """The server's text tower: pre-packed, 1 thread while other work runs, `wide_threads` while
+    the cores are idle; both sessions give the same vectors, up to float error."""
+    from retrieval import config
+
+    texts = TEXTS[:12]
+    one_thread = OnnxEncoder(tiny_export).encode_texts(texts)
+    served = OnnxEncoder(tiny_export, prepack=("text",), wide_threads=2)
+    monkeypatch.setattr(config, "query_threads", lambda: 1)  # another process holds a core
+    busy = served.encode_texts(texts)
+    assert served.loaded_sessions == [("text", 1)]
+    monkeypatch.setattr(config, "query_threads", lambda: 2)  # both cores idle
+    idle = served.encode_texts(texts)
+    assert served.loaded_sessions == [("text", 1), ("text", 2)]
+    assert served.session("text", 2).get_session_options().intra_op_num_threads == 2
+    unpacked = OnnxEncoder(tiny_export).session("text").get_session_options()
+    assert unpacked.get_session_config_entry("session.disable_prepacking") == "1"
+    with pytest.raises(Exception, match="does not have configuration"):  # pre-packing left on
+        served.session("text").get_session_options().get_session_config_entry("session.disable_prepacking")
+    served.encode_images(pictures(32, 2))
+    assert ("image", 2) not in served.loaded_sessions  # images keep one session
+    assert np.abs(busy - one_thread).max() < 1e-5 and np.abs(idle - one_thread).max() < 1e-5
+    fixed = OnnxEncoder(tiny_export, threads=2, wide_threads=2)  # no wider than its own: no second session
+    assert fixed.session_threads("text") == [2]
+
+
 def test_int8_image_tower_agrees_and_is_smaller(tiny_encoder, tiny_export, tmp_path):
     manifest = export_towers(tiny_encoder, tmp_path / "int8", "int8")
     assert set(manifest["files"]) == {"image"}

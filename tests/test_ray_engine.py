@@ -236,3 +236,39 @@ def test_urls_from_a_file_list_and_a_killed_encoder_actor(cluster, photos, local
     assert sorted(got) == sorted(vectors) and errors == skipped
     assert max(float(np.abs(got[p] - vectors[p]).max()) for p in vectors) < 1e-5
     assert last.status == "done" and last.stats["duplicates"] == 1
+
+
+@pytest.mark.slow
+def test_a_killed_decode_task_is_retried_or_resumed(cluster, photos, local, tiny_model_dir, tmp_path):
+    """A decode task's worker process is SIGKILLed while it runs `decode_files` (seen by its
+    process title, `ray::MapBatches(decode_files)`): Ray retries the task, or the run fails in
+    one line and a re-run resumes; either way the library ends equal to the single-process one."""
+    lib_dir = tmp_path / "lib"
+    args = ["index", str(photos), "-L", str(lib_dir), "--model-dir", str(tiny_model_dir), "--precision", "fp32",
+            "--batch-size", "4", "--engine", "ray", "--ray-address", cluster, "--json"]
+    driver = subprocess.Popen([sys.executable, "-m", "retrieval.cli", *args], cwd=ROOT,
+                              env={**os.environ, "PYTHONPATH": str(ROOT)},
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    killed, deadline = None, time.monotonic() + 300
+    while killed is None and driver.poll() is None and time.monotonic() < deadline:
+        for pid, cmdline in cluster_processes("decode_files").items():
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:  # it finished its task just now
+                continue
+            killed = cmdline
+            break
+        time.sleep(0.01)
+    assert killed is not None, f"no decode task seen running (driver exit {driver.poll()})"
+    committed_at_kill = db_count(lib_dir)
+    out, err = driver.communicate(timeout=600)
+    print(f"killed {killed!r} with {committed_at_kill} rows committed; the driver exited {driver.returncode}")
+    if driver.returncode != 0:  # the other allowed outcome: one line, then a re-run finishes
+        assert err.count("\n") == 1 and "Traceback" not in err, err
+        rerun = CliRunner().invoke(cli.cli, args)
+        assert rerun.exit_code == 0, rerun.output
+    runs = assert_same(lib_dir, local)
+    with Library.open(lib_dir) as lib, lib.session() as s:
+        errors = s.execute(select(ErrorRow.path, ErrorRow.kind)).all()
+    assert sorted(map(tuple, errors)) == local[1]  # the broken file reported once, not per attempt
+    assert runs[-1].stats["duplicates"] == 1 and sum(r.stats.get("encoded", 0) for r in runs) == 48

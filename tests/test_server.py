@@ -124,6 +124,40 @@ def test_cli_uses_the_announced_server(server, lib_dir):
     assert local.stdout == result.stdout and queries(server) == before + 1
 
 
+def test_a_plain_search_is_answered_without_click_as_the_click_command_answers(server, lib_dir, capsysbinary):
+    """`retrieval.cli.quick` (no click) gives the same bytes and exit codes as the click command."""
+    from retrieval.cli import quick
+
+    for fmt in ([], ["--json"], ["--paths"], ["-0"]):
+        args = ["search", "blue triangle", "red^0.5", "-L", str(lib_dir), "-k", "3", "--server", *fmt]
+        before = queries(server)
+        assert quick.answer(list(args)) == 0
+        fast = capsysbinary.readouterr().out
+        slow = CliRunner().invoke(cli.cli, [*args, "--template", "photo"])  # a flag quick leaves to click
+        assert slow.exit_code == 0 and fast == slow.stdout_bytes and len(fast) > 0, slow.output
+        assert queries(server) == before + 2
+    mistake = ["search", "  ", "-L", str(lib_dir)]  # the server refuses an empty text
+    assert quick.answer(list(mistake)) == InputError.exit_code
+    assert capsysbinary.readouterr().err == b"error: empty query text\n"
+    assert CliRunner().invoke(cli.cli, [*mistake, "--template", "photo"]).exit_code == InputError.exit_code
+    for args in (["search", "x", "--image", "a.jpg"], ["search", "--help"], ["search", "x", "-k", "0"],
+                 ["search", "x", "--json", "--paths"], ["search", "-L", str(lib_dir)], ["search", "x", "-k"],
+                 ["search", "-x", "-L", str(lib_dir)], ["status", "-L", str(lib_dir)]):
+        assert quick.answer(list(args)) is None, args  # click's to parse, explain or refuse
+
+
+def test_quick_search_falls_back_to_searching_here_when_the_server_does_not_answer(lib_dir, capsys):
+    from retrieval.cli import quick
+
+    (lib_dir / SERVE_FILE).write_text(json.dumps({"url": "http://127.0.0.1:9", "pid": os.getpid(), "token": "t"}))
+    try:
+        args = ["search", "red circle", "-L", str(lib_dir)]
+        assert quick.answer(args) is None and args[-1] == "--no-server"
+        assert "did not answer" in capsys.readouterr().err
+    finally:
+        (lib_dir / SERVE_FILE).unlink()
+
+
 def test_a_dead_server_is_ignored(lib_dir, tmp_path):
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     (lib_dir / SERVE_FILE).write_text(json.dumps({"url": "http://127.0.0.1:9", "pid": int(dead.stdout),

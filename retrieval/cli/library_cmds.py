@@ -98,24 +98,35 @@ def index_command(paths, library_path, file_list, workers, threads, batch_size, 
       clipfind index --file-list paths.txt --engine ray   # one path or URL per line
       clipfind index /data --engine ray --ray-address head:6379 --output-shards /shared/shards
     """
-    from retrieval.errors import ModelError
-    from retrieval.index.indexer import NO_MODEL, IndexOptions, IndexResult, index_paths
-    from retrieval.index.planner import check_roots, plan_index, read_file_list
+    from retrieval.index.planner import IndexResult, check_roots, plan_index, read_file_list
     from retrieval.model.spec import ModelSpec
-    from retrieval.store.library import Library, library_exists
 
     spec, device, precision = pop_model_options(model_kwargs)
     make_stages, ray_options, shards_dir = pop_engine_options(model_kwargs)
-    options = IndexOptions(workers=workers, threads=threads, batch_size=batch_size, follow_symlinks=follow_symlinks,
-                           max_pixels=max_pixels, index_type=index_type, progress=not quiet,
-                           wait=wait, dry_run=dry_run, retry_failed=retry_failed,
-                           missing_ok=file_list is not None)
     root = str(config.library_path(library_path))
     if not paths and file_list is None:
         raise click.UsageError("give PATHS to index, or --file-list FILE")
     listed = read_file_list(file_list, file_list.name) if file_list is not None else []
     # mistakes first, before a library directory is made; a listed file that is gone is only skipped
     roots = (check_roots(paths) if paths else []) + (check_roots(listed, missing_ok=True) if listed else [])
+    # nothing changed: answered on the standard library alone (no SQLAlchemy, numpy, FAISS: index/rerun.py)
+    if not (file_list or make_stages or shards_dir or dry_run or index_type):
+        from retrieval.index.rerun import unchanged_rerun
+
+        unchanged = unchanged_rerun(root, roots, spec, follow_symlinks, retry_failed, max_pixels)
+        if unchanged is not None:
+            result, record = unchanged
+            note_random(spec or ModelSpec(**record["spec"]))
+            return _finish_index(result, as_json, verbose, quiet)
+
+    from retrieval.errors import ModelError
+    from retrieval.index.indexer import NO_MODEL, IndexOptions, index_paths
+    from retrieval.store.library import Library, library_exists
+
+    options = IndexOptions(workers=workers, threads=threads, batch_size=batch_size, follow_symlinks=follow_symlinks,
+                           max_pixels=max_pixels, index_type=index_type, progress=not quiet,
+                           wait=wait, dry_run=dry_run, retry_failed=retry_failed,
+                           missing_ok=file_list is not None)
     exists = library_exists(root)
     if spec is None and not exists:
         raise ModelError(NO_MODEL)
@@ -136,6 +147,11 @@ def index_command(paths, library_path, file_list, workers, threads, batch_size, 
             from retrieval.model.autoprecision import describe
 
             click.echo(describe(encoder.precision_report), err=True)
+    _finish_index(result, as_json, verbose, quiet)
+
+
+def _finish_index(result, as_json: bool, verbose: bool, quiet: bool) -> None:
+    """The summary of an index run (or dry run), and exit 1 when nothing of it is usable."""
     _report_index(result, as_json, verbose, quiet)
     if result.nothing_indexed:
         raise ClipfindError(f"nothing could be indexed: {len(result.skipped)} files skipped "

@@ -8,7 +8,6 @@ load the model themselves.
 
 from __future__ import annotations
 
-import os
 import signal
 import sys
 from collections.abc import Callable
@@ -130,23 +129,22 @@ def _answer(kind: str, subject, k: int, filters: Filters, library_path, use_serv
     with open_for_query(root, model=spec) as library:
         searcher = Searcher(library, spec, device, precision, runtime=runtime,
                             onnx_threads=config.query_threads(), one_shot=True)
-        return getattr(searcher, kind)(subject, k, filters)
+        try:
+            return getattr(searcher, kind)(subject, k, filters)
+        finally:
+            searcher.cache.close()  # nothing of this query is left open when `main` skips teardown
 
 
 def _emit(response, fmt: str, html_file: str | None) -> None:
-    from retrieval.query.render import write_html, write_output
+    from retrieval.cli import quick
 
-    for message in response.warnings:
-        warn(message)
-    try:
-        sys.stdout.flush()
-        write_output(response, fmt, sys.stdout.buffer)  # bytes: file names need not be UTF-8
-    except BrokenPipeError:  # `| head`: the reader has what it wanted
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        sys.exit(0)
+    quick.emit(response, fmt)
     if html_file:
+        from retrieval.query.render import write_html
+
         target = write_html(response, html_file)
         click.echo(f"wrote a contact sheet of {len(response.results)} images to {target}", err=True)
+    quick.answered = True  # all written: `main` may skip the interpreter's teardown
 
 
 @click.command("search", epilog=f"{FORMULA_HELP}\n\n{MODEL_HELP}")
@@ -241,10 +239,13 @@ def similar_command(path, path_filter, after, before, tags, min_score, min_relev
               help="The secret every request must carry (default: a new random one, printed in the "
                    "login URL and written to serve.json).")
 @click.option("--verbose", "-v", is_flag=True, help="Log every request to stderr.")
+@click.option("--threads", type=click.IntRange(1), metavar="N",
+              help="Encoder threads per query (default: 1, and for a text query on ONNX Runtime "
+                   "every core, up to 4, while nothing else runs on them).")
 @library_option
 @runtime_option
 @model_options
-def serve_command(host, port, token, verbose, library_path, runtime, **model_kwargs) -> None:
+def serve_command(host, port, token, verbose, threads, library_path, runtime, **model_kwargs) -> None:
     """Serve the library in a browser (search, photos, tags, status) and answer the CLI.
 
     Open the printed login URL once; the browser keeps a cookie. While it runs,
@@ -260,7 +261,8 @@ def serve_command(host, port, token, verbose, library_path, runtime, **model_kwa
     """
     import secrets
 
-    from retrieval.query.search import Searcher
+    from retrieval.query.runtime import serving_options
+    from retrieval.query.search import QUERY_THREADS, Searcher
     from retrieval.serve.client import is_loopback
     from retrieval.store.library import Library
 
@@ -276,7 +278,8 @@ def serve_command(host, port, token, verbose, library_path, runtime, **model_kwa
     if not is_loopback(host):
         warn(f"listening on {host}: anyone who can reach it and has the token can see your photos")
     library = Library.open(config.library_path(library_path), model=spec, create=False)
-    searcher = Searcher(library, spec, device, precision, runtime=runtime)
+    searcher = Searcher(library, spec, device, precision, runtime=runtime,
+                        query_threads=threads or QUERY_THREADS, onnx_options=serving_options(threads))
     state = ServeState(library, searcher, token=token or secrets.token_urlsafe(24))
     quiet_logging(verbose)
     try:

@@ -17,20 +17,23 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from sqlalchemy import insert, select, update
 
 from retrieval import config
 from retrieval.errors import ModelError
-from retrieval.index.planner import (
+from retrieval.index.planner import (  # noqa: F401 - IndexResult re-exported: what index_paths returns
+    IndexResult,
     Plan,
     Skipped,
     Work,
     check_roots,
     known_rows,
     plan_index,
+    run_counts,
+    run_stats,
     stored_ids,
 )
 from retrieval.index.refresh import check_factory, refresh_vectors
@@ -65,24 +68,6 @@ class IndexOptions:
     dry_run: bool = False
     retry_failed: bool = False  # decode again files that failed before and are unchanged
     missing_ok: bool = False  # roots from a file list: one that is gone is skipped (vanished), not fatal
-
-
-@dataclass
-class IndexResult:
-    library: str
-    plan: Plan
-    stats: dict
-    skipped: list[Skipped]
-    run_id: int | None = None
-    status: str = "done"
-    dry_run: bool = False
-    warnings: list[str] = field(default_factory=list)
-
-    @property
-    def nothing_indexed(self) -> bool:
-        """The roots held something, and not one image of it is usable in the library."""
-        usable = self.plan.unchanged + self.stats.get("indexed", 0)
-        return bool(self.skipped) and usable == 0
 
 
 # -- running -----------------------------------------------------------------------------
@@ -156,17 +141,14 @@ class IndexStages:
                  spec: ModelSpec | None = None, device: str = "auto", precision: str = "auto") -> None:
         self.library, self.run_id, self.options = library, run_id, options
         self.spec, self.device, self.precision = spec, device, precision
-        self.stats: Counter = Counter(indexed=0, encoded=0)
+        self.stats: Counter = run_counts()
         self.warnings: list[str] = []
         self.failed_digests: dict[str, Skipped] = {}
         self.skipped: list[Skipped] = []
 
     def summary(self, plan: Plan, started: float) -> dict:
         """The run's statistics so far: the plan's counts, what was done, what was skipped."""
-        self.stats["skipped"] = len(self.skipped)
-        self.stats["seconds"] = round(time.perf_counter() - started, 3)
-        return {**plan.counts(), **self.stats,
-                "skipped_by_kind": dict(Counter(s.kind for s in self.skipped))}
+        return run_stats(plan, self.stats, self.skipped, started)
 
     # -- the first transaction: everything that needs no encoder -----------------------
     def apply(self, plan: Plan) -> None:

@@ -6,26 +6,34 @@ bytes is a move (the row keeps its id and vector), a file whose bytes a row
 already has is a duplicate (the vector is copied), a new mtime over the same
 bytes is a touch. Only what is left needs decoding and encoding. Nothing here
 writes.
+
+Plain SQL over `store.reads` and the standard library only (no SQLAlchemy, numpy
+or Pillow at import): an unchanged re-run (`retrieval.index.rerun`) runs the same
+walk and diff through stdlib sqlite3, so both paths decide "unchanged" by one rule.
 """
 
 from __future__ import annotations
 
 import os
+import time
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-
-from sqlalchemy import select, text
+from pathlib import Path
+from typing import TYPE_CHECKING, NamedTuple
 
 from retrieval.errors import InputError
 from retrieval.media import remote
-from retrieval.media.images import DEFAULT_MAX_PIXELS, ImageError, read_info
-from retrieval.media.scan import FileEntry, content_hash, diff, walk
-from retrieval.store.library import Library
-from retrieval.store.reads import in_list
-from retrieval.store.schema import Image, path_from_db, path_to_db
+from retrieval.media.formats import DEFAULT_MAX_PIXELS, ImageError
+from retrieval.media.scan import FileEntry, ScanDiff, content_hash, diff, walk
+from retrieval.store.paths import path_from_db, path_to_db
+from retrieval.store.reads import in_list, reading
 from retrieval.store.sql import in_chunks, under_folder
+
+if TYPE_CHECKING:
+    from retrieval.store.library import Library
 
 REMEMBERED_FAILURES = ("corrupt", "truncated", "empty", "not_image", "too_large")
 _SCAN_KINDS = {"permission denied": "unreadable", "vanished": "vanished",
@@ -68,21 +76,66 @@ class Plan:
                 "touched": len(self.touches), "removed": len(self.gone), "known_bad": self.known_bad}
 
 
-def plan_index(library: Library | None, roots: Sequence[str], follow_symlinks: bool = False,
-               retry_failed: bool = False, max_pixels: int = DEFAULT_MAX_PIXELS) -> Plan:
-    """Walk, diff and hash: decide what each file needs, touching nothing.
+def run_counts() -> Counter:
+    """What a run has done so far, in the order its stats list them (the indexer adds to it)."""
+    return Counter(indexed=0, encoded=0)
 
-    `library` None plans against an empty library (a dry run before the first). A root may
-    be a folder, a file or an fsspec URL (`media.remote`: an object or a prefix).
+
+def run_stats(plan: Plan, done: Counter, skipped: Sequence[Skipped], started: float) -> dict:
+    """A run's statistics, as its `runs` row and the `index` summary give them: the plan's counts,
+    what was `done` (`run_counts`; its skips and seconds are set here), the skips by kind."""
+    done["skipped"] = len(skipped)
+    done["seconds"] = round(time.perf_counter() - started, 3)
+    return {**plan.counts(), **done, "skipped_by_kind": dict(Counter(s.kind for s in skipped))}
+
+
+@dataclass
+class IndexResult:
+    library: str
+    plan: Plan
+    stats: dict
+    skipped: list[Skipped]
+    run_id: int | None = None
+    status: str = "done"
+    dry_run: bool = False
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def nothing_indexed(self) -> bool:
+        """The roots held something, and not one image of it is usable in the library."""
+        usable = self.plan.unchanged + self.stats.get("indexed", 0)
+        return bool(self.skipped) and usable == 0
+
+
+class Survey(NamedTuple):
+    """A walk sorted against the database, before any file is hashed (`survey`)."""
+
+    entries: int  # files found
+    found: ScanDiff  # `found.new` without the known failures
+    rows: dict[str, tuple[int, int, int, str]]  # known_rows of the walked roots
+    scan_errors: list[Skipped]  # unreadable folders, vanished files, FIFOs...
+    known_bad: list[Skipped]  # failed before and untouched since: reported, not retried
+
+    @property
+    def nothing_to_do(self) -> bool:
+        """Every file unchanged, none gone, nothing new but known failures, nothing unreadable."""
+        return not (self.found.new or self.found.changed or self.found.gone or self.scan_errors)
+
+
+def survey(library: Library | None, roots: Sequence[str], follow_symlinks: bool = False,
+           retry_failed: bool = False, max_pixels: int = DEFAULT_MAX_PIXELS) -> Survey:
+    """Walk and diff, and set aside the known failures: everything `plan_index` does before hashing.
+
+    `library`: anything with `root` and `reads()` (a `Library`, or the re-run's stdlib view),
+    or None (plan against an empty library).
     """
-    plan = Plan()
     scan_errors: list[Skipped] = []
 
     def on_error(path: str, reason: str) -> None:
         kind = "not_image" if reason.startswith("not a regular file") else _SCAN_KINDS.get(reason, "unreadable")
         scan_errors.append(Skipped(path, kind, f"{path}: {reason}"))
 
-    exclude = {library.root} if library else None
+    exclude = {Path(library.root)} if library else None
     urls = [r for r in roots if remote.is_url(r)]
     local = [r for r in roots if not remote.is_url(r)]
     entries = list(walk(local, follow_symlinks, on_error, exclude))
@@ -95,9 +148,25 @@ def plan_index(library: Library | None, roots: Sequence[str], follow_symlinks: b
     rows = known_rows(library, folders, files) if library else {}
     found = diff(entries, {p: (r[1], r[2]) for p, r in rows.items()},
                  unreachable=[s.path for s in scan_errors])
-    plan.scanned, plan.unchanged, plan.skipped = len(entries), len(found.unchanged), scan_errors
+    known_bad: list[Skipped] = []
     if library and not retry_failed:
-        found.new = _drop_known_failures(library, folders, files, found.new, plan, max_pixels)
+        found.new = _drop_known_failures(library, folders, files, found.new, known_bad, max_pixels)
+    return Survey(len(entries), found, rows, scan_errors, known_bad)
+
+
+def plan_index(library: Library | None, roots: Sequence[str], follow_symlinks: bool = False,
+               retry_failed: bool = False, max_pixels: int = DEFAULT_MAX_PIXELS,
+               surveyed: Survey | None = None) -> Plan:
+    """Walk, diff and hash: decide what each file needs, touching nothing.
+
+    `library` None plans against an empty library (a dry run before the first). A root may
+    be a folder, a file or an fsspec URL (`media.remote`: an object or a prefix).
+    `surveyed`: the `survey` of these roots, when the caller made it already.
+    """
+    s = surveyed or survey(library, roots, follow_symlinks, retry_failed, max_pixels)
+    found, rows = s.found, s.rows
+    plan = Plan(scanned=s.entries, unchanged=len(found.unchanged), skipped=s.scan_errors + s.known_bad,
+                known_bad=len(s.known_bad))
 
     digests = _hash_all(found.new + found.changed, plan.skipped)
     gone_by_hash: dict[str, list[tuple[int, str]]] = {}
@@ -152,11 +221,11 @@ def known_rows(library: Library, roots: Sequence[str],
                files: Sequence[str] = ()) -> dict[str, tuple[int, int, int, str]]:
     """path -> (id, size, mtime_ns, hash) for the rows at or under the roots, and of `files`."""
     out: dict[str, tuple[int, int, int, str]] = {}
-    with library.engine.connect() as conn:
+    with reading(library) as reads:
         for where, params in scopes(roots, files):
-            query = text(f"SELECT id, path, path_bytes, size, mtime_ns, content_hash FROM images WHERE {where}")
-            for r in conn.execute(query, params):
-                out[path_from_db(r.path, r.path_bytes)] = (r.id, r.size, r.mtime_ns, r.content_hash)
+            sql = f"SELECT id, path, path_bytes, size, mtime_ns, content_hash FROM images WHERE {where}"
+            for row_id, path, path_bytes, size, mtime_ns, digest in reads.all(sql, params):
+                out[path_from_db(path, path_bytes)] = (row_id, size, mtime_ns, digest)
     return out
 
 
@@ -170,37 +239,44 @@ def scopes(folders: Sequence[str], files: Sequence[str] = ()) -> Iterable[tuple[
         yield f"path IN {listed}", params
 
 
+class _Failure(NamedTuple):
+    kind: str
+    message: str
+    at: object  # datetime (PostgreSQL) or SQLAlchemy's text form of one (SQLite)
+
+
 def _drop_known_failures(library: Library, roots: Sequence[str], files: Sequence[str],
-                         entries: list[FileEntry], plan: Plan, max_pixels: int) -> list[FileEntry]:
+                         entries: list[FileEntry], known_bad: list[Skipped], max_pixels: int) -> list[FileEntry]:
     """Files that failed to decode and have not been touched since: report, do not retry.
 
     Without this, every run over a folder with one broken JPEG would load the model
     just to fail on it again. A new mtime or ctime (rewrite, chmod, copy) retries it.
     """
-    failed = {}
-    with library.engine.connect() as conn:
+    if not entries:
+        return entries
+    failed: dict[str, _Failure] = {}
+    with reading(library) as reads:
         for where, params in scopes(roots, files):
             # the newest failure per path (a window, not SQLite's bare-column max(): PostgreSQL too)
-            query = text(f"SELECT path, kind, message, at FROM (SELECT path, kind, message, at, "
-                         "row_number() OVER (PARTITION BY path ORDER BY at DESC, id DESC) AS newest "
-                         f"FROM errors WHERE kind IN ({','.join(repr(k) for k in REMEMBERED_FAILURES)}) "
-                         f"AND {where}) AS failures WHERE newest = 1")
-            for r in conn.execute(query, params):
-                failed[r.path] = r
+            sql = (f"SELECT path, kind, message, at FROM (SELECT path, kind, message, at, "
+                   "row_number() OVER (PARTITION BY path ORDER BY at DESC, id DESC) AS newest "
+                   f"FROM errors WHERE kind IN ({','.join(repr(k) for k in REMEMBERED_FAILURES)}) "
+                   f"AND {where}) AS failures WHERE newest = 1")
+            for path, kind, message, at in reads.all(sql, params):
+                failed[path] = _Failure(kind, message, at)
     if not failed:
         return entries
     keep = []
     for entry in entries:
         row = failed.get(path_to_db(entry.path)[0])
         if row is not None and _still_failing(entry.path, row, max_pixels):
-            plan.skipped.append(Skipped(entry.path, row.kind, row.message, known=True))
-            plan.known_bad += 1
+            known_bad.append(Skipped(entry.path, row.kind, row.message, known=True))
         else:
             keep.append(entry)
     return keep
 
 
-def _still_failing(path: str, row, max_pixels: int) -> bool:
+def _still_failing(path: str, row: _Failure, max_pixels: int) -> bool:
     """Untouched since it failed (and, if too large, still over today's pixel limit)."""
     try:
         failed_at = datetime.fromisoformat(str(row.at)).replace(tzinfo=timezone.utc).timestamp()
@@ -215,6 +291,8 @@ def _still_failing(path: str, row, max_pixels: int) -> bool:
         return False
     if row.kind != "too_large" or remote.is_url(path):  # a URL's pixel limit: read it again
         return True
+    from retrieval.media.images import read_info  # Pillow: only for a too-large file's header
+
     try:  # the limit may have been raised: a header read (no decode) tells
         info = read_info(path)
     except ImageError as exc:
@@ -247,15 +325,17 @@ def _hash_all(entries: list[FileEntry], skipped: list[Skipped]) -> dict[str, str
 def stored_ids(library: Library, digests: set[str], exclude: set[int]) -> dict[str, int]:
     """content hash -> id of a stored row with that content (not one about to be deleted)."""
     out: dict[str, int] = {}
-    with library.engine.connect() as conn:
+    if not digests:
+        return out
+    with reading(library) as reads:
         for part in in_chunks(sorted(digests)):
-            rows = conn.execute(select(Image.id, Image.content_hash)
-                                .where(Image.content_hash.in_(part))
-                                .order_by(Image.id))
-            for row_id, digest in rows:
+            listed, params = in_list(part, "h", str)
+            for row_id, digest in reads.all(
+                    f"SELECT id, content_hash FROM images WHERE content_hash IN {listed} ORDER BY id", params):
                 if row_id not in exclude:
                     out.setdefault(digest, row_id)
     return out
+
 
 def check_roots(roots: Iterable[str | os.PathLike], missing_ok: bool = False) -> list[str]:
     """Absolute roots (URLs in fsspec's spelling); a missing one is a typo to report, not a

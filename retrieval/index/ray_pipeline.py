@@ -3,10 +3,12 @@
 Why Ray Data: a collection too big for one machine's encoder needs many encoders,
 and Ray Data already streams blocks between CPU tasks and GPU actors with
 back-pressure, retries failed tasks and restarts dead actors. The pipeline is
-`from_items(paths)` -> `map_batches(decode_files)` (CPU tasks: the same
-`media.pipeline.ImageFiles` decode and the same transform the single-process
-indexer runs, so pixels are identical) -> `map_batches(ImageEncoder)` (an actor
-pool; each actor loads the model once, one GPU per actor where there are GPUs).
+blocks of paths -> `map_batches(decode_files)` (CPU tasks: the same
+`media.decode.decode_file` the single-process indexer runs, with the model's
+transform or its bit-identical Pillow+numpy copy, so pixels are identical and a
+decode worker need not import torch) -> `map_batches(ImageEncoder)` (an actor
+pool; each actor loads the model once, one GPU per actor where there are GPUs;
+it imports open_clip without transformers/timm when the model needs neither).
 Each output block carries its rows' keys (indexes into the plan), vectors or
 failure kinds, and the fingerprint and precision of the weights that made them;
 the driver writes each block as it arrives (`retrieval.index.ray_engine`).
@@ -18,8 +20,8 @@ Ray is imported only in here, and only by the functions that need it, so
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
-import math
 import os
 import socket
 from collections.abc import Callable, Iterator, Sequence
@@ -30,8 +32,10 @@ import numpy as np
 
 from retrieval import config
 from retrieval.errors import EngineError, UsageError
+from retrieval.media.decode import Decoded, Failed, decode_file
 from retrieval.media.images import DEFAULT_MAX_PIXELS
-from retrieval.media.pipeline import Decoded, Failed, ImageFiles
+from retrieval.model.preprocess import PreprocessConfig, config_of_transform
+from retrieval.model.preprocess import preprocess as preprocess_pixels
 
 INSTALL_HINT = "Ray is not installed: pip install 'clipfind[ray]'"
 DECODE_MEMORY = 256 * 2**20  # bytes a decode task reserves (logical, for Ray's scheduler)
@@ -185,20 +189,27 @@ def plan_layout(options: RayOptions, device: str, batch_size: int | None) -> Lay
 
 
 # -- the stages --------------------------------------------------------------------------
-def decode_files(batch: dict[str, np.ndarray], preprocess: Callable, image_size: int,
+def decode_files(batch: dict[str, np.ndarray], preprocess: PreprocessConfig | Callable, image_size: int,
                  max_pixels: int = DEFAULT_MAX_PIXELS) -> dict[str, np.ndarray]:
-    """A CPU task: decode and preprocess each file exactly as the single-process indexer does."""
-    import torch
+    """A CPU task: decode and preprocess each file exactly as the single-process indexer does.
 
-    torch.set_num_threads(1)  # Pillow work; the encoder actors want the cores
+    `preprocess` is the encoder's transform, or the `PreprocessConfig` whose Pillow+numpy copy
+    gives the same pixels bit for bit (`pixel_transform`): then this worker never imports torch.
+    """
+    if isinstance(preprocess, PreprocessConfig):
+        transform: Callable = functools.partial(preprocess_pixels, cfg=preprocess)
+    else:
+        import torch
+
+        torch.set_num_threads(1)  # Pillow work; the encoder actors want the cores
+        transform = preprocess
     paths = [os.fsdecode(bytes(p)) for p in batch["path"]]
-    files = ImageFiles(paths, preprocess, image_size, max_pixels)
-    items = [files[i] for i in range(len(paths))]
+    items = [decode_file(path, i, transform, (image_size, image_size), max_pixels) for i, path in enumerate(paths)]
     shape = next((tuple(it.pixels.shape) for it in items if isinstance(it, Decoded)), (3, image_size, image_size))
     pixels = np.zeros((len(items), *shape), np.float32)
     for i, item in enumerate(items):
         if isinstance(item, Decoded):
-            pixels[i] = item.pixels.numpy()
+            pixels[i] = np.asarray(item.pixels)
     good = [isinstance(it, Decoded) for it in items]
     return {
         "key": np.asarray(batch["key"], np.int64),
@@ -224,15 +235,18 @@ class ImageEncoder:
 
         from retrieval.index.threads import ThreadTuner
         from retrieval.model.encoder import Encoder
+        from retrieval.model.lean_import import import_open_clip
         from retrieval.model.spec import ModelSpec
 
+        spec = ModelSpec.from_json(spec_json)
+        import_open_clip(spec)  # without transformers/timm when this model needs neither
         self.tuner = ThreadTuner(max_threads) if device == "cpu" and not threads else None
         if device == "cpu":
             torch.set_num_threads(threads or max_threads)
         # the dimension is the driver's (its own model, whose fingerprint each block is checked
         # against), so the actor skips probing it: less work before the first block; it encodes
         # images only, so it builds only the image tower where it can (retrieval.model.towers)
-        self.encoder = Encoder(ModelSpec.from_json(spec_json), device=device, precision=precision,
+        self.encoder = Encoder(spec, device=device, precision=precision,
                                embed_dim=embed_dim, images_only=True)
         self.info = (self.encoder.fingerprint, self.encoder.precision, str(self.encoder.device))
 
@@ -266,10 +280,17 @@ def embed(paths: Sequence[str], spec_json: str, preprocess: Callable, image_size
     One input block per encoder batch, so a block is what one transaction commits and what a
     killed driver can lose.
     """
+    import pyarrow as pa
     import ray.data
 
-    items = [{"key": i, "path": os.fsencode(p)} for i, p in enumerate(paths)]
-    ds = ray.data.from_items(items, override_num_blocks=max(1, math.ceil(len(items) / layout.batch_size)))
+    preprocess = pixel_transform(preprocess)
+    # Blocks of exactly one batch (the last one shorter): `from_items` splits evenly, and
+    # blocks of 29 rows for batches of 32 made every task take two blocks as 32 + 26 rows.
+    size = layout.batch_size
+    ds = ray.data.from_arrow([pa.table({"key": pa.array(range(start, min(start + size, len(paths))), pa.int64()),
+                                        "path": pa.array([os.fsencode(p) for p in paths[start:start + size]],
+                                                         pa.binary())})
+                              for start in range(0, len(paths), size)])
     ds = ds.map_batches(decode_files, batch_size=layout.batch_size, batch_format="numpy",
                         num_cpus=layout.decode_cpus,
                         # a batch of decoded images; asking for memory (the actors do not) also keeps
@@ -282,7 +303,15 @@ def embed(paths: Sequence[str], spec_json: str, preprocess: Callable, image_size
                         fn_constructor_kwargs={"spec_json": spec_json, "device": layout.device,
                                                "precision": precision, "threads": layout.threads,
                                                "max_threads": layout.max_threads, "embed_dim": embed_dim})
-    yield from ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=1)
+    # no prefetching: Ray Data hands over a prefetched block only once the one after it exists,
+    # so each block would wait for the next batch to be encoded before it could be committed
+    yield from ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=0)
+
+
+def pixel_transform(transform: Callable) -> PreprocessConfig | Callable:
+    """What decode tasks run: the torch-free copy of `transform` when it gives the same pixels
+    bit for bit (open_clip's usual eval transforms), else `transform` itself."""
+    return config_of_transform(transform) or transform
 
 
 def split_block(block: dict) -> tuple[list[Decoded], np.ndarray, list[Failed]]:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import io
 import os
-import stat
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -23,8 +22,16 @@ from typing import BinaryIO
 
 from PIL import Image, ImageOps, UnidentifiedImageError, features
 
-from retrieval.errors import InputError
-from retrieval.media.regular import NotRegularFile, open_regular
+from retrieval.media.formats import (  # noqa: F401 - re-exported: what a file is, told without Pillow
+    DEFAULT_MAX_PIXELS,
+    IMAGE_EXTENSIONS,
+    KINDS,
+    ImageError,
+    is_candidate,
+    sniff_bytes,
+    sniff_format,
+)
+from retrieval.media.regular import NotRegularFile, PathArg, open_regular
 
 try:  # HEIC/HEIF photos from phones need a plugin; optional.
     import pillow_heif
@@ -46,38 +53,12 @@ if not AVIF_SUPPORTED:
     except Exception:
         AVIF_SUPPORTED = False
 
-# 100 MP: above every common camera; a decode past it costs > 300 MB of RGB.
-# Pillow itself refuses more than 2 * Image.MAX_IMAGE_PIXELS (~179 MP by default)
-# while reading the header; that is reported as "too_large" too.
-DEFAULT_MAX_PIXELS = 100_000_000
-
-IMAGE_EXTENSIONS = frozenset(
-    {".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".webp", ".gif", ".bmp", ".dib",
-     ".tif", ".tiff", ".heic", ".heif", ".avif"}
-)
-
-KINDS = ("corrupt", "truncated", "empty", "not_image", "too_large", "unreadable",
-         "vanished", "unsupported")
-
-PathArg = str | os.PathLike[str] | bytes
-
-_HEIF_BRANDS = {b"heic", b"heix", b"hevc", b"hevx", b"heim", b"heis", b"mif1", b"msf1"}
-_AVIF_BRANDS = {b"avif", b"avis"}
-_BMP_DIB_SIZES = {12, 40, 52, 56, 64, 108, 124}
 _ORIENTATION = 0x0112
 _DATETIME = 306
 _EXIF_IFD = 0x8769
 _DATETIME_ORIGINAL = 36867
 _SUBSEC_ORIGINAL = 37521
 _OFFSET_ORIGINAL = 36881
-
-
-class ImageError(InputError):
-    """An image that cannot be used; ``kind`` is one of ``KINDS``."""
-
-    def __init__(self, kind: str, message: str) -> None:
-        super().__init__(message)
-        self.kind = kind
 
 
 @dataclass
@@ -88,58 +69,6 @@ class ImageInfo:
     height: int
     format: str | None
     taken_at: datetime | None
-
-
-def sniff_format(path: PathArg) -> str | None:
-    """Format from the file's first bytes, in Pillow's names; None if no image.
-
-    Extensions lie (``.jpg`` that is a PNG, exports without a suffix), so the
-    content decides. Non-regular files (FIFOs, devices) are never opened.
-    """
-    try:
-        if not stat.S_ISREG(os.stat(path).st_mode):
-            return None
-        with open(path, "rb") as fh:
-            head = fh.read(64)
-    except OSError:
-        return None
-    return _sniff_bytes(head)
-
-
-def _sniff_bytes(head: bytes) -> str | None:
-    if head.startswith(b"\xff\xd8\xff"):
-        return "JPEG"
-    if head.startswith(b"\x89PNG\r\n\x1a\n"):
-        return "PNG"
-    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
-        return "WEBP"
-    if head[:6] in (b"GIF87a", b"GIF89a"):
-        return "GIF"
-    if head[:4] in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+"):
-        return "TIFF"
-    if head[:2] == b"BM" and len(head) >= 18:
-        if int.from_bytes(head[14:18], "little") in _BMP_DIB_SIZES:
-            return "BMP"
-    if head[4:8] == b"ftyp" and len(head) >= 12:
-        box_end = min(len(head), int.from_bytes(head[:4], "big") or len(head))
-        brands = {head[8:12]} | {head[i:i + 4] for i in range(16, box_end - 3, 4)}
-        if brands & _AVIF_BRANDS:
-            return "AVIF"
-        if brands & _HEIF_BRANDS:
-            return "HEIF"
-    return None
-
-
-def is_candidate(path: PathArg) -> bool:
-    """Worth trying to index: an image extension, or no extension and image bytes.
-
-    Files with another extension are not sniffed (``photo.jpg_original`` backups
-    from exiftool are copies we do not want twice).
-    """
-    suffix = os.path.splitext(os.fsdecode(path))[1].lower()
-    if suffix in IMAGE_EXTENSIONS:
-        return True
-    return suffix == "" and sniff_format(path) is not None
 
 
 def open_image(
@@ -216,7 +145,7 @@ def _opened(path: PathArg, data: bytes | None = None) -> Iterator[Image.Image]:
 def _parse_header(fh: BinaryIO, path: PathArg) -> Image.Image:
     name = _name(path)
     try:
-        fmt = _sniff_bytes(fh.read(64))
+        fmt = sniff_bytes(fh.read(64))
         fh.seek(0)
     except OSError as exc:
         raise _os_error(exc, path) from exc

@@ -14,32 +14,12 @@ import sys
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
 
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from retrieval.media.images import DEFAULT_MAX_PIXELS, ImageError, open_image, read_info
-from retrieval.media.remote import is_url, read_bytes
-
-
-@dataclass
-class Decoded:
-    """A file the worker could use: its tensor plus what the database row needs."""
-
-    key: int
-    pixels: torch.Tensor
-    width: int
-    height: int
-    format: str | None
-    taken_at: datetime | None
-
-
-@dataclass
-class Failed:
-    key: int
-    kind: str
-    message: str
+from retrieval.media.decode import Decoded, Failed, decode_file
+from retrieval.media.images import DEFAULT_MAX_PIXELS
 
 
 @dataclass
@@ -74,21 +54,8 @@ class ImageFiles(Dataset):
         return len(self.paths)
 
     def __getitem__(self, index: int) -> Decoded | Failed:
-        path = self.paths[index]
-        key = self.first_key + index
-        try:
-            data = read_bytes(path) if is_url(path) else None  # read once, through fsspec
-            info = read_info(path, data)
-            image = open_image(path, self.max_pixels, draft_size=self.draft, data=data)
-            pixels = self.preprocess(image)
-        except ImageError as exc:
-            return Failed(key, exc.kind, str(exc))
-        except MemoryError:
-            return Failed(key, "too_large", f"{os.path.basename(path)}: out of memory while decoding")
-        except Exception as exc:  # a transform that chokes must not kill the worker
-            return Failed(key, "corrupt", f"{os.path.basename(path)}: cannot preprocess ({exc})")
-        taken = info.taken_at.replace(tzinfo=None) if info.taken_at else None  # camera wall time
-        return Decoded(key, pixels, info.width, info.height, info.format, taken)
+        return decode_file(self.paths[index], self.first_key + index, self.preprocess, self.draft,
+                           self.max_pixels)
 
 
 def collate(items: list[Decoded | Failed]) -> Batch:

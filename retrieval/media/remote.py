@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterable
 from datetime import datetime, timezone
 
 from retrieval.errors import InputError, UsageError
-from retrieval.media.images import IMAGE_EXTENSIONS, ImageError
+from retrieval.media.formats import IMAGE_EXTENSIONS, ImageError
 from retrieval.media.scan import FileEntry, content_digest
 
 _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")

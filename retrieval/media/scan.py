@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from retrieval.media.images import is_candidate
+from retrieval.media.formats import is_candidate
 from retrieval.media.regular import file_kind, open_regular
 
 log = logging.getLogger(__name__)

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from retrieval import config
 from retrieval.model.onnx_export import TOWER_FILES, read_manifest
 from retrieval.model.onnx_text import trim
 from retrieval.model.preprocess import PreprocessConfig, preprocess_batch
@@ -46,12 +47,19 @@ class OnnxEncoder:
     (a process that answers one query and exits) skips the graph optimisations too:
     measured on ViT-B-32 (bench/onnx_session.py, CPU seconds of load + first encode, 1
     thread), they cost more to apply than they save on one run: text 0.35 -> 0.29 s,
-    image 0.75 -> 0.46 s."""
+    image 0.75 -> 0.46 s.
+
+    A warm server (`clipfind serve`) answers many text queries, so it passes
+    `prepack=("text",)`: ViT-B-32's text tower, 5 templates, ran 1.5x faster pre-packed
+    (146 -> 94 ms median, 1 thread, 2 busy cores) for ~150 MB of anonymous memory.
+    `wide_threads` gives the text tower a second session with that many threads, used for
+    a run only when that many cores are idle at that moment (`config.query_threads`): a
+    thread sharing its core with a busy process stalls the others at every barrier."""
 
     runtime = "onnx"
 
     def __init__(self, folder: str | Path, threads: int | None = 1, low_memory: bool = True,
-                 one_shot: bool = False) -> None:
+                 one_shot: bool = False, prepack: Sequence[str] = (), wide_threads: int | None = None) -> None:
         self.folder = Path(folder)
         manifest = read_manifest(self.folder)
         if manifest is None:
@@ -63,6 +71,8 @@ class OnnxEncoder:
         self.threads = threads
         self.low_memory = low_memory
         self.one_shot = one_shot
+        self.prepack = frozenset(prepack)
+        self.wide_threads = wide_threads if wide_threads and threads and wide_threads > threads else None
         self.preprocess_cfg = PreprocessConfig.from_dict(manifest["preprocess"])
         self.image_size = self.preprocess_cfg.size[0]
         tokenizer = manifest.get("tokenizer") or {}
@@ -71,7 +81,7 @@ class OnnxEncoder:
         # takes the full context only.
         self.dynamic_length = bool(manifest.get("dynamic_length"))
         self._tokenizer: BpeTokenizer | None = None
-        self._sessions: dict[str, object] = {}
+        self._sessions: dict[tuple[str, int | None], object] = {}
         self._lock = threading.Lock()
 
     # -- what this export can do ----------------------------------------------------
@@ -85,24 +95,51 @@ class OnnxEncoder:
 
     @property
     def loaded_towers(self) -> list[str]:
-        return sorted(self._sessions)
+        return sorted({tower for tower, _ in self._sessions})
+
+    @property
+    def loaded_sessions(self) -> list[tuple[str, int | None]]:
+        """(tower, threads) of every session opened so far."""
+        return sorted(self._sessions, key=str)
 
     # -- sessions -------------------------------------------------------------------
-    def session(self, tower: str):
-        """The tower's InferenceSession, created once (thread-safe: the server shares one encoder)."""
-        with self._lock:
-            if tower not in self._sessions:
-                self._sessions[tower] = self._open(tower)
-            return self._sessions[tower]
+    def session_threads(self, tower: str) -> list[int | None]:
+        """The thread counts this tower has sessions for: `threads`, and `wide_threads` for text."""
+        return [self.threads] + ([self.wide_threads] if tower == "text" and self.wide_threads else [])
 
-    def _open(self, tower: str):
+    def threads_now(self, tower: str) -> int | None:
+        """The session a run of `tower` takes now: the wide one while its cores are idle."""
+        if tower == "text" and self.wide_threads and config.query_threads() >= self.wide_threads:
+            return self.wide_threads
+        return self.threads
+
+    def session(self, tower: str, threads: int | None = None):
+        """The tower's InferenceSession with `threads` (default: `self.threads`), created once
+        (thread-safe: the server shares one encoder)."""
+        key = (tower, self.threads if threads is None else threads)
+        with self._lock:
+            if key not in self._sessions:
+                self._sessions[key] = self._open(*key)
+            return self._sessions[key]
+
+    def warm_up(self, tower: str) -> None:
+        """Open every session of `tower`; run each text session once, since ONNX Runtime's first
+        run is slow (the image tower is only opened: running it would page in all its weights,
+        ~350 MB of RSS for ViT-B-32, for queries that mostly reuse stored vectors)."""
+        for threads in self.session_threads(tower):
+            if tower == "text":
+                self._run(tower, "tokens", self.text_batch(["a photo"]), threads)
+            else:
+                self.session(tower, threads)
+
+    def _open(self, tower: str, threads: int | None):
         try:
             import onnxruntime as ort
         except ImportError as exc:
             raise OnnxUnavailable("onnxruntime is not installed") from exc
         options = ort.SessionOptions()
-        if self.threads:
-            options.intra_op_num_threads = self.threads
+        if threads:
+            options.intra_op_num_threads = threads
             options.inter_op_num_threads = 1
         options.log_severity_level = 3  # errors only: its warnings are about graph rewrites
         if self.one_shot:
@@ -114,7 +151,8 @@ class OnnxEncoder:
             # 60-80 MB more after one run, varying from run to run). Measured on ViT-B-32's
             # text tower, 5 texts: anonymous memory 116 MB -> 41 MB, peak RSS 295 -> 220 MB.
             options.enable_mem_pattern = False
-            options.add_session_config_entry("session.disable_prepacking", "1")
+            if tower not in self.prepack:
+                options.add_session_config_entry("session.disable_prepacking", "1")
         path = self.folder / self.manifest["files"][tower]["name"] if tower in self.manifest["files"] \
             else self.folder / TOWER_FILES[tower]
         try:
@@ -122,8 +160,8 @@ class OnnxEncoder:
         except Exception as exc:  # onnxruntime raises its own Fail/InvalidProtobuf/NoSuchFile types
             raise OnnxUnavailable(f"ONNX Runtime cannot load {path}: {str(exc).splitlines()[0][:200]}") from exc
 
-    def _run(self, tower: str, name: str, batch: np.ndarray) -> np.ndarray:
-        session = self.session(tower)
+    def _run(self, tower: str, name: str, batch: np.ndarray, threads: int | None = None) -> np.ndarray:
+        session = self.session(tower, self.threads_now(tower) if threads is None else threads)
         try:
             return session.run(None, {name: batch})[0]
         except Exception as exc:

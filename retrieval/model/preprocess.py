@@ -106,3 +106,55 @@ def preprocess_batch(images: Sequence[Image.Image], cfg: PreprocessConfig) -> np
     if not images:
         return np.zeros((0, 3, *cfg.size), np.float32)
     return np.stack([preprocess(image, cfg) for image in images])
+
+
+# open_clip's eval transforms this module reproduces, by the names of their steps.
+_SHORTEST = ("Resize", "CenterCrop", "MaybeConvertMode", "MaybeToTensor", "Normalize")
+_SQUASH = ("Resize", "MaybeConvertMode", "MaybeToTensor", "Normalize")
+
+
+def config_of_transform(transform) -> PreprocessConfig | None:
+    """The config whose `preprocess` gives exactly `transform`'s pixels (an open_clip eval
+    transform object), or None when it is another transform or the pixels differ at all.
+
+    Why: a Ray decode task that runs this Pillow+numpy copy instead of the torchvision
+    transform never imports torch (seconds of CPU per worker process, issue 12), and the
+    pixels stay bit-identical to the single-process indexer's. The transform is read step
+    by step, then checked on a drawn image of odd size; anything unexpected means None.
+    """
+    steps = list(getattr(transform, "transforms", None) or ())
+    names = tuple(type(step).__name__ for step in steps)
+    if names not in (_SHORTEST, _SQUASH):
+        return None
+    resize, normalize = steps[0], steps[-1]
+    interpolation = getattr(getattr(resize, "interpolation", None), "value", None)
+    if (interpolation not in ("bicubic", "bilinear") or getattr(resize, "max_size", None) is not None
+            or getattr(resize, "antialias", True) is not True or getattr(steps[-3], "mode", None) != "RGB"):
+        return None
+    size = resize.size
+    if names == _SHORTEST:
+        side = size if isinstance(size, int) else (size[0] if len(size) == 1 else None)
+        crop = tuple(steps[1].size)
+        if side is None or crop != (side, side):
+            return None
+        cfg = PreprocessConfig((side, side), tuple(normalize.mean), tuple(normalize.std), interpolation, "shortest")
+    else:
+        if isinstance(size, int) or len(size) != 2:
+            return None
+        cfg = PreprocessConfig((int(size[0]), int(size[1])), tuple(normalize.mean), tuple(normalize.std),
+                               interpolation, "squash")
+    if len(cfg.mean) != 3 or len(cfg.std) != 3 or not cfg.supported:
+        return None
+    return cfg if _same_pixels(transform, cfg) else None
+
+
+def _same_pixels(transform, cfg: PreprocessConfig) -> bool:
+    from PIL import Image
+
+    rng = np.random.default_rng(12)
+    for width, height in ((301, 197), (64, 500)):
+        image = Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
+        expected = np.asarray(transform(image))
+        if not np.array_equal(preprocess(image, cfg), expected):
+            return False
+    return True

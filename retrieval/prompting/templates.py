@@ -38,14 +38,17 @@ def template_set(name_or_file: str) -> tuple[str, ...]:
     (the CLIP paper's 7-template subset), `imagenet80` (all 80 templates),
     `cifar10` (the CLIP paper's 18 CIFAR-10 templates, shipped as package data).
     """
-    from retrieval.prompting.cupl import bundled_path
+    def bundled(name: str) -> str:  # imported here: cupl costs a fresh `clipfind search` ~10 ms
+        from retrieval.prompting.cupl import bundled_path
+
+        return str(bundled_path(name))
 
     named = {
         "single": lambda: SINGLE_TEMPLATE,
         "photo": lambda: PHOTO_TEMPLATES,
         "simple7": lambda: openai_templates("SIMPLE_IMAGENET_TEMPLATES"),
         "imagenet80": lambda: openai_templates("OPENAI_IMAGENET_TEMPLATES"),
-        "cifar10": lambda: template_set(str(bundled_path("cifar10_templates.txt"))),
+        "cifar10": lambda: template_set(bundled("cifar10_templates.txt")),
     }
     if name_or_file in named:
         return named[name_or_file]()

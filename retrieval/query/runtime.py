@@ -23,10 +23,11 @@ class QueryRuntimes:
 
     def __init__(self, library, runtime: str = "auto", device: str = "auto", threads: int | None = 1,
                  torch_encoder: Callable[[], Any] | None = None, onnx_threads: int | None = None,
-                 one_shot: bool = False) -> None:
+                 one_shot: bool = False, onnx_options: dict | None = None) -> None:
         """`threads` for torch (None: torch's own setting); `onnx_threads` for ONNX Runtime
         sessions, `threads` unless given; `one_shot`: this process answers one query and
-        exits (`clipfind search`), so its sessions load fast rather than run fast."""
+        exits (`clipfind search`), so its sessions load fast rather than run fast;
+        `onnx_options`: more of OnnxEncoder's settings (the server's `serving_options`)."""
         if runtime not in RUNTIMES:
             raise InputError(f"unknown runtime {runtime!r}; choose one of {', '.join(RUNTIMES)}")
         self.library = library
@@ -35,6 +36,7 @@ class QueryRuntimes:
         self.threads = threads
         self.onnx_threads = threads if onnx_threads is None else onnx_threads
         self.one_shot = one_shot
+        self.onnx_options = onnx_options or {}
         self.torch_encoder = torch_encoder or (lambda: library.encoder(device=device))
         self._onnx = None
         self._onnx_failed: str | None = None
@@ -57,7 +59,8 @@ class QueryRuntimes:
             from retrieval.store.onnx_exports import ExportError, open_export
 
             try:
-                self._onnx = open_export(self.library, threads=self.onnx_threads, notice=warnings.append)
+                self._onnx = open_export(self.library, threads=self.onnx_threads, notice=warnings.append,
+                                         **self.onnx_options)
                 self._onnx.one_shot = self.one_shot  # sessions open on first use: it applies to all
             except (ExportError, OnnxUnavailable) as exc:
                 self._give_up_onnx(str(exc), warnings)
@@ -80,12 +83,12 @@ class QueryRuntimes:
         return self.torch_encoder()
 
     def warm_up(self, warnings: list[str]) -> None:
-        """Load both towers now (the server, before its first request)."""
+        """Load both towers now and run each session once (the server, before its first request)."""
         for tower in ("text", "image"):
             encoder = self.for_tower(tower, warnings)
             if runtime_of(encoder) == "onnx":
                 try:
-                    encoder.session(tower)
+                    encoder.warm_up(tower)
                 except Exception as exc:  # OnnxUnavailable: queries will fall back, say why now
                     self._give_up_onnx(str(exc), warnings)
 
@@ -118,3 +121,13 @@ class QueryRuntimes:
 
 def runtime_of(encoder) -> str:
     return getattr(encoder, "runtime", "torch")
+
+
+def serving_options(threads: int | None = None) -> dict:
+    """OnnxEncoder settings for a warm server: the text tower, which every new text query
+    runs, pre-packed, and (unless `threads` fixes the count) a second text session on all
+    cores up to the cap, for the moments they are idle; see OnnxEncoder."""
+    from retrieval import config
+
+    wide = None if threads else min(config.usable_cores(), config.QUERY_THREADS_CAP)
+    return {"prepack": ("text",), "wide_threads": wide}

@@ -79,10 +79,12 @@ class Searcher:
 
     def __init__(self, library: Library | QueryLibrary, spec=None, device: str = "auto", precision: str = "auto",
                  cache: TextCache | None = None, query_threads: int | None = QUERY_THREADS,
-                 runtime: str = "auto", onnx_threads: int | None = None, one_shot: bool = False) -> None:
+                 runtime: str = "auto", onnx_threads: int | None = None, one_shot: bool = False,
+                 onnx_options: dict | None = None) -> None:
         """`query_threads` run torch encoders, `onnx_threads` ONNX Runtime sessions (default:
         `query_threads`); `one_shot`: the process answers one query and exits. `clipfind search`
-        gives both (`config.query_threads`); the server and the library API keep the defaults."""
+        gives both (`config.query_threads`); the server gives `onnx_options`
+        (`runtime.serving_options`); the library API keeps the defaults."""
         record = library.model_record
         if record is None:
             raise library.empty_error()
@@ -100,7 +102,8 @@ class Searcher:
         # while a query image is read or decoded. A server shares it between its threads.
         self.lock: contextlib.AbstractContextManager = contextlib.nullcontext()
         self.runtimes = QueryRuntimes(library, runtime, device, query_threads,
-                                      torch_encoder=self.encoder, onnx_threads=onnx_threads, one_shot=one_shot)
+                                      torch_encoder=self.encoder, onnx_threads=onnx_threads, one_shot=one_shot,
+                                      onnx_options=onnx_options)
 
     @property
     def model_label(self) -> str:

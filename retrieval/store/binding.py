@@ -9,9 +9,13 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from retrieval.errors import LibraryError
 from retrieval.model.spec import ModelSpec
+
+if TYPE_CHECKING:
+    from retrieval.store.reads import Reads
 
 # The newest migration (`retrieval/migrations/versions`; tests/test_migrations.py checks it is
 # alembic's head). A database already there opens without importing alembic: 15 MB of a text
@@ -35,3 +39,17 @@ def model_mismatch(record: dict | None, spec: ModelSpec) -> LibraryError | None:
 def empty_library(root: Path) -> LibraryError:
     """The one error for "nothing indexed here yet", whichever command meets it (exit 4)."""
     return LibraryError(f"the library at {root} is empty: run `clipfind index FOLDER` first")
+
+
+def read_binding(reads: Reads) -> tuple[dict, str] | None:
+    """(model record, identity) of a library whose schema is current and whose model is recorded;
+    None otherwise (a migration, an identity or a first model to write: `Library.open`'s work)."""
+    if reads.scalar("SELECT version_num FROM alembic_version") != SCHEMA_HEAD:
+        return None
+    meta = dict(reads.all("SELECT key, value FROM meta WHERE key IN (:model, :identity)",
+                          {"model": MODEL_KEY, "identity": IDENTITY_KEY}))
+    record = json.loads(meta.get(MODEL_KEY, "null"))
+    identity = json.loads(meta.get(IDENTITY_KEY, "null"))
+    if not isinstance(record, dict) or identity is None:
+        return None
+    return record, str(identity)

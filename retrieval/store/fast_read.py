@@ -18,7 +18,6 @@ opened on first need: the fast path falls back, it never fails.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import sqlite3
 from collections.abc import Callable, Iterator
@@ -27,13 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 from retrieval import config
 from retrieval.errors import LibraryError
-from retrieval.store.binding import (
-    IDENTITY_KEY,
-    MODEL_KEY,
-    SCHEMA_HEAD,
-    empty_library,
-    model_mismatch,
-)
+from retrieval.store.binding import empty_library, model_mismatch, read_binding
 from retrieval.store.integrity import check_pages_if_small
 from retrieval.store.location import DB_NAME, POINTER_NAME
 from retrieval.store.reads import SqliteReads, connect_sqlite
@@ -152,16 +145,10 @@ class QueryLibrary:
 def _read_binding(reads: SqliteReads, db_path: Path) -> tuple[dict, str] | None:
     """(model record, identity) when the database is current and bound, else None. A damaged
     small file raises DamagedDatabase (`check_pages_if_small`, as `Library.open` checks it)."""
-    if reads.scalar("SELECT version_num FROM alembic_version") != SCHEMA_HEAD:
-        return None
-    meta = dict(reads.all("SELECT key, value FROM meta WHERE key IN (:model, :identity)",
-                          {"model": MODEL_KEY, "identity": IDENTITY_KEY}))
-    record = json.loads(meta.get(MODEL_KEY, "null"))
-    identity = json.loads(meta.get(IDENTITY_KEY, "null"))
-    if not isinstance(record, dict) or identity is None:
-        return None
-    check_pages_if_small(reads, db_path)
-    return record, str(identity)
+    binding = read_binding(reads)
+    if binding is not None:
+        check_pages_if_small(reads, db_path)
+    return binding
 
 
 def open_for_query(path: str | os.PathLike | None, model: ModelSpec | None = None) -> QueryLibrary | Library:

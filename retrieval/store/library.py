@@ -47,14 +47,12 @@ from retrieval.store.location import DB_NAME, StoreLocation, locate
 from retrieval.store.reads import EngineReads, Reads
 from retrieval.store.schema import Image, Meta, Run, utcnow
 from retrieval.store.vectors import VectorIndex, remove_temp_files
+from retrieval.store.write_lock import LOCK_NAME, sqlite_write_lock
 
 if TYPE_CHECKING:
     from alembic.config import Config
 
     from retrieval.model.encoder import Encoder
-
-LOCK_NAME = "write.lock"
-
 
 @dataclass
 class RunRecord:
@@ -322,34 +320,10 @@ class Library:
                     check_pages(self.engine)  # the schema clipfind made is all there
                 yield
             return
-        lock_path = self.root / LOCK_NAME
-        for needed in (self.root, self.db_path):
-            if not os.access(needed, os.W_OK):
-                raise LibraryError(f"cannot write to {needed}: permission denied (commands that "
-                                   "change a library need write permission on its folder and files)")
-        try:
-            handle = open(lock_path, "a+")
-        except OSError as exc:
-            raise LibraryError(f"cannot take the write lock {lock_path}: {exc.strerror or exc} "
-                               "(commands that change a library need write permission on it)") from None
-        with handle as fh:
-            try:
-                fcntl.flock(fh, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
-            except BlockingIOError:
-                fh.seek(0)
-                holder = fh.read().strip() or "another process"
-                raise self._busy(holder) from None
-            fh.seek(0)
-            fh.truncate()
-            fh.write(f"pid {os.getpid()}")
-            fh.flush()
-            try:
-                if check:
-                    check_pages(self.engine)
-                yield
-            finally:
-                fh.truncate(0)
-                fcntl.flock(fh, fcntl.LOCK_UN)
+        with sqlite_write_lock(self.root, self.db_path, wait, self._busy):
+            if check:
+                check_pages(self.engine)
+            yield
 
     @contextlib.contextmanager
     def _advisory_write_lock(self, wait: bool) -> Iterator[None]:

@@ -122,14 +122,14 @@ def ensure_export(library: Library, precision: str = "fp32", encoder: Encoder | 
 
 
 def open_export(library: Library, precision: str = "fp32", threads: int | None = 1,
-                notice: Callable[[str], None] | None = None) -> OnnxEncoder:
-    """An OnnxEncoder over the library's export (made first if needed); raises ExportError or
-    OnnxUnavailable when ONNX cannot serve this library."""
+                notice: Callable[[str], None] | None = None, **options) -> OnnxEncoder:
+    """An OnnxEncoder over the library's export (made first if needed; `options` are
+    OnnxEncoder's); raises ExportError or OnnxUnavailable when ONNX cannot serve this library."""
     from retrieval.model.onnx_session import OnnxEncoder, OnnxUnavailable, onnxruntime_available
 
     if not onnxruntime_available():
         raise OnnxUnavailable("onnxruntime is not installed")
-    return OnnxEncoder(ensure_export(library, precision, notice=notice), threads=threads)
+    return OnnxEncoder(ensure_export(library, precision, notice=notice), threads=threads, **options)
 
 
 def export_problems(library: Library, full: bool = True) -> tuple[list[str], list[str]]:

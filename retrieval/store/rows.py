@@ -8,10 +8,11 @@ import is most of a fresh query's start-up), yet it decodes the same columns.
 
 from __future__ import annotations
 
-import os
 from datetime import datetime
 
 import numpy as np
+
+from retrieval.store.paths import path_from_db, path_to_db  # noqa: F401 - re-exported: one import for row columns
 
 EMBEDDING_DTYPE = np.float32
 
@@ -25,24 +26,6 @@ def blobs_to_matrix(blobs: list[bytes], dim: int) -> np.ndarray:
     if not blobs:
         return np.zeros((0, dim), dtype=EMBEDDING_DTYPE)
     return np.frombuffer(b"".join(blobs), dtype=EMBEDDING_DTYPE).reshape(len(blobs), dim)
-
-
-def path_to_db(path: str) -> tuple[str, bytes | None]:
-    """Store a filesystem path: valid UTF-8 as text, anything else also as raw bytes.
-
-    SQLite text must be valid UTF-8, but Linux file names are bytes. The text
-    column keeps a readable, unique form; `path_bytes` keeps the real name.
-    """
-    raw = os.fsencode(path)
-    try:
-        return raw.decode("utf-8"), None
-    except UnicodeDecodeError:
-        return raw.decode("utf-8", "backslashreplace"), raw
-
-
-def path_from_db(path: str, path_bytes: bytes | None) -> str:
-    """The string to hand to `open()` for a stored path."""
-    return os.fsdecode(bytes(path_bytes)) if path_bytes is not None else path
 
 
 def datetime_from_db(value: datetime | str | None) -> datetime | None:

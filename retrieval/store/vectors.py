@@ -24,7 +24,6 @@ import json
 import math
 import os
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -33,19 +32,25 @@ import numpy as np
 
 from retrieval.store.index_delta import Delta, merge_top_k
 from retrieval.store.index_files import data_files, open_index
+from retrieval.store.index_state import (  # noqa: F401 - re-exported: the cache's files and state
+    EXACT_LIMIT,
+    INDEX_FILE,
+    STATE_FILE,
+    IndexState,
+    last_log_seq,
+    temp_files,
+    temp_name,
+)
 from retrieval.store.reads import Reads, in_list, reading
 from retrieval.store.rows import blobs_to_matrix
 from retrieval.store.sql import in_chunks
-from retrieval.store.tuning import SearchSetting, search_params
+from retrieval.store.tuning import search_params
 
 if TYPE_CHECKING:
     from sqlalchemy.engine import Engine
 
     from retrieval.store.index_builder import BuiltIndex
 
-INDEX_FILE = "index.faiss"
-STATE_FILE = "index.json"
-EXACT_LIMIT = 100_000  # below this an exact inner-product scan is fast enough and perfect
 DEFAULT_MEMORY_BUDGET = 4 << 30  # bytes of vectors we are willing to hold in RAM
 
 
@@ -64,21 +69,16 @@ def choose_factory(n: int, dim: int, memory_budget: int = DEFAULT_MEMORY_BUDGET)
     return f"IVF{nlist},PQ{m}"
 
 
-def _temp_name(path: Path, pid: int | str) -> Path:
-    return path.with_name(f".{path.name}.tmp-{pid}")
-
-
 def remove_temp_files(root: Path) -> None:
     """Delete the temp files a save killed half-way left behind (call under the write lock)."""
-    for name in (INDEX_FILE, STATE_FILE):
-        for stale in root.glob(_temp_name(root / name, "*").name):
-            stale.unlink(missing_ok=True)
+    for stale in temp_files(root):
+        stale.unlink(missing_ok=True)
 
 
 def fsync_write(path: Path, write) -> None:
     """Replace `path` atomically and durably: `write(tmp)` fills a temp file beside it, which is
     fsynced, renamed over `path`, and the folder fsynced (a crash leaves the old file or the new)."""
-    tmp = _temp_name(path, os.getpid())
+    tmp = temp_name(path, os.getpid())
     write(tmp)
     with open(tmp, "rb+") as fh:
         os.fsync(fh.fileno())
@@ -88,26 +88,6 @@ def fsync_write(path: Path, write) -> None:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
-
-
-@dataclass
-class IndexState:
-    watermark: int = 0
-    factory: str = "Flat"
-    ntotal: int = 0
-    nprobe: int = 16
-    library_id: str | None = None  # the database this index was built from
-    frozen: bool = False  # built by index_builder: never edited; changes since `watermark` live in a Delta
-    on_disk: bool = False  # IVF lists in a memory-mapped index-*.ivfdata beside index.faiss
-    data_file: str | None = None  # its name (a new one per build, so a crash mid-build harms nothing)
-    efsearch: int = 0
-    refine: int = 1  # candidates per result re-ranked exactly from stored vectors (PQ codes)
-    plan: dict | None = None  # index_plan.IndexPlan, why this index
-    tuned: dict | None = None  # tuning.SearchSetting, the recall measured at these parameters
-
-    @property
-    def setting(self) -> SearchSetting:
-        return SearchSetting(nprobe=self.nprobe, efsearch=self.efsearch, refine=self.refine)
 
 
 class VectorIndex:
@@ -367,18 +347,6 @@ class VectorIndex:
         with engine.begin() as conn:
             conn.execute(text(f"DELETE FROM vector_log WHERE seq {'<' if keep_last else '<='} :w"),
                          {"w": self.state.watermark})
-
-
-def last_log_seq(reads: Reads) -> int:
-    """The newest `vector_log` seq ever written (the watermark a build starting now covers).
-
-    SQLite: its AUTOINCREMENT counter, which a rollback restores. PostgreSQL: the largest
-    committed seq; the triggers commit seqs in order, so every smaller one is visible too.
-    """
-    if reads.dialect == "postgresql":
-        return int(reads.scalar("SELECT coalesce(max(seq), 0) FROM vector_log"))
-    seq = reads.scalar("SELECT seq FROM sqlite_sequence WHERE name = 'vector_log'")
-    return int(seq) if seq is not None else 0
 
 
 def _log_has_gap(reads: Reads, watermark: int, last: int) -> bool:
