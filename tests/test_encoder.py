@@ -82,6 +82,15 @@ def test_checkpoint_with_config_json_round_trips(tiny_encoder, tiny_config_and_c
     assert loaded.fingerprint == tiny_encoder.fingerprint
 
 
+def test_config_json_with_a_pretrained_file_loads_that_file(tiny_encoder, tiny_config_and_checkpoint):
+    """`--model arch.json --pretrained FILE` loads FILE (it once built unseeded random weights instead)."""
+    config_file, checkpoint = tiny_config_and_checkpoint
+    loaded = Encoder(ModelSpec(model=str(config_file), pretrained=str(checkpoint)))
+    images, _ = _pictures(1)
+    np.testing.assert_allclose(loaded.encode_images(images), tiny_encoder.encode_images(images), atol=1e-5)
+    assert loaded.fingerprint == tiny_encoder.fingerprint
+
+
 def test_checkpoint_for_the_wrong_architecture_is_one_clear_error(tiny_config_and_checkpoint, tmp_path):
     config_file, checkpoint = tiny_config_and_checkpoint
     cfg = json.loads(config_file.read_text())

@@ -100,7 +100,9 @@ def _open_clip_name(spec: ModelSpec) -> tuple[str, str | None]:
         return f"local-dir:{spec.model_dir}", None
     if _is_config_file(spec.model):
         name = _register_config(spec.model)
-        return name, spec.checkpoint if spec.checkpoint else None
+        # A config file has no pretrained tags, so a --pretrained that passed the source
+        # check is a weights file: load it (it used to be dropped for unseeded random weights).
+        return name, spec.checkpoint or spec.pretrained
     if spec.checkpoint:
         return spec.model, spec.checkpoint
     if spec.random_weights:
