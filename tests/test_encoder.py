@@ -74,18 +74,12 @@ def test_tiny_model_is_aligned_through_the_encoder(tiny_encoder):
     assert accuracy >= 0.7, accuracy
 
 
-def test_checkpoint_with_config_json_round_trips(tiny_encoder, tiny_config_and_checkpoint):
+@pytest.mark.parametrize("door", ["checkpoint", "pretrained"])
+def test_checkpoint_with_config_json_round_trips(tiny_encoder, tiny_config_and_checkpoint, door):
+    """`--model arch.json --checkpoint FILE` and `--pretrained FILE` both load FILE (the second once
+    built unseeded random weights instead)."""
     config_file, checkpoint = tiny_config_and_checkpoint
-    loaded = Encoder(ModelSpec(model=str(config_file), checkpoint=str(checkpoint)))
-    images, _ = _pictures(1)
-    np.testing.assert_allclose(loaded.encode_images(images), tiny_encoder.encode_images(images), atol=1e-5)
-    assert loaded.fingerprint == tiny_encoder.fingerprint
-
-
-def test_config_json_with_a_pretrained_file_loads_that_file(tiny_encoder, tiny_config_and_checkpoint):
-    """`--model arch.json --pretrained FILE` loads FILE (it once built unseeded random weights instead)."""
-    config_file, checkpoint = tiny_config_and_checkpoint
-    loaded = Encoder(ModelSpec(model=str(config_file), pretrained=str(checkpoint)))
+    loaded = Encoder(ModelSpec(model=str(config_file), **{door: str(checkpoint)}))
     images, _ = _pictures(1)
     np.testing.assert_allclose(loaded.encode_images(images), tiny_encoder.encode_images(images), atol=1e-5)
     assert loaded.fingerprint == tiny_encoder.fingerprint

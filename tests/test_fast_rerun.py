@@ -12,8 +12,6 @@ import random
 import re
 import shutil
 import sqlite3
-import subprocess
-import sys
 from importlib import resources
 from pathlib import Path
 
@@ -25,7 +23,7 @@ from retrieval.store.binding import SCHEMA_HEAD
 from retrieval.store.location import DB_NAME
 from retrieval.store.vectors import INDEX_FILE, STATE_FILE
 from retrieval.store.write_lock import LOCK_NAME
-from tests.cli_runner import clipfind
+from tests.cli_runner import clipfind, fresh_clipfind
 
 ROOT = Path(__file__).resolve().parents[1]
 HEAVY = ("torch", "torchvision", "open_clip", "onnxruntime", "faiss", "numpy", "sqlalchemy", "alembic", "PIL")
@@ -108,17 +106,8 @@ def test_an_unchanged_rerun_says_and_records_what_the_full_path_does(copy, args)
 
 
 def test_a_fresh_process_imports_nothing_heavy_and_prints_the_same_json(copy):
-    code = ("import sys, atexit, json\n"
-            f"atexit.register(lambda: print('HEAVY=' + json.dumps([m for m in {HEAVY!r} if m in sys.modules]), "
-            "file=sys.stderr))\n"
-            "from retrieval.cli import main\n"
-            f"sys.argv = ['clipfind', 'index', {str(copy / 'photos')!r}, '-L', {str(copy / 'lib')!r}, '--json']\n"
-            "main()\n")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
-                         env={**os.environ, "PYTHONPATH": str(ROOT)})
-    heavy = [line for line in out.stderr.splitlines() if line.startswith("HEAVY=")]
-    assert out.returncode == 0 and heavy, out.stderr
-    assert json.loads(heavy[-1][len("HEAVY="):]) == []
+    out, heavy = fresh_clipfind("index", str(copy / "photos"), "-L", str(copy / "lib"), "--json", watch=HEAVY)
+    assert heavy == []
     full, took = index(copy, "--json", fast=False)
     assert not took and without_times(out.stdout.strip()) == without_times(full.stdout.strip())
 

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from retrieval.media import synthetic
+from tests.cli_runner import fresh_clipfind
 
 ROOT = Path(__file__).resolve().parents[1]
 HEAVY = ("torch", "torchvision", "open_clip", "onnxruntime", "faiss", "numpy", "sqlalchemy", "alembic", "PIL",
@@ -20,21 +21,8 @@ HEAVY = ("torch", "torchvision", "open_clip", "onnxruntime", "faiss", "numpy", "
 
 def run_clipfind(*args: str, watch: tuple[str, ...] = HEAVY) -> tuple[dict, list[str]]:
     """`clipfind ARGS --json` in a fresh process: (its JSON output, the `watch` modules it imported)."""
-    # Reported at exit either way: a finished search leaves by os._exit, skipping atexit.
-    code = ("import sys, atexit, json, os\n"
-            f"report = lambda: print('HEAVY=' + json.dumps([m for m in {watch!r} if m in sys.modules]), "
-            "file=sys.stderr, flush=True)\n"
-            "atexit.register(report)\n"
-            "fast_exit = os._exit\n"
-            "os._exit = lambda code: (report(), fast_exit(code))\n"
-            "from retrieval.cli import main\n"
-            f"sys.argv = ['clipfind', *{list(args)!r}]\n"
-            "main()\n")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
-                         env={**os.environ, "PYTHONPATH": str(ROOT)})
-    heavy = [line for line in out.stderr.splitlines() if line.startswith("HEAVY=")]
-    assert out.returncode == 0 and heavy, out.stderr
-    return json.loads(out.stdout.strip().splitlines()[-1]), json.loads(heavy[-1][len("HEAVY="):])
+    out, heavy = fresh_clipfind(*args, watch=watch)
+    return json.loads(out.stdout.strip().splitlines()[-1]), heavy
 
 
 @pytest.fixture(scope="module")

@@ -128,14 +128,20 @@ def test_ray_index_equals_the_single_process_index(cluster, photos, local, tiny_
     assert again.exit_code == 0 and '"encoded": 0' in again.output, again.output
 
 
-@pytest.mark.slow
-def test_killed_driver_loses_only_blocks_in_flight_and_resumes(cluster, photos, local, tiny_model_dir, tmp_path):
-    lib_dir = tmp_path / "lib"
-    args = ["index", str(photos), "-L", str(lib_dir), "--model-dir", str(tiny_model_dir), "--precision", "fp32",
-            "--batch-size", "4", "--engine", "ray", "--ray-address", cluster, "--quiet"]
+def start_ray_driver(photos, lib_dir, model_dir, cluster, output: str):
+    """`clipfind index` on the Ray engine as its own process (so a test can kill it or its workers)."""
+    args = ["index", str(photos), "-L", str(lib_dir), "--model-dir", str(model_dir), "--precision", "fp32",
+            "--batch-size", "4", "--engine", "ray", "--ray-address", cluster, output]
     driver = subprocess.Popen([sys.executable, "-m", "retrieval.cli", *args], cwd=ROOT,
                               env={**os.environ, "PYTHONPATH": str(ROOT)},
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return args, driver
+
+
+@pytest.mark.slow
+def test_killed_driver_loses_only_blocks_in_flight_and_resumes(cluster, photos, local, tiny_model_dir, tmp_path):
+    lib_dir = tmp_path / "lib"
+    args, driver = start_ray_driver(photos, lib_dir, tiny_model_dir, cluster, "--quiet")
     wait_for(lambda: db_count(lib_dir) >= 4, driver, timeout=300)
     driver.send_signal(signal.SIGKILL)
     driver.wait()
@@ -244,11 +250,7 @@ def test_a_killed_decode_task_is_retried_or_resumed(cluster, photos, local, tiny
     process title, `ray::MapBatches(decode_files)`): Ray retries the task, or the run fails in
     one line and a re-run resumes; either way the library ends equal to the single-process one."""
     lib_dir = tmp_path / "lib"
-    args = ["index", str(photos), "-L", str(lib_dir), "--model-dir", str(tiny_model_dir), "--precision", "fp32",
-            "--batch-size", "4", "--engine", "ray", "--ray-address", cluster, "--json"]
-    driver = subprocess.Popen([sys.executable, "-m", "retrieval.cli", *args], cwd=ROOT,
-                              env={**os.environ, "PYTHONPATH": str(ROOT)},
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    args, driver = start_ray_driver(photos, lib_dir, tiny_model_dir, cluster, "--json")
     killed, deadline = None, time.monotonic() + 300
     while killed is None and driver.poll() is None and time.monotonic() < deadline:
         for pid, cmdline in cluster_processes("decode_files").items():
