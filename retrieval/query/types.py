@@ -90,7 +90,10 @@ class Query:
             for value in values:
                 value, weight = split_weight(os.fspath(value), default)
                 if kind == "image":
-                    value = os.path.abspath(os.path.expanduser(value))
+                    # image terms only: a text query does not import it
+                    from retrieval.media.remote import is_url
+
+                    value = value if is_url(value) else os.path.abspath(os.path.expanduser(value))
                 out.append(Term(kind, value, weight))
             return out
 

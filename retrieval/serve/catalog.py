@@ -126,8 +126,10 @@ def folders(conn, limit: int = 200) -> list[tuple[str, int]]:
 
 
 def common_root(conn) -> str | None:
-    """The deepest folder holding every indexed image (the default for a new index run)."""
-    lo, hi = conn.execute(text("SELECT min(path), max(path) FROM images")).one()
+    """The deepest folder holding every indexed local image (the default for a new index run).
+
+    Rows indexed from URLs (`s3://...`) are left out: a URL and a path have no common folder."""
+    lo, hi = conn.execute(text("SELECT min(path), max(path) FROM images WHERE substr(path, 1, 1) = '/'")).one()
     if lo is None:
         return None
     return os.path.commonpath([os.path.dirname(lo), os.path.dirname(hi)])
