@@ -57,8 +57,10 @@ def filesystem(url: str):
 def canonical(url: str) -> str:
     """The URL as it is stored: fsspec's own spelling (`file:///a/b.jpg`, `memory:///x`)."""
     fs, path = filesystem(url)
-    if "::" in url:  # a chained URL: fsspec cannot write one back; keep the user's
-        return url.rstrip("/")
+    if "::" in url:  # a chained URL: fsspec cannot write one back; keep the user's, less end slashes
+        head, _, chain = url.partition("::")
+        prefix = _folder_prefix(head)
+        return f"{prefix if prefix.endswith('://') else prefix[:-1]}::{chain.rstrip('/')}"
     return fs.unstrip_protocol(path.rstrip("/") or "/")
 
 
@@ -195,6 +197,17 @@ def _is_image_name(name: str) -> bool:
 
 
 def _join(root: str, path: str, name: str) -> str:
-    """The URL of `name` (a path inside the filesystem of `root`, found under `path`)."""
+    """The URL of `name` (a path inside the filesystem of `root`, found under `path`).
+
+    A chained root names the inner path first: `zip://photos::file:///x.zip` holds
+    `zip://photos/a.jpg::file:///x.zip`, not `.../x.zip/a.jpg`."""
     rest = name[len(path.rstrip("/")):].lstrip("/") if name.startswith(path.rstrip("/")) else name
-    return f"{root.rstrip('/')}/{rest}"
+    head, sep, chain = root.partition("::")
+    return f"{_folder_prefix(head)}{rest}{sep}{chain}"
+
+
+def _folder_prefix(head: str) -> str:
+    """`zip://photos/` for `zip://photos` or `zip://photos/`, and `zip://` for the archive's root."""
+    scheme, _, inner = head.partition("://")
+    inner = inner.rstrip("/")
+    return f"{scheme}://{inner}/" if inner else f"{scheme}://"
