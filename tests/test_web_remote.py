@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib.util
 import io
+import re
 import sqlite3
 
 import fsspec
@@ -136,3 +137,22 @@ def test_a_url_whose_backend_is_missing_is_one_line(url_lib, client):
         finally:
             db.execute("UPDATE images SET path = ? WHERE id = ?", (url, row_id))
             db.commit()
+
+
+def test_folder_filter_and_facets_take_url_prefixes(url_lib, client):
+    lib, sources = url_lib
+    memory = dict(url_rows(url_lib, "memory://"))
+    prefix = next(iter(memory)).rsplit("/", 2)[0]  # memory:///web-XXXX, above one folder per label
+    page = client.get("/", params={"q": "a shape", "folder": prefix})
+    assert page.status_code == 200, page.text[:300]
+    assert {int(i) for i in re.findall(r'class="hit"[^>]*data-id="(\d+)"', page.text)} == set(memory.values())
+    everything = client.get("/", params={"q": "a shape"}).text
+    one = next(iter(memory)).rsplit("/", 1)[0]
+    assert f'title="{one}"' in everything  # the sidebar's folder of a URL row is its URL prefix
+
+
+def test_the_folder_of_a_chained_url_is_in_its_inner_path():
+    from retrieval.serve.catalog import folder_of
+
+    assert folder_of("zip://photos/a.jpg::file:///x.zip") == "zip://photos::file:///x.zip"
+    assert folder_of("/data/a::b/c.jpg") == "/data/a::b" and folder_of("s3://b/p/c.jpg") == "s3://b/p"
