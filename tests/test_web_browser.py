@@ -187,12 +187,12 @@ def test_index_run_from_the_status_page(store_page, store_web):
 
 
 def test_thumbnails_of_url_rows_load(url_page, url_web, url_lib):
-    """Rows indexed from `file://` and `memory://` URLs: their thumbnails, read through fsspec."""
+    """Rows indexed from `file://`, `memory://` and `zip://...::file://` URLs: their thumbnails, read through fsspec."""
     page, (_, sources) = url_page, url_lib
     page.goto(f"{url_web.url}/?q=a+shape")
     hits = loaded_hits(page)
     by_url = [h for h in hits if h["title"] in sources]
-    assert {h["title"].split(":", 1)[0] for h in by_url} == {"file", "memory"}
+    assert {h["title"].split(":", 1)[0] for h in by_url} == {"file", "memory", "zip"}
     assert all(h["width"] > 0 for h in hits), [h for h in hits if not h["width"]]
     memory = next(h for h in by_url if h["title"].startswith("memory:"))
     page.goto(f"{url_web.url}/photo/{memory['id']}")

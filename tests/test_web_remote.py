@@ -3,8 +3,9 @@ originals, the photo page and "search with this" read the object through fsspec,
 refusals a local file gets (gone: 404, changed since indexing: 409), a size cap (413) and one
 line, not a traceback, when the server has no backend for the URL's protocol.
 
-The library (`tests/webapp.build_url_library`) holds local files, `file://` URL rows and
-`memory://` URL rows (fsspec's in-process store: the server runs in a thread of this process).
+The library (`tests/webapp.build_url_library`) holds local files, `file://` URL rows,
+`memory://` URL rows (fsspec's in-process store: the server runs in a thread of this process)
+and the members of a zip file (`zip://photos/a.jpg::file:///.../photos.zip`).
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ def url_rows(url_lib, scheme: str) -> list[tuple[str, int]]:
     return rows
 
 
-@pytest.mark.parametrize("scheme", ["file://", "memory://"])
+@pytest.mark.parametrize("scheme", ["file://", "memory://", "zip://"])
 def test_thumbnail_original_and_photo_page_of_url_rows(url_lib, client, scheme):
     lib, sources = url_lib
     url, row_id = url_rows(url_lib, scheme)[0]

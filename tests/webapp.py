@@ -109,10 +109,12 @@ def wait_for(predicate, timeout: float = 60.0, every: float = 0.2):
 
 
 def build_url_library(base: Path, model_dir: Path) -> tuple[Path, dict[str, Path]]:
-    """A library of drawn photos indexed three ways: a local folder, a `file://` URL of another
-    folder, and a `memory://` prefix (fsspec's in-process store: the server runs in this process).
+    """A library of drawn photos indexed four ways: a local folder, a `file://` URL of another
+    folder, a `memory://` prefix (fsspec's in-process store: the server runs in this process) and
+    a folder inside a zip file (a chained URL, `zip://photos::file:///.../photos.zip`).
     Returns the library and {URL of each URL row: the file its bytes came from}."""
     import uuid
+    import zipfile
 
     import fsspec
 
@@ -129,10 +131,16 @@ def build_url_library(base: Path, model_dir: Path) -> tuple[Path, dict[str, Path
         sources[url] = path
     for path, _ in by_file:
         sources[path.as_uri()] = path
+    zipped = synthetic.write_collection(base / "for-zip", per_class=1, seed=44, labels=synthetic.LABELS[:2])
+    archive = base / "photos.zip"
+    with zipfile.ZipFile(archive, "w") as out:
+        for path, _ in zipped:
+            out.write(path, f"photos/{path.parent.name}/{path.name}")
+            sources[f"zip://photos/{path.parent.name}/{path.name}::{archive.as_uri()}"] = path
     spec = ModelSpec(model_dir=str(model_dir))
     with Library.open(base / "lib", model=spec) as library:
-        index_paths(library, [str(photos / "local"), (photos / "by-url").as_uri(), prefix], spec,
-                    options=IndexOptions(workers=0))
+        index_paths(library, [str(photos / "local"), (photos / "by-url").as_uri(), prefix,
+                              f"zip://photos::{archive.as_uri()}"], spec, options=IndexOptions(workers=0))
     assert local  # indexed as plain files beside the URL rows
     return base / "lib", sources
 

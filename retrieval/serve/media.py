@@ -93,7 +93,9 @@ def original(image_id: RowId, request: Request) -> Response:
         row = catalog.image(conn, image_id)
         if row is None:
             raise HTTPException(404, "no such image")
-        return _original(conn, row)
+        if not is_remote(row):
+            return _original(conn, row)
+    return _original(None, row)  # a slow object store holds no database connection
 
 
 @router.get("/file/{path:path}", summary="The original, by its absolute indexed path")
