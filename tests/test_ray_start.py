@@ -114,3 +114,16 @@ print(json.dumps({{"lean": lean, "fingerprint": encoder.fingerprint}}))
     assert got["lean"] == ["open_clip"], got
     assert got["fingerprint"] == Encoder(ModelSpec(model_dir=str(tiny_model_dir)), device="cpu",
                                          precision="fp32").fingerprint
+
+
+@pytest.mark.parametrize("items, wanted, actors", [(30, 2, 1), (33, 2, 2), (1000, 2, 2), (None, 2, 2), (0, 2, 1)])
+def test_no_more_encoder_actors_than_batches(monkeypatch, items, wanted, actors):
+    """A small job asks for no actor it could not feed (each would load the model for nothing,
+    and Ray Data warns that the pool cannot be filled); the cores are shared as for that many."""
+    ray = pytest.importorskip("ray")
+    from retrieval.index.ray_pipeline import RayOptions, plan_layout
+
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 2.0})  # the layout's only input from Ray
+    layout = plan_layout(RayOptions(actors=wanted), "cpu", None, items)
+    assert layout.actors == actors
+    assert layout.actor_cpus == (1.0 if actors == 1 else 0.75)

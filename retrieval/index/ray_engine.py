@@ -58,7 +58,7 @@ class RayStages(IndexStages):
         if not plan.encode:
             return
         with connected(self.ray.address, self.options.progress):
-            layout = plan_layout(self.ray, self.device, self.options.batch_size)
+            layout = plan_layout(self.ray, self.device, self.options.batch_size, len(plan.encode))
             encoder = self.driver_encoder(layout)
             precision = encoder.precision if layout.device == "cpu" else self.precision
             for key, value in dict(engine="ray", actors=layout.actors, threads=layout.threads or "measured",
@@ -132,7 +132,7 @@ def export_shards(library: Library | None, roots: Sequence[str], out_dir: str | 
     started = time.perf_counter()
     plan = plan_index(library, roots, options.follow_symlinks, options.retry_failed, options.max_pixels)
     with connected(ray.address, options.progress):
-        layout = plan_layout(ray, device, options.batch_size)
+        layout = plan_layout(ray, device, options.batch_size, len(plan.encode))
         encoder = _export_encoder(library, spec, layout, precision)
         precision = encoder.precision if layout.device == "cpu" else precision
         writer = ShardWriter(Path(out_dir), encoder.describe(), precision, layout.device)

@@ -164,10 +164,13 @@ class Layout:
     batch_size: int
 
 
-def plan_layout(options: RayOptions, device: str, batch_size: int | None) -> Layout:
+def plan_layout(options: RayOptions, device: str, batch_size: int | None, items: int | None = None) -> Layout:
     """GPUs: one actor per GPU, each with one CPU. CPUs only: the actors and decoding share the
     cores, so the actors together reserve all but one decode task's share (on 2 cores, one actor
-    gets 1 CPU and decoding 1; two actors get 0.75 each and decoding 0.5)."""
+    gets 1 CPU and decoding 1; two actors get 0.75 each and decoding 0.5).
+
+    Never more actors than `items` makes encoder batches: an actor with no block to take still
+    loads the model, and Ray Data warns that the pool cannot be filled."""
     import ray
 
     resources = ray.cluster_resources()
@@ -175,17 +178,22 @@ def plan_layout(options: RayOptions, device: str, batch_size: int | None) -> Lay
     if device.startswith("cuda") and not gpus:
         raise EngineError(f"--device {device} asked for, but the Ray cluster has no GPUs")
     if gpus and (device == "auto" or device.startswith("cuda")):
-        actors = options.actors or max(1, gpus)
+        batch_size = batch_size or 256
+        actors = _at_most_one_per_batch(options.actors or max(1, gpus), items, batch_size)
         return Layout(actors, options.actor_cpus or 1.0, 1.0, options.decode_cpus or 1.0,
-                      options.threads or 1, 1, "cuda", batch_size or 256)
-    actors = options.actors or 1
+                      options.threads or 1, 1, "cuda", batch_size)
+    batch_size = batch_size or 32
+    actors = _at_most_one_per_batch(options.actors or 1, items, batch_size)
     decode = options.decode_cpus or (1.0 if actors == 1 else 0.5)
     actor_cpus = options.actor_cpus or max(0.25, (cpus - decode) / actors)
     # Reservations are Ray's bookkeeping; threads are what runs. Like the single-process
     # indexer, an actor may use the cores decoding leaves idle: it times 1..max_threads.
     max_threads = max(1, round(cpus / actors))
-    return Layout(actors, actor_cpus, 0.0, decode, options.threads or 0, max_threads, "cpu",
-                  batch_size or 32)
+    return Layout(actors, actor_cpus, 0.0, decode, options.threads or 0, max_threads, "cpu", batch_size)
+
+
+def _at_most_one_per_batch(actors: int, items: int | None, batch_size: int) -> int:
+    return actors if items is None else max(1, min(actors, -(-items // batch_size)))
 
 
 # -- the stages --------------------------------------------------------------------------
