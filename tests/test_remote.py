@@ -150,3 +150,70 @@ def test_mtime_from_each_backends_info():
     assert remote.mtime_ns({"size": 3}) == 0
     assert remote.is_url("s3://b/k.jpg") and remote.is_url("zip://a.jpg::file:///x.zip")
     assert not remote.is_url("/data/photos") and not remote.is_url("C:/photos")
+
+
+def write_zip(zip_path: Path, folder: Path, names: list[str]) -> None:
+    """`names` (files of `folder`) under `photos/` in a zip, replaced whole (a new inode)."""
+    import zipfile
+
+    partial = zip_path.with_suffix(".partial")
+    with zipfile.ZipFile(partial, "w") as archive:
+        for name in names:
+            archive.write(folder / name, f"photos/{name}")
+    partial.replace(zip_path)
+
+
+def test_a_chained_zip_prefix_reruns_removes_and_adds_like_a_folder(folder, local_vectors, tiny_model_dir,
+                                                                     tmp_path, store):
+    """`zip://photos::file:///x.zip` names its inner path first, so its rows
+    (`zip://photos/a.jpg::file:///x.zip`) are under it by prefix and suffix, not by prefix."""
+    names = sorted(local_vectors)
+    archive = tmp_path / "x.zip"
+    write_zip(archive, folder, names[:-1])
+    root = f"zip://photos::{archive.as_uri()}"
+    lib = tmp_path / "lib"
+    code, out = index(root, "-L", lib, "--model-dir", tiny_model_dir, "--precision", "fp32", "--workers", "0",
+                      "--json")
+    assert code == 0 and f'"encoded": {len(names) - 1}' in out, out
+    with Library.open(lib) as library:
+        got = stored_vectors(library)
+    suffix = f"::{archive.as_uri()}"
+    assert all(p.startswith("zip://photos/") and p.endswith(suffix) for p in got), sorted(got)[:2]
+    assert_same({p[len("zip://photos/"):-len(suffix)]: v for p, v in got.items()},
+                {n: local_vectors[n] for n in names[:-1]})
+    code, out = index(root, "-L", lib, "--json")  # unchanged: nothing added, nothing removed
+    assert code == 0 and '"encoded": 0' in out and '"removed": 0' in out, out
+    assert f'"unchanged": {len(names) - 1}' in out and '"duplicates": 0' in out, out
+    write_zip(archive, folder, names[1:-1])  # rewritten without the first photo
+    code, out = index(root, "-L", lib, "--json")
+    assert code == 0 and '"removed": 1' in out and '"encoded": 0' in out, out
+    assert f'"unchanged": {len(names) - 2}' in out, out
+    write_zip(archive, folder, names[1:])  # and one photo added
+    code, out = index(root, "-L", lib, "--json")
+    assert code == 0 and '"encoded": 1' in out and '"removed": 0' in out, out
+    assert f'"unchanged": {len(names) - 2}' in out and '"duplicates": 0' in out, out
+    with Library.open(lib) as library:
+        assert len(stored_vectors(library)) == len(names) - 1
+    found = CliRunner().invoke(cli.cli, ["search", "a shape", "-L", str(lib), "-k", "50", "--path", root,
+                                         "--paths"])
+    assert found.exit_code == 0 and len(found.output.split()) == len(names) - 1, found.output
+    removed = CliRunner().invoke(cli.cli, ["remove", root, "-L", str(lib), "--json"])
+    assert removed.exit_code == 0 and f'"removed": {len(names) - 1}' in removed.output, removed.output
+
+
+def test_chained_folder_clause_and_local_paths_with_colons(tmp_path):
+    """A local path holding `::` keeps the plain folder clause, byte for byte."""
+    import zipfile
+
+    from retrieval.store.sql import under_folder
+
+    assert under_folder("/data/a::b/") == (
+        "(path = :folder OR substr(path, 1, :folder_n) = :folder_prefix)",
+        {"folder": "/data/a::b", "folder_n": 11, "folder_prefix": "/data/a::b/"})
+    clause, params = under_folder("zip://photos/::file:///x.zip")
+    assert params["folder"] == "zip://photos::file:///x.zip" and params["folder_prefix"] == "zip://photos/"
+    assert params["folder_chain"] == "::file:///x.zip" and "length(path)" in clause
+    zipfile.ZipFile(tmp_path / "x.zip", "w").close()
+    uri = (tmp_path / "x.zip").as_uri()
+    assert remote.canonical(f"zip://photos/::{uri}/") == f"zip://photos::{uri}"
+    assert remote.canonical(f"zip://::{uri}") == f"zip://::{uri}"

@@ -1,5 +1,8 @@
 """The pages in a real browser (Debian's chromium driven by Playwright) against a real server.
 
+The tests of pages that read or write the library run on both stores (`store_page`: SQLite, and
+a PostgreSQL library with the `postgres` mark); the one about URL rows reads objects, not the store.
+
 Screenshots of every page land in tests/artifacts/screenshots/ (git-ignored; CI keeps them).
 """
 
@@ -12,7 +15,16 @@ import pytest
 
 from retrieval.media import synthetic
 from tests.test_render import CHROMIUM, _browser_or_skip
-from tests.webapp import TOKEN, XSS_NAME, web_fixture, web_lib_fixture  # noqa: F401 - fixtures
+from tests.webapp import (  # noqa: F401 - fixtures
+    TOKEN,
+    XSS_NAME,
+    pg_web_fixture,
+    store_web_fixture,
+    url_lib_fixture,
+    url_web_fixture,
+    web_fixture,
+    web_lib_fixture,
+)
 
 SHOTS = Path(__file__).parent / "artifacts" / "screenshots"
 
@@ -27,16 +39,40 @@ def browser():
         browser.close()
 
 
-@pytest.fixture
-def page(browser, web):
+def logged_in(browser, server):
     context = browser.new_context(viewport={"width": 1280, "height": 900})
     page = context.new_page()
     dialogs = []
     page.on("dialog", lambda d: (dialogs.append(d.message), d.dismiss()))
-    page.goto(f"{web.url}/login?token={TOKEN}")  # sets the cookie, lands on the search page
+    page.goto(f"{server.url}/login?token={TOKEN}")  # sets the cookie, lands on the search page
     yield page
     context.close()
     assert not dialogs, f"a script ran from page content: {dialogs}"
+
+
+@pytest.fixture
+def page(browser, web):
+    yield from logged_in(browser, web)
+
+
+@pytest.fixture
+def store_page(browser, store_web):
+    """`page` on each store's server (`store_web`)."""
+    yield from logged_in(browser, store_web)
+
+
+def shot(server, name: str) -> str:
+    """A screenshot's file: one per page and store."""
+    return str(SHOTS / f"{name}{'-postgres' if server.state.library.store.is_postgres else ''}.png")
+
+
+def photos_of(server) -> Path:
+    return server.state.library.root.parent / "photos"
+
+
+@pytest.fixture
+def url_page(browser, url_web):
+    yield from logged_in(browser, url_web)
 
 
 def loaded_hits(page, selector: str = "#grid a.hit") -> list[dict]:
@@ -50,7 +86,8 @@ def loaded_hits(page, selector: str = "#grid a.hit") -> list[dict]:
         title: a.title, width: a.querySelector('img').naturalWidth}))""")
 
 
-def test_search_shows_loaded_thumbnails_in_score_order(page, web):
+def test_search_shows_loaded_thumbnails_in_score_order(store_page, store_web):
+    page, web = store_page, store_web
     page.fill("#q", "red circle")
     page.press("#q", "Enter")
     page.wait_for_url("**/?q=red+circle*")
@@ -63,20 +100,22 @@ def test_search_shows_loaded_thumbnails_in_score_order(page, web):
     page.keyboard.press("ArrowRight")
     page.keyboard.press("ArrowRight")
     assert page.evaluate("document.activeElement.dataset.id") == str(hits[1]["id"])
-    page.screenshot(path=str(SHOTS / "search.png"))
+    page.screenshot(path=shot(web, "search"))
     page.keyboard.press("Enter")
     page.wait_for_url(f"**/photo/{hits[1]['id']}*")
 
 
-def test_upload_finds_the_same_photo_first(page, web, web_lib):
-    target = next((web_lib.parent / "photos" / "shapes" / "blue_square").glob("*.jpg"))
+def test_upload_finds_the_same_photo_first(store_page, store_web):
+    page = store_page
+    target = next((photos_of(store_web) / "shapes" / "blue_square").glob("*.jpg"))
     page.set_input_files("#file", str(target))
     page.wait_for_url("**upload=*")
     hits = loaded_hits(page)
     assert hits[0]["title"] == str(target) and hits[0]["score"] == pytest.approx(1.0, abs=1e-4)
 
 
-def test_photo_page_and_a_similar_photo(page, web):
+def test_photo_page_and_a_similar_photo(store_page, store_web):
+    page, web = store_page, store_web
     page.goto(f"{web.url}/?q=yellow+square")
     first = loaded_hits(page)[0]
     page.click(f"#grid a.hit[data-id='{first['id']}']")
@@ -85,7 +124,7 @@ def test_photo_page_and_a_similar_photo(page, web):
     assert page.eval_on_selector("img.large", "i => i.complete && i.naturalWidth > 0")
     similar = loaded_hits(page, "#similar a.hit")
     assert similar and all(s["id"] != first["id"] and s["width"] > 0 for s in similar)
-    page.screenshot(path=str(SHOTS / "photo.png"), full_page=True)
+    page.screenshot(path=shot(web, "photo"), full_page=True)
     page.click(f"#similar a.hit[data-id='{similar[0]['id']}']")
     page.wait_for_url(f"**/photo/{similar[0]['id']}*")
     page.click("#search-with")
@@ -93,7 +132,8 @@ def test_photo_page_and_a_similar_photo(page, web):
     assert loaded_hits(page)[0]["id"] == similar[0]["id"]
 
 
-def test_tag_and_date_filters(page, web):
+def test_tag_and_date_filters(store_page, store_web):
+    page, web = store_page, store_web
     page.goto(f"{web.url}/?q=circle")
     everything = loaded_hits(page)
     page.select_option("#tag", "blue circle")
@@ -106,7 +146,7 @@ def test_tag_and_date_filters(page, web):
 
         carrying = {row.id for row, _ in catalog.tagged(conn, "blue circle", 1000)}
     assert {h["id"] for h in tagged} <= carrying
-    page.screenshot(path=str(SHOTS / "filters.png"))
+    page.screenshot(path=shot(web, "filters"))
     page.goto(f"{web.url}/?q=circle")
     page.fill("input[name=before]", "2021-01-01")
     page.click("aside.filters button[type=submit]")
@@ -115,10 +155,11 @@ def test_tag_and_date_filters(page, web):
     assert dated and all("/red_" in h["title"] for h in dated)  # only red files are dated 2020
 
 
-def test_tags_page_and_escaped_names(page, web):
+def test_tags_page_and_escaped_names(store_page, store_web):
+    page, web = store_page, store_web
     page.goto(f"{web.url}/tags")
     assert "red circle" in page.inner_text("#tagcounts")
-    page.screenshot(path=str(SHOTS / "tags.png"))
+    page.screenshot(path=shot(web, "tags"))
     page.goto(f"{web.url}/?q=" + "%3Cscript%3Ealert(1)%3C%2Fscript%3E")
     page.goto(f"{web.url}/?q=yellow+triangle")
     xss = [h for h in loaded_hits(page) if XSS_NAME in h["title"]]
@@ -127,18 +168,34 @@ def test_tags_page_and_escaped_names(page, web):
     assert page.inner_text("#path").endswith(XSS_NAME)  # shown as text; the fixture fails on any dialog
 
 
-def test_index_run_from_the_status_page(page, web, web_lib):
-    new_dir = web_lib.parent / "photos" / "zz-new"
+def test_index_run_from_the_status_page(store_page, store_web):
+    page, web = store_page, store_web
+    new_dir = photos_of(web) / "zz-new"
     pairs = synthetic.write_collection(new_dir, per_class=1, seed=99, labels=["green triangle"])
     page.goto(f"{web.url}/status")
     images = int(page.inner_text("#images"))
-    assert page.input_value("input[name=folders]") == str(web_lib.parent / "photos")
+    assert page.input_value("input[name=folders]") == str(photos_of(web))
     page.click("form[data-job=index] button")
     page.wait_for_function("document.querySelector('#progress').textContent.includes('run')")
-    page.screenshot(path=str(SHOTS / "status-running.png"))
+    page.screenshot(path=shot(web, "status-running"))
     page.wait_for_function("() => document.querySelector('#images') && "
                            f"+document.querySelector('#images').textContent === {images + 1}", timeout=240_000)
     recent = loaded_hits(page, "#recent a.hit")
     assert recent[0]["title"] == str(pairs[0][0]) and recent[0]["width"] > 0
-    page.screenshot(path=str(SHOTS / "status.png"), full_page=True)
+    page.screenshot(path=shot(web, "status"), full_page=True)
     shutil.rmtree(new_dir)
+
+
+def test_thumbnails_of_url_rows_load(url_page, url_web, url_lib):
+    """Rows indexed from `file://`, `memory://` and `zip://...::file://` URLs: their thumbnails, read through fsspec."""
+    page, (_, sources) = url_page, url_lib
+    page.goto(f"{url_web.url}/?q=a+shape")
+    hits = loaded_hits(page)
+    by_url = [h for h in hits if h["title"] in sources]
+    assert {h["title"].split(":", 1)[0] for h in by_url} == {"file", "memory", "zip"}
+    assert all(h["width"] > 0 for h in hits), [h for h in hits if not h["width"]]
+    memory = next(h for h in by_url if h["title"].startswith("memory:"))
+    page.goto(f"{url_web.url}/photo/{memory['id']}")
+    assert page.inner_text("#path") == memory["title"]
+    assert page.eval_on_selector("img.large", "i => i.complete && i.naturalWidth > 0")
+    page.screenshot(path=str(SHOTS / "photo-url.png"), full_page=True)

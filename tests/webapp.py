@@ -106,3 +106,51 @@ def wait_for(predicate, timeout: float = 60.0, every: float = 0.2):
             return value
         time.sleep(every)
     raise AssertionError("condition not met in time")
+
+
+def build_url_library(base: Path, model_dir: Path) -> tuple[Path, dict[str, Path]]:
+    """A library of drawn photos indexed four ways: a local folder, a `file://` URL of another
+    folder, a `memory://` prefix (fsspec's in-process store: the server runs in this process) and
+    a folder inside a zip file (a chained URL, `zip://photos::file:///.../photos.zip`).
+    Returns the library and {URL of each URL row: the file its bytes came from}."""
+    import uuid
+    import zipfile
+
+    import fsspec
+
+    photos = base / "photos"
+    local = synthetic.write_collection(photos / "local", per_class=1, seed=41, labels=synthetic.LABELS[:3])
+    by_file = synthetic.write_collection(photos / "by-url", per_class=1, seed=42, labels=synthetic.LABELS[3:7])
+    in_memory = synthetic.write_collection(base / "for-memory", per_class=1, seed=43, labels=synthetic.LABELS[7:])
+    prefix = f"memory:///web-{uuid.uuid4().hex[:8]}"
+    memory = fsspec.filesystem("memory")
+    sources = {}
+    for path, _ in in_memory:
+        url = f"{prefix}/{path.parent.name}/{path.name}"
+        memory.pipe(url[len("memory://"):], path.read_bytes())
+        sources[url] = path
+    for path, _ in by_file:
+        sources[path.as_uri()] = path
+    zipped = synthetic.write_collection(base / "for-zip", per_class=1, seed=44, labels=synthetic.LABELS[:2])
+    archive = base / "photos.zip"
+    with zipfile.ZipFile(archive, "w") as out:
+        for path, _ in zipped:
+            out.write(path, f"photos/{path.parent.name}/{path.name}")
+            sources[f"zip://photos/{path.parent.name}/{path.name}::{archive.as_uri()}"] = path
+    spec = ModelSpec(model_dir=str(model_dir))
+    with Library.open(base / "lib", model=spec) as library:
+        index_paths(library, [str(photos / "local"), (photos / "by-url").as_uri(), prefix,
+                              f"zip://photos::{archive.as_uri()}"], spec, options=IndexOptions(workers=0))
+    assert local  # indexed as plain files beside the URL rows
+    return base / "lib", sources
+
+
+@pytest.fixture(scope="module", name="url_lib")
+def url_lib_fixture(tmp_path_factory, tiny_model_dir) -> tuple[Path, dict[str, Path]]:
+    return build_url_library(tmp_path_factory.mktemp("web-urls"), tiny_model_dir)
+
+
+@pytest.fixture(scope="module", name="url_web")
+def url_web_fixture(url_lib):
+    """The server over a library whose rows are local files, `file://` and `memory://` URLs."""
+    yield from serve(url_lib[0])

@@ -21,7 +21,16 @@ from retrieval.media.formats import IMAGE_EXTENSIONS, ImageError
 from retrieval.media.scan import FileEntry, content_digest
 
 _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
-_MTIME_KEYS = ("mtime", "LastModified", "last_modified", "updated", "modified", "created", "ctime")
+_MTIME_KEYS = ("mtime", "LastModified", "last_modified", "updated", "modified", "created", "ctime",
+               "date_time")  # date_time: a zip member's (y, m, d, H, M, S), no zone (read as UTC)
+
+
+class ObjectChanged(Exception):
+    """The object is not the one that was indexed: another size or modification time."""
+
+
+class ObjectTooLarge(Exception):
+    """The object is larger than the caller will hold in memory."""
 
 
 def is_url(path: str | os.PathLike | bytes) -> bool:
@@ -48,8 +57,10 @@ def filesystem(url: str):
 def canonical(url: str) -> str:
     """The URL as it is stored: fsspec's own spelling (`file:///a/b.jpg`, `memory:///x`)."""
     fs, path = filesystem(url)
-    if "::" in url:  # a chained URL: fsspec cannot write one back; keep the user's
-        return url.rstrip("/")
+    if "::" in url:  # a chained URL: fsspec cannot write one back; keep the user's, less end slashes
+        head, _, chain = url.partition("::")
+        prefix = _folder_prefix(head)
+        return f"{prefix if prefix.endswith('://') else prefix[:-1]}::{chain.rstrip('/')}"
     return fs.unstrip_protocol(path.rstrip("/") or "/")
 
 
@@ -67,6 +78,11 @@ def mtime_ns(info: dict) -> int:
         value = info.get(key)
         if value is None:
             continue
+        if isinstance(value, tuple) and len(value) == 6:
+            try:
+                value = datetime(*value, tzinfo=timezone.utc)
+            except (TypeError, ValueError):
+                continue
         if isinstance(value, str):
             try:
                 value = datetime.fromisoformat(value.replace("Z", "+00:00"))
@@ -144,6 +160,30 @@ def read_bytes(url: str) -> bytes:
         raise ImageError("unreadable", f"{name}: {getattr(exc, 'strerror', None) or exc}") from None
 
 
+def read_indexed(url: str, size: int, mtime: int, max_bytes: int) -> bytes:
+    """The bytes of the object indexed as (url, size, mtime), read whole but never past `max_bytes`.
+
+    Why a second check after the read: the store may replace the object between the listing and
+    the read, so what comes back must still be `size` bytes. FileNotFoundError (gone),
+    ObjectChanged, ObjectTooLarge, UsageError (no backend) or OSError (the store did not answer).
+    """
+    fs, path = filesystem(url)
+    info = fs.info(path)
+    if info.get("type", "file") != "file":
+        raise FileNotFoundError(url)
+    if (int(info.get("size") or 0), mtime_ns(info)) != (size, mtime):
+        raise ObjectChanged(url)
+    if size > max_bytes:
+        raise ObjectTooLarge(url)
+    with fs.open(path, "rb") as fh:
+        data = fh.read(max_bytes + 1)
+    if len(data) > max_bytes:
+        raise ObjectTooLarge(url)
+    if len(data) != size:
+        raise ObjectChanged(url)
+    return data
+
+
 def check(url: str) -> str:
     """`url` canonical, once it is known to exist; else one line (exit 5 / 2)."""
     text = canonical(url)
@@ -157,6 +197,17 @@ def _is_image_name(name: str) -> bool:
 
 
 def _join(root: str, path: str, name: str) -> str:
-    """The URL of `name` (a path inside the filesystem of `root`, found under `path`)."""
+    """The URL of `name` (a path inside the filesystem of `root`, found under `path`).
+
+    A chained root names the inner path first: `zip://photos::file:///x.zip` holds
+    `zip://photos/a.jpg::file:///x.zip`, not `.../x.zip/a.jpg`."""
     rest = name[len(path.rstrip("/")):].lstrip("/") if name.startswith(path.rstrip("/")) else name
-    return f"{root.rstrip('/')}/{rest}"
+    head, sep, chain = root.partition("::")
+    return f"{_folder_prefix(head)}{rest}{sep}{chain}"
+
+
+def _folder_prefix(head: str) -> str:
+    """`zip://photos/` for `zip://photos` or `zip://photos/`, and `zip://` for the archive's root."""
+    scheme, _, inner = head.partition("://")
+    inner = inner.rstrip("/")
+    return f"{scheme}://{inner}/" if inner else f"{scheme}://"

@@ -159,6 +159,10 @@ class Searcher:
 
     def image_vector(self, path: str, warnings: list[str]) -> tuple[np.ndarray, int | None]:
         """(unit vector, id of the row that *is* this file or None); stored vectors are reused."""
+        from retrieval.media import remote  # image queries only: a text query imports no more
+
+        if remote.is_url(path):
+            return self._url_vector(path, warnings)
         path = os.path.abspath(path)
         stored = path_to_db(path)[0]
         with self.library.reads() as reads:
@@ -185,6 +189,10 @@ class Searcher:
         own_id = row[0] if row is not None else None
         if same is not None:
             return self._unpack(same[1]), own_id
+        return self._encode_image(path, None, warnings), own_id
+
+    def _encode_image(self, path: str, data: bytes | None, warnings: list[str]) -> np.ndarray:
+        """The query vector of one image file (or of its bytes, `data`), decoded as indexing decodes."""
         from retrieval.media.images import ImageError, open_image
 
         size = int(self.record.get("image_size") or 0)
@@ -192,7 +200,7 @@ class Searcher:
             # Decoded as the indexer decodes (JPEG draft mode down to the model's size): the same
             # pixels as a stored vector of this file would have, and a 12-MP photo decodes and
             # resizes in 0.18 s instead of 0.54 s (2 busy cores).
-            image = open_image(path, draft_size=(size, size) if size else None)
+            image = open_image(path, draft_size=(size, size) if size else None, data=data)
         except ImageError as exc:
             raise ImageError(exc.kind, f"query image {exc}") from None
         def encode(encoder):
@@ -200,8 +208,23 @@ class Searcher:
                 return encoder.encode_images([image])[0]
 
         with self.lock:  # read and decoded above without it: a slow file stalls no other query
-            return self.runtimes.run("image", self.runtimes.for_tower("image", warnings), encode,
-                                     warnings), own_id
+            return self.runtimes.run("image", self.runtimes.for_tower("image", warnings), encode, warnings)
+
+    def _url_vector(self, url: str, warnings: list[str]) -> tuple[np.ndarray, int | None]:
+        """An indexed URL's stored vector (the library's view of it: its store is not asked
+        again, as `verify` does not), else the object read through fsspec and encoded."""
+        from retrieval.media import remote
+        from retrieval.media.formats import ImageError
+
+        with self.library.reads() as reads:
+            row = reads.first("SELECT id, embedding FROM images WHERE path = :p", {"p": path_to_db(url)[0]})
+        if row is not None:
+            return self._unpack(row[1]), row[0]
+        try:
+            data = remote.read_bytes(url)
+        except ImageError as exc:
+            raise InputError(f"cannot read query image {exc}") from None
+        return self._encode_image(url, data, warnings), None
 
     def _unpack(self, blob: bytes) -> np.ndarray:
         return blobs_to_matrix([blob], int(self.record["embed_dim"]))[0].copy()
@@ -269,7 +292,9 @@ class Searcher:
 
     def similar(self, path: str, k: int = 10, filters: Filters | None = None) -> SearchResponse:
         """Images most like the file at `path`, never the file itself (near-duplicates first)."""
-        query = Query(positive=[Term("image", os.path.abspath(path))])
+        from retrieval.media.remote import is_url  # a URL row's "path" is its URL, kept as it is
+
+        query = Query(positive=[Term("image", path if is_url(path) else os.path.abspath(path))])
         return self._answer(query, f"like {query.positive[0].value}", k, filters or Filters(),
                             leave_out_query_files=True)
 

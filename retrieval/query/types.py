@@ -90,7 +90,10 @@ class Query:
             for value in values:
                 value, weight = split_weight(os.fspath(value), default)
                 if kind == "image":
-                    value = os.path.abspath(os.path.expanduser(value))
+                    # image terms only: a text query does not import it
+                    from retrieval.media.remote import is_url
+
+                    value = value if is_url(value) else os.path.abspath(os.path.expanduser(value))
                 out.append(Term(kind, value, weight))
             return out
 
@@ -165,9 +168,12 @@ class Filters:
 
 
 def normalise_path_filter(value: str) -> str:
-    """A relative path or glob is taken from the current folder, like any path on a command line."""
+    """A relative path or glob is taken from the current folder, like any path on a command line;
+    a URL prefix (`s3://bucket/photos`, `zip://photos::file:///x.zip`) is kept as it is."""
+    from retrieval.media.remote import is_url  # path filters only
+
     value = os.path.expanduser(value)
-    if value.startswith(("/", "*")):
+    if value.startswith(("/", "*")) or is_url(value):
         return value
     return os.path.join(os.path.abspath("."), value)
 

@@ -121,21 +121,32 @@ def runs(conn, limit: int) -> list[dict]:
 def folders(conn, limit: int = 200) -> list[tuple[str, int]]:
     """The folders images sit in, with counts (the biggest `limit`)."""
     rows = conn.execute(text("SELECT path FROM images")).scalars()
-    counts = Counter(os.path.dirname(p) for p in rows)
+    counts = Counter(folder_of(p) for p in rows)
     return sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:limit]
 
 
 def common_root(conn) -> str | None:
-    """The deepest folder holding every indexed image (the default for a new index run)."""
-    lo, hi = conn.execute(text("SELECT min(path), max(path) FROM images")).one()
+    """The deepest folder holding every indexed local image (the default for a new index run).
+
+    Rows indexed from URLs (`s3://...`) are left out: a URL and a path have no common folder."""
+    lo, hi = conn.execute(text("SELECT min(path), max(path) FROM images WHERE substr(path, 1, 1) = '/'")).one()
     if lo is None:
         return None
     return os.path.commonpath([os.path.dirname(lo), os.path.dirname(hi)])
 
 
+def folder_of(path: str) -> str:
+    """The folder a path or URL is in; a chained URL's is in its inner path, which comes first
+    (`zip://photos/a.jpg::file:///x.zip` is in `zip://photos::file:///x.zip`)."""
+    head, sep, chain = path.partition("::")
+    if sep and "://" in head and not path.startswith("/"):
+        return os.path.dirname(head) + sep + chain
+    return os.path.dirname(path)
+
+
 def facet_counts(rows: list[ImageRow], tags_by_id: dict[int, list[str]]) -> dict[str, list[tuple[str, int]]]:
     """How the current results spread over folders and tags (the filter sidebar's counts)."""
-    by_folder = Counter(os.path.dirname(r.shown_path) for r in rows)
+    by_folder = Counter(folder_of(r.shown_path) for r in rows)
     by_tag = Counter(label for r in rows for label in set(tags_by_id.get(r.id, ())))
     return {"folders": by_folder.most_common(30), "tags": by_tag.most_common(30)}
 

@@ -6,6 +6,10 @@ string onto a folder. On top of that a path with `..`, a relative path, a NUL
 or a path whose real location (symlinks resolved) is not itself an indexed
 path is refused, and the file must still be the regular file that was indexed
 (same size and modification time).
+
+A row indexed from an fsspec URL (`s3://...`, `file:///...`, `memory://...`) keeps its
+URL as its path: it is read through `media.remote`, under the same promises (gone: 404,
+changed since indexing: 409) and a size cap, since its bytes are held in memory whole.
 """
 
 from __future__ import annotations
@@ -13,9 +17,13 @@ from __future__ import annotations
 import os
 import stat
 
+from retrieval.errors import UsageError
+from retrieval.media import remote
 from retrieval.serve import catalog
 from retrieval.serve.catalog import ImageRow
 from retrieval.store.schema import path_to_db
+
+MAX_OBJECT_BYTES = 64 << 20  # a URL row's object is held in memory: a camera's RAW fits, a video not
 
 
 class Refused(Exception):
@@ -55,3 +63,33 @@ def checked_path(conn, row: ImageRow) -> str:
     if (st.st_size, st.st_mtime_ns) != (row.size, row.mtime_ns):
         raise Refused(409, "the file changed since it was indexed (run `clipfind index` again)")
     return real
+
+
+def is_remote(row: ImageRow) -> bool:
+    """Indexed from an fsspec URL (its path is the URL), not from a local file."""
+    return remote.is_url(row.path)
+
+
+def checked_object(row: ImageRow, max_bytes: int | None = None) -> bytes:
+    """A URL row's bytes, if the object is still the one that was indexed and not over `max_bytes`
+    (default `MAX_OBJECT_BYTES`)."""
+    max_bytes = MAX_OBJECT_BYTES if max_bytes is None else max_bytes
+    if row.size > max_bytes:  # refused before anything is fetched
+        raise Refused(413, f"the object is larger than the server reads ({max_bytes >> 20} MiB)")
+    try:
+        return remote.read_indexed(row.path, row.size, row.mtime_ns, max_bytes)
+    except FileNotFoundError:
+        raise Refused(404, "the indexed object is gone from its store") from None
+    except remote.ObjectChanged:
+        raise Refused(409, "the object changed since it was indexed (run `clipfind index` again)") from None
+    except remote.ObjectTooLarge:
+        raise Refused(413, f"the object is larger than the server reads ({max_bytes >> 20} MiB)") from None
+    except UsageError as exc:  # no backend for the protocol (s3fs, ...) on this server
+        raise Refused(501, f"this server cannot read the object: {exc}") from None
+    except PermissionError:
+        raise Refused(502, "the object's store refused the read (permission denied)") from None
+    except OSError as exc:
+        raise Refused(502, f"the object's store did not answer: {exc.strerror or exc}") from None
+    except Exception as exc:  # backends raise their own types (botocore, aiohttp, ...)
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise Refused(502, f"the object's store failed the read: {first}") from None

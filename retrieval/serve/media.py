@@ -2,8 +2,10 @@
 
     GET /thumb/{id}?size=small|large    a thumbnail, made on first request
     GET /image/{id}                     the original file
-    GET /file/{absolute path}           the original, named by its indexed path
+    GET /file/{absolute path}           the original, named by its indexed path (local files only)
 
+A row indexed from a URL (`media.remote`) is read through fsspec for its thumbnail and its
+original, with the same refusals as a file (`files.checked_object`); `/file/` names local paths.
 The thumbnail URL carries the content hash (`?v=`), so browsers may keep it
 for a year; a re-indexed file gets a new hash and so a new URL.
 """
@@ -18,7 +20,7 @@ from fastapi.responses import FileResponse, Response
 
 from retrieval.media.images import ImageError
 from retrieval.serve import catalog
-from retrieval.serve.files import Refused, checked_path, row_for_path
+from retrieval.serve.files import Refused, checked_object, checked_path, is_remote, row_for_path
 from retrieval.serve.models import RowId
 
 # Plain `def` routes: FastAPI runs them in its thread pool, so a SQLite read or a decode never
@@ -32,9 +34,10 @@ def _state(request: Request):
     return request.app.state.serve
 
 
-def _checked(conn, row) -> str:
+def _checked(check, *args):
+    """`check(*args)`, with a refusal as the HTTP answer it names."""
     try:
-        return checked_path(conn, row)
+        return check(*args)
     except Refused as exc:
         raise HTTPException(exc.status, str(exc)) from None
 
@@ -53,39 +56,51 @@ def thumbnail(image_id: RowId, request: Request,
         if row is None:
             raise HTTPException(404, "no such image")
         cached = state.thumbs.path_for(row.content_hash, size)
-        original = None if cached.exists() else _checked(conn, row)
+        read = None
+        if cached.exists():
+            original = None
+        elif is_remote(row):  # fetched on a miss only, under the thumbnail's lock
+            original, read = row.path, lambda: checked_object(row)
+        else:
+            original = _checked(checked_path, conn, row)
     etag = f'"{row.content_hash[:32]}-{size}"'
     if request.headers.get("if-none-match") == etag and cached.exists():
         return Response(status_code=304, headers={"etag": etag, "cache-control": IMMUTABLE})
     if original is not None:
         try:
-            cached, _ = state.thumbs.get(row.content_hash, size, original)
+            cached, _ = _checked(state.thumbs.get, row.content_hash, size, original, read)
         except ImageError as exc:
             raise HTTPException(422, f"cannot make a thumbnail: {exc}") from None
     return FileResponse(cached, media_type="image/webp",
                         headers={"etag": etag, "cache-control": IMMUTABLE if v else ORIGINAL_CACHE})
 
 
-def _original(conn, row) -> FileResponse:
-    path = _checked(conn, row)
-    media_type = mimetypes.guess_type(path)[0] or f"image/{(row.format or 'octet-stream').lower()}"
+def _original(conn, row) -> Response:
+    # a chained URL names its archive last (`zip://a.jpg::file:///x.zip`): the type is the first part's
+    name = row.path.split("::", 1)[0] if is_remote(row) else row.path
+    media_type = mimetypes.guess_type(name)[0] or f"image/{(row.format or 'octet-stream').lower()}"
     if not media_type.startswith("image/"):
         media_type = "application/octet-stream"
-    return FileResponse(path, media_type=media_type, headers={"cache-control": ORIGINAL_CACHE,
-                                                              "x-content-type-options": "nosniff"})
+    headers = {"cache-control": ORIGINAL_CACHE, "x-content-type-options": "nosniff"}
+    if is_remote(row):
+        return Response(_checked(checked_object, row), media_type=media_type, headers=headers)
+    return FileResponse(_checked(checked_path, conn, row), media_type=media_type, headers=headers)
 
 
 @router.get("/image/{image_id}", summary="The original file of an indexed image")
-def original(image_id: RowId, request: Request) -> FileResponse:
+def original(image_id: RowId, request: Request) -> Response:
     with _state(request).read() as conn:
         row = catalog.image(conn, image_id)
         if row is None:
             raise HTTPException(404, "no such image")
-        return _original(conn, row)
+        if not is_remote(row):
+            return _original(conn, row)
+    return _original(None, row)  # a slow object store holds no database connection
 
 
 @router.get("/file/{path:path}", summary="The original, by its absolute indexed path")
-def by_path(path: str, request: Request) -> FileResponse:
+def by_path(path: str, request: Request) -> Response:
+    """Local files only: a URL row has no absolute path (ask for it by id, `/image/{id}`)."""
     with _state(request).read() as conn:
         try:
             row = row_for_path(conn, "/" + path)

@@ -19,6 +19,7 @@ from fastapi.responses import HTMLResponse
 from fastapi.templating import Jinja2Templates
 
 from retrieval.errors import ClipfindError, InputError
+from retrieval.media.remote import is_url
 from retrieval.query.render import human_size
 from retrieval.serve import catalog
 from retrieval.serve.media import thumbnail_url
@@ -99,8 +100,8 @@ def search_page(request: Request, q: Annotated[str, Query(max_length=1000)] = ""
         score = float(min_score) if min_score else None
         if score is not None and not -1 <= score <= 1:
             raise InputError("the minimum score must be between -1 and 1")
-        if folder and not os.path.isabs(folder):
-            raise InputError("the folder must be an absolute path")
+        if folder and not (os.path.isabs(folder) or is_url(folder)):
+            raise InputError("the folder must be an absolute path or a URL prefix")
         filters = Filters(path=folder or None, after=_date(after, "after"), before=_date(before, "before"),
                           tags=(tag,) if tag else (), min_score=score)
         k = min(MAX_K, max(page * PER_PAGE + 1, FACET_WINDOW))

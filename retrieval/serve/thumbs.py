@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import tempfile
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 from retrieval.media.images import open_image
@@ -31,8 +32,12 @@ class ThumbnailCache:
     def path_for(self, content_hash: str, size: str) -> Path:
         return self.dir / size / content_hash[:2] / f"{content_hash}.webp"
 
-    def get(self, content_hash: str, size: str, original: str) -> tuple[Path, bool]:
-        """(thumbnail file, whether it was already cached); makes it from `original` if needed."""
+    def get(self, content_hash: str, size: str, original: str,
+            read: Callable[[], bytes] | None = None) -> tuple[Path, bool]:
+        """(thumbnail file, whether it was already cached); makes it from `original` if needed.
+
+        `read`: fetches the original's bytes (a URL row), called only on a miss, under the key's lock.
+        """
         target = self.path_for(content_hash, size)
         if target.exists():
             return target, True
@@ -42,13 +47,13 @@ class ThumbnailCache:
         with lock:
             if target.exists():  # made by the request we waited for
                 return target, True
-            self._make(original, target, SIZES[size], QUALITY[size])
+            self._make(original, target, SIZES[size], QUALITY[size], read() if read else None)
         with self._guard:
             self._locks.pop(key, None)
         return target, False
 
-    def _make(self, original: str, target: Path, px: int, quality: int) -> None:
-        image = open_image(original, draft_size=(px, px))
+    def _make(self, original: str, target: Path, px: int, quality: int, data: bytes | None) -> None:
+        image = open_image(original, draft_size=(px, px), data=data)
         self.decodes += 1
         image.thumbnail((px, px))
         target.parent.mkdir(parents=True, exist_ok=True)

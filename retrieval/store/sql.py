@@ -31,11 +31,27 @@ def under_folder(folder: str, column: str = "path", name: str = "folder") -> tup
 
     A prefix compare with substr(), not LIKE: file names may hold `_` and `%`.
     `name` keeps the parameters of two such clauses in one statement apart.
+    A chained fsspec URL names its inner path first (`zip://photos::file:///x.zip` holds
+    `zip://photos/a.jpg::file:///x.zip`), so its rows share a prefix *and* a suffix.
     """
+    head, sep, chain = folder.partition("::")
+    if sep and "://" in head and not folder.startswith("/"):
+        return _under_chained(head, sep + chain, column, name)
     exact = folder.rstrip("/") or "/"
     prefix = exact.rstrip("/") + "/"
     clause = f"({column} = :{name} OR substr({column}, 1, :{name}_n) = :{name}_prefix)"
     return clause, {name: exact, f"{name}_n": len(prefix), f"{name}_prefix": prefix}
+
+
+def _under_chained(head: str, chain: str, column: str, name: str) -> tuple[str, dict]:
+    scheme, _, inner = head.partition("://")
+    inner = inner.rstrip("/")
+    head, prefix = f"{scheme}://{inner}", f"{scheme}://{inner}/" if inner else f"{scheme}://"
+    clause = (f"({column} = :{name} OR (substr({column}, 1, :{name}_n) = :{name}_prefix "
+              f"AND length({column}) > :{name}_least "
+              f"AND substr({column}, length({column}) - :{name}_m + 1) = :{name}_chain))")
+    return clause, {name: head + chain, f"{name}_n": len(prefix), f"{name}_prefix": prefix,
+                    f"{name}_least": len(prefix) + len(chain), f"{name}_m": len(chain), f"{name}_chain": chain}
 
 
 def driver_sql(dbapi_conn, statement: str) -> str:
