@@ -115,7 +115,8 @@ def held_out_queries(source: VectorSource, n: int = HELD_OUT, seed: int = 1) -> 
 
 def tune(index: faiss.Index, source: VectorSource, target: float, k: int = 10, uses_codes: bool = False,
          queries: np.ndarray | None = None, query_ids: np.ndarray | None = None) -> SearchSetting:
-    """The fastest setting whose recall@k against exact search reaches `target`.
+    """The fastest setting whose recall@k against exact search reaches `target`, with two
+    standard errors of the held-out measurement to spare (`sampling_margin`).
 
     Without `queries`, stored vectors are used as queries and each one's own id is
     excluded from both the exact and the approximate answer (finding yourself is
@@ -123,12 +124,13 @@ def tune(index: faiss.Index, source: VectorSource, target: float, k: int = 10, u
     """
     if queries is None:
         query_ids, queries = held_out_queries(source)
+    needed = min(1.0, target + sampling_margin(target, len(queries), k))
     skip = query_ids if query_ids is not None else np.full(len(queries), -1, dtype=np.int64)
     truth = _drop_self(exact_neighbours(source, queries, k + 1), skip, k)
     knob, ladder = _ladder(index)
     best: SearchSetting | None = None
     for refine in (REFINES if uses_codes else (1,)):
-        if best is not None and best.recall >= target:  # more re-ranking only pays with fewer probes
+        if best is not None and best.recall >= needed:  # more re-ranking only pays with fewer probes
             ladder = tuple(v for v in ladder if v < getattr(best, knob))
         previous = None
         for value in ladder:
@@ -137,15 +139,22 @@ def tune(index: faiss.Index, source: VectorSource, target: float, k: int = 10, u
             found = run_search(index, queries, k + 1, setting, source.fetch if refine > 1 else None)
             setting.ms_per_query = round((time.perf_counter() - started) * 1000 / len(queries), 4)
             setting.recall = round(recall_at_k(_drop_self(found, skip, k), truth, k), 4)
-            if best is None or _better(setting, best, target):
+            if best is None or _better(setting, best, needed):
                 best = setting
-            if setting.recall >= target:
+            if setting.recall >= needed:
                 break  # more probes only cost time
             if refine > 1 and previous is not None and setting.recall < previous + PLATEAU:
                 break  # the codes' ordering, not the probes, is what misses: re-rank more instead
             previous = setting.recall
     assert best is not None
     return best
+
+
+def sampling_margin(target: float, queries: int, k: int) -> float:
+    """Two standard errors of a recall measured on `queries` x `k` neighbours: what the tuner
+    asks for above the target, so that new queries reach it too. On 10M vectors, a setting
+    tuned to 0.9506 on 500 held-out queries gave 0.941 on 1,000 new ones."""
+    return 2 * (target * (1 - target) / max(1, queries * k)) ** 0.5
 
 
 def run_search(index: faiss.Index, queries: np.ndarray, k: int, setting: SearchSetting,
