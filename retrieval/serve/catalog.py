@@ -15,6 +15,7 @@ from datetime import datetime
 from sqlalchemy import text
 
 from retrieval.store.schema import path_from_db
+from retrieval.store.sql import chained_url_parts
 
 _IMAGE_COLUMNS = "id, path, path_bytes, size, width, height, format, taken_at, mtime_ns, content_hash"
 
@@ -138,9 +139,9 @@ def common_root(conn) -> str | None:
 def folder_of(path: str) -> str:
     """The folder a path or URL is in; a chained URL's is in its inner path, which comes first
     (`zip://photos/a.jpg::file:///x.zip` is in `zip://photos::file:///x.zip`)."""
-    head, sep, chain = path.partition("::")
-    if sep and "://" in head and not path.startswith("/"):
-        return os.path.dirname(head) + sep + chain
+    chained = chained_url_parts(path)
+    if chained:
+        return os.path.dirname(chained[0]) + chained[1]
     return os.path.dirname(path)
 
 

@@ -74,8 +74,9 @@ def checked_object(row: ImageRow, max_bytes: int | None = None) -> bytes:
     """A URL row's bytes, if the object is still the one that was indexed and not over `max_bytes`
     (default `MAX_OBJECT_BYTES`)."""
     max_bytes = MAX_OBJECT_BYTES if max_bytes is None else max_bytes
+    too_large = Refused(413, f"the object is larger than the server reads ({max_bytes >> 20} MiB)")
     if row.size > max_bytes:  # refused before anything is fetched
-        raise Refused(413, f"the object is larger than the server reads ({max_bytes >> 20} MiB)")
+        raise too_large
     try:
         return remote.read_indexed(row.path, row.size, row.mtime_ns, max_bytes)
     except FileNotFoundError:
@@ -83,7 +84,7 @@ def checked_object(row: ImageRow, max_bytes: int | None = None) -> bytes:
     except remote.ObjectChanged:
         raise Refused(409, "the object changed since it was indexed (run `clipfind index` again)") from None
     except remote.ObjectTooLarge:
-        raise Refused(413, f"the object is larger than the server reads ({max_bytes >> 20} MiB)") from None
+        raise too_large from None
     except UsageError as exc:  # no backend for the protocol (s3fs, ...) on this server
         raise Refused(501, f"this server cannot read the object: {exc}") from None
     except PermissionError:

@@ -34,13 +34,22 @@ def under_folder(folder: str, column: str = "path", name: str = "folder") -> tup
     A chained fsspec URL names its inner path first (`zip://photos::file:///x.zip` holds
     `zip://photos/a.jpg::file:///x.zip`), so its rows share a prefix *and* a suffix.
     """
-    head, sep, chain = folder.partition("::")
-    if sep and "://" in head and not folder.startswith("/"):
-        return _under_chained(head, sep + chain, column, name)
+    chained = chained_url_parts(folder)
+    if chained:
+        return _under_chained(chained[0], chained[1], column, name)
     exact = folder.rstrip("/") or "/"
     prefix = exact.rstrip("/") + "/"
     clause = f"({column} = :{name} OR substr({column}, 1, :{name}_n) = :{name}_prefix)"
     return clause, {name: exact, f"{name}_n": len(prefix), f"{name}_prefix": prefix}
+
+
+def chained_url_parts(path: str) -> tuple[str, str] | None:
+    """(inner URL, "::rest") of a chained fsspec URL (`zip://photos/a.jpg::file:///x.zip`), else
+    None: a local path may hold "::" too."""
+    head, sep, chain = path.partition("::")
+    if sep and "://" in head and not path.startswith("/"):
+        return head, sep + chain
+    return None
 
 
 def _under_chained(head: str, chain: str, column: str, name: str) -> tuple[str, dict]:
