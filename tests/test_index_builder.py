@@ -95,6 +95,16 @@ def test_build_merges_shards_into_one_memory_mapped_file(pq_built, vectors, tmp_
                                                                         built.data_file.name])
 
 
+@pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="reads Linux's /proc/self/maps")
+def test_a_finished_build_keeps_no_file_mapped(tmp_path, vectors):
+    """FAISS's merge leaves every shard mapped; the builder unmaps them (1.3 GiB resident at 10M)."""
+    plan = IndexPlan("ivf-pq", "IVF64,PQ8", 64, 16, 4096, "test")
+    build_index(MatrixSource(vectors), plan, tmp_path, shard_size=7_000)
+    with open("/proc/self/maps") as maps:
+        mapped = [line.split(maxsplit=5)[-1] for line in maps if str(tmp_path) in line]
+    assert mapped == []
+
+
 def test_tuning_reaches_the_recall_target_on_new_queries(pq_built, vectors):
     _, index, setting, source = pq_built
     assert setting.recall >= 0.95 and setting.nprobe >= 1

@@ -14,6 +14,7 @@ old index keeps working until the new one replaces it.
 
 from __future__ import annotations
 
+import ctypes
 import os
 import secrets
 import shutil
@@ -165,12 +166,32 @@ def _build_ivf(source: VectorSource, plan: IndexPlan, build_dir: Path, token: st
     merged = faiss.read_index(str(trained_path))
     with quiet_stdout():  # FAISS prints each file it resizes
         merge_ondisk(merged, [str(p) for p in shard_paths], str(data_file))
+    _unmap_leaked(shard_paths)
     for path in shard_paths + [trained_path]:
         path.unlink()
     _fsync(data_file)
     index_file = build_dir / "index.faiss"
     faiss.write_index(merged, str(index_file))
     return BuiltIndex(index_file, data_file, int(merged.ntotal), build_dir)
+
+
+def _unmap_leaked(paths: list[Path]) -> None:
+    """Unmap the shard files FAISS's merge leaves mapped. merge_ondisk disowns each shard's
+    memory-mapped lists and never frees them, so every shard stayed mapped (resident, and once
+    unlinked still holding its disk space) for the rest of the process: 1.3 GiB at 10M vectors.
+    Freeing the lists through SWIG instead left later FAISS objects unfreed here ("no destructor
+    found"), so only their mappings go; nothing refers to them after the merge. Linux only."""
+    maps = Path("/proc/self/maps")
+    if not maps.exists():
+        return
+    names = {str(p) for p in paths}
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    for line in maps.read_text().splitlines():
+        fields = line.split(maxsplit=5)
+        if len(fields) == 6 and fields[5] in names:
+            start, end = (int(x, 16) for x in fields[0].split("-"))
+            libc.munmap(start, end - start)
 
 
 def _lighten_opq(index: faiss.Index) -> None:
