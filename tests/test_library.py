@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sqlite3
 
 import numpy as np
@@ -13,6 +14,7 @@ from retrieval.errors import LibraryError
 from retrieval.model.encoder import ModelSpec
 from retrieval.store.library import DB_NAME, Library, migrate
 from retrieval.store.schema import Image, Run, vector_to_blob
+from retrieval.store.vectors import VectorIndex
 from tests.pg_server import PASSWORD
 
 
@@ -173,6 +175,65 @@ def test_vectors_catch_up_after_adds_and_deletes_without_a_save(tmp_path, tiny_s
         assert index.index.ntotal == 24
         assert 4 not in index.search(vecs[3], 24)[1][0]
         assert index.state.watermark == 26  # 20 adds + 1 delete + 5 adds, all covered
+
+
+def test_a_catch_up_reads_one_state_while_a_writer_commits(tmp_path, tiny_spec, store, monkeypatch):
+    """An index run commits batches while a searcher catches up. Before the catch-up read one
+    snapshot, the row count ran ahead of the log it had read, and every query rebuilt the index."""
+    with Library.open(tmp_path / "lib", model=tiny_spec) as lib:
+        dim = lib.encoder(tiny_spec).embed_dim
+        _add_rows(lib, _unit(20, dim))
+        index = lib.vectors()
+        _add_rows(lib, _unit(3, dim, seed=1), prefix="/batch1")
+        apply_log = VectorIndex._apply_log
+
+        def a_writer_commits_meanwhile(self, reads, last):
+            action = apply_log(self, reads, last)
+            _add_rows(lib, _unit(2, dim, seed=2), prefix="/batch2")  # another connection
+            return action
+
+        monkeypatch.setattr(VectorIndex, "_apply_log", a_writer_commits_meanwhile)
+        assert index.sync(lib, reader=True) == "caught-up"
+        assert index.index.ntotal == 23
+        monkeypatch.undo()
+        assert index.sync(lib, reader=True) == "caught-up"
+        assert index.index.ntotal == 25
+
+
+def test_the_query_paths_sqlite_reads_hold_one_snapshot(tmp_path, tiny_spec):
+    """The same snapshot on the stdlib connection a fresh `clipfind search` reads through."""
+    from retrieval.store.reads import SqliteReads, connect_sqlite
+
+    with Library.open(tmp_path / "lib", model=tiny_spec) as lib:
+        dim = lib.encoder(tiny_spec).embed_dim
+        _add_rows(lib, _unit(4, dim))
+        reads = SqliteReads(connect_sqlite(tmp_path / "lib" / DB_NAME, readonly=False))
+        with reads.snapshot():
+            assert reads.scalar("SELECT count(*) FROM images") == 4
+            _add_rows(lib, _unit(2, dim, seed=1), prefix="/meanwhile")
+            assert reads.scalar("SELECT count(*) FROM images") == 4
+        assert reads.scalar("SELECT count(*) FROM images") == 6
+        reads.conn.close()
+
+
+def test_a_searcher_keeps_a_small_catch_up_in_memory_and_a_writer_saves(tmp_path, tiny_spec, store):
+    """Rewriting the whole index file on every query cost more than the query while an index
+    run was writing; the writer (which then prunes the log) must still save what it covers."""
+    with Library.open(tmp_path / "lib", model=tiny_spec) as lib:
+        dim = lib.encoder(tiny_spec).embed_dim
+        _add_rows(lib, _unit(20, dim))
+        index = lib.vectors()
+
+        def saved_watermark() -> int:
+            return json.loads(index.state_path.read_text())["watermark"]
+
+        assert saved_watermark() == 20
+        _add_rows(lib, _unit(3, dim, seed=1), prefix="/read")
+        assert index.sync(lib, reader=True) == "caught-up"
+        assert index.index.ntotal == 23 and saved_watermark() == 20
+        _add_rows(lib, _unit(2, dim, seed=2), prefix="/write")
+        assert index.sync(lib) == "caught-up"
+        assert index.index.ntotal == 25 and saved_watermark() == 25
 
 
 def test_lost_log_entries_force_a_rebuild(tmp_path, tiny_spec, store):

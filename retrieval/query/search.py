@@ -66,6 +66,7 @@ if TYPE_CHECKING:
     from retrieval.store.library import Library
 
 EXACT_FILTER_LIMIT = 50_000  # filtered sets up to this size are scored exactly on approximate indexes
+RESAMPLE_GROWTH = 0.1  # the relevance background is sampled again once the library changes size by 10%
 # One query is a batch of a few texts or one image: torch's second thread costs more
 # in hand-offs than it saves (tiny model, busy 2-core machine: 300 ms vs 2 ms per
 # text batch), so queries run on one thread; None leaves torch's setting alone.
@@ -347,8 +348,11 @@ class Searcher:
         """Calibrated relevance of each score down the list (background sampled once per library size)."""
         from retrieval.query.relevance import Background, calibrate
 
-        if self._background is None or self._background.library_size != total:
+        background = self._background
+        if background is None or abs(background.library_size - total) > total * RESAMPLE_GROWTH:
             self._background = Background.sample(self.library, int(self.record["embed_dim"]), total)
+        elif background.library_size != total:  # the same sample stands for a library a little bigger
+            self._background = Background(background.vectors, total)
         return calibrate(vector, self._background).relevance(np.asarray(scores))
 
     def fresh_vectors(self):
@@ -361,7 +365,7 @@ class Searcher:
         vectors = self.library.vectors(sync=False)
         if self._index_stamp is not None and _stamp(vectors.state_path) != self._index_stamp:
             vectors.load()
-        vectors.sync(self.library)
+        vectors.sync(self.library, reader=True)
         self._index_stamp = _stamp(vectors.state_path)
         return vectors
 

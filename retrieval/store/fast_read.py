@@ -110,7 +110,7 @@ class QueryLibrary:
         if self._vectors is None:
             self._vectors = VectorIndex(self.root, self.dim, self.identity, mapped=True)
         if sync:
-            self._vectors.sync(self)
+            self._vectors.sync(self, reader=True)
         return self._vectors
 
     def encoder(self, spec: ModelSpec | None = None, device: str = "auto", precision: str = "auto"):

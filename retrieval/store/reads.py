@@ -46,6 +46,14 @@ class Reads:
         """The first column of every row."""
         return [row[0] for row in self._execute(sql, params)]
 
+    @contextlib.contextmanager
+    def snapshot(self) -> Iterator[Reads]:
+        """Every statement in the block sees one committed state, however many commits a writer
+        makes meanwhile. Without it each SELECT saw the newest commit, so a searcher catching up
+        from the change log found the row count ahead of the log it had read, and rebuilt the
+        whole index on every query while an index run was writing (bench/store_engines.py)."""
+        yield self
+
 
 class SqliteReads(Reads):
     """Over a stdlib sqlite3 connection (it binds `:name` itself)."""
@@ -55,6 +63,17 @@ class SqliteReads(Reads):
 
     def _execute(self, sql: str, params: Params):
         return self.conn.execute(sql, dict(params or {}))
+
+    @contextlib.contextmanager
+    def snapshot(self) -> Iterator[Reads]:
+        if self.conn.in_transaction:
+            yield self
+            return
+        self.conn.execute("BEGIN")  # a read transaction: WAL keeps its snapshot until it ends
+        try:
+            yield self
+        finally:
+            self.conn.execute("COMMIT")
 
 
 class EngineReads(Reads):
@@ -68,6 +87,23 @@ class EngineReads(Reads):
         from sqlalchemy import text  # loaded already by whoever made the connection
 
         return self.conn.execute(text(sql), dict(params or {}))
+
+    @contextlib.contextmanager
+    def snapshot(self) -> Iterator[Reads]:
+        if self.conn.in_transaction():  # statements ran already: too late to choose a snapshot
+            yield self
+            return
+        if self.dialect == "postgresql":
+            # READ COMMITTED (the default) takes a new snapshot per statement; REPEATABLE READ one
+            # for the transaction, which ends when the connection goes back to the pool.
+            self.conn.exec_driver_sql("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+            yield self
+            return
+        self.conn.exec_driver_sql("BEGIN")  # pysqlite begins nothing before a SELECT on its own
+        try:
+            yield self
+        finally:
+            self.conn.exec_driver_sql("COMMIT")
 
 
 @contextlib.contextmanager
