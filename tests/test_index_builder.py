@@ -22,13 +22,14 @@ from retrieval.errors import InputError
 from retrieval.index.inspection import verify_library
 from retrieval.model.encoder import ModelSpec
 from retrieval.query.search import Filters, Query, Searcher
+from retrieval.store import tuning
 from retrieval.store.auto_index import build_auto
 from retrieval.store.index_builder import MatrixSource, build_index
 from retrieval.store.index_files import open_index
 from retrieval.store.index_plan import IndexPlan, nlist_for, parse_size, plan_index
 from retrieval.store.library import Library
 from retrieval.store.schema import Image, vector_to_blob
-from retrieval.store.tuning import recall_at_k, run_search, tune
+from retrieval.store.tuning import recall_at_k, rerank, run_search, tune
 
 GiB = 1 << 30
 
@@ -114,6 +115,27 @@ def test_tuning_reaches_the_recall_target_on_new_queries(pq_built, vectors):
     assert recall_at_k(found, truth, 10) >= 0.93  # the target, within the noise of 300 queries
     cheapest = run_search(index, queries, 10, type(setting)(nprobe=1, refine=1))
     assert recall_at_k(cheapest, truth, 10) < 0.9, "the data is too easy to show tuning at work"
+
+
+def test_rerank_fetches_in_bounded_groups_with_the_same_answer(vectors, monkeypatch):
+    """The tuner re-ranks 500 queries x up to 2,560 candidates: fetched at once, 2.6 GB at 512-d."""
+    rng = np.random.default_rng(5)
+    queries = clustered(40, 32, seed=9)
+    candidates = rng.integers(-1, len(vectors), size=(40, 50))  # -1: no candidate
+    fetched: list[int] = []
+
+    def fetch(ids):
+        fetched.append(len(ids))
+        return vectors[ids]
+
+    whole = rerank(queries, candidates, fetch, 10)
+    assert fetched == [len(np.unique(candidates[candidates >= 0]))]
+    fetched.clear()
+    monkeypatch.setattr(tuning, "RERANK_ROWS", 200)  # 4 queries' candidates per fetch
+    grouped = rerank(queries, candidates, fetch, 10)
+    assert len(fetched) == 10 and max(fetched) <= 200
+    np.testing.assert_array_equal(grouped[1], whole[1])
+    np.testing.assert_allclose(grouped[0], whole[0], rtol=1e-6)
 
 
 def test_a_failed_build_leaves_nothing_behind(tmp_path, vectors):
