@@ -69,11 +69,8 @@ class SqliteReads(Reads):
         if self.conn.in_transaction:
             yield self
             return
-        self.conn.execute("BEGIN")  # a read transaction: WAL keeps its snapshot until it ends
-        try:
+        with _read_transaction(self.conn.execute):
             yield self
-        finally:
-            self.conn.execute("COMMIT")
 
 
 class EngineReads(Reads):
@@ -99,11 +96,18 @@ class EngineReads(Reads):
             self.conn.exec_driver_sql("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
             yield self
             return
-        self.conn.exec_driver_sql("BEGIN")  # pysqlite begins nothing before a SELECT on its own
-        try:
+        with _read_transaction(self.conn.exec_driver_sql):  # pysqlite begins none before a SELECT
             yield self
-        finally:
-            self.conn.exec_driver_sql("COMMIT")
+
+
+@contextlib.contextmanager
+def _read_transaction(execute: Callable[[str], Any]) -> Iterator[None]:
+    """A SQLite read transaction: WAL keeps its snapshot until it ends."""
+    execute("BEGIN")
+    try:
+        yield
+    finally:
+        execute("COMMIT")
 
 
 @contextlib.contextmanager
