@@ -41,7 +41,8 @@ class MemoryCap:
             self.path.mkdir()
             if self.v2:
                 (self.path / "memory.max").write_text(str(self.limit))
-                (self.path / "memory.swap.max").write_text("0")
+                if (self.path / "memory.swap.max").exists():  # else no swap accounting: nothing to forbid
+                    (self.path / "memory.swap.max").write_text("0")
             else:
                 (self.path / "memory.limit_in_bytes").write_text(str(self.limit))
         except OSError as err:
