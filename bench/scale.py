@@ -279,16 +279,21 @@ def run_phase(name: str, args, cap=None) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def capped_search(args) -> dict:
+def search_phase(args) -> dict:
+    """The search phase; from a cold page cache for --cold or --search-cap, inside the cap for the latter."""
+    if not (args.cold or args.search_cap):
+        return run_phase("search", args)
     from bench.memory_cap import CapUnavailable, MemoryCap, drop_page_cache
 
     try:
         drop_page_cache()
+        if not args.search_cap:
+            return run_phase("search", args)
         with MemoryCap(args.search_cap) as cap:
             search = run_phase("search", args, cap)
             return {**search, "cap_bytes": cap.limit, "cap_peak_bytes": cap.peak(), "cap_oom_kills": cap.oom_kills()}
     except CapUnavailable as err:
-        raise SystemExit(f"--search-cap: {err}") from None
+        raise SystemExit(f"--cold/--search-cap: {err}") from None
 
 
 def table(args, gen_s: float, build: dict, search: dict) -> str:
@@ -404,14 +409,12 @@ def main(argv=None) -> None:
     Path(args.work).mkdir(parents=True, exist_ok=True)
     gen_s = generate(Path(args.work) / "vectors.f32", args.n, args.dim, args.clusters)
     if args.search_only:
+        if not (Path(args.work) / "setting.json").exists():
+            raise SystemExit(f"--search-only: no earlier build in {args.work}; run without it first")
         build = {**json.loads((Path(args.work) / "setting.json").read_text())["build"], "reused": True}
     else:
         build = run_phase("tune" if args.retune else "build", args)
-    if args.cold and not args.search_cap:
-        from bench.memory_cap import drop_page_cache
-
-        drop_page_cache()
-    search = capped_search(args) if args.search_cap else run_phase("search", args)
+    search = search_phase(args)
     if args.json:
         print(json.dumps({"n": args.n, "dim": args.dim, "load": os.getloadavg(), "generate_s": gen_s,
                           "build": build, "search": search}))
