@@ -15,6 +15,8 @@ from pathlib import Path
 
 import faiss
 
+from retrieval.store.mapped_lists import MappedLists
+
 MMAP_FLAGS = faiss.IO_FLAG_ONDISK_SAME_DIR | faiss.IO_FLAG_READ_ONLY
 
 
@@ -23,11 +25,16 @@ def open_index(path: Path, on_disk: bool, mapped: bool = False) -> faiss.Index:
 
     `mapped` (a one-shot query) maps a flat index's vectors from the file instead of copying
     them (100k x 512 floats: 0.25 s and 200 MB less). FAISS aborts the process on any edit of
-    a mapped index, so its holder must reopen it unmapped before adding or removing vectors."""
+    a mapped index, so its holder must reopen it unmapped before adding or removing vectors.
+    On-disk lists are read only where a search asks (no read-around), so use `tuning.search_index`."""
     if not on_disk:
         return faiss.read_index(str(path), faiss.IO_FLAG_MMAP_IFC if mapped else 0)
     with quiet_stdout():  # FAISS announces the renamed data path on stdout, which --json owns
-        return faiss.read_index(str(path), MMAP_FLAGS)
+        index = faiss.read_index(str(path), MMAP_FLAGS)
+    lists = MappedLists.find(index)
+    if lists is not None:
+        lists.read_no_more_than_asked()  # searches ask for their lists (MappedLists.search)
+    return index
 
 
 def data_files(root: Path) -> list[Path]:

@@ -17,6 +17,8 @@ from typing import TYPE_CHECKING
 import faiss
 import numpy as np
 
+from retrieval.store.mapped_lists import MappedLists
+
 if TYPE_CHECKING:
     from retrieval.store.index_builder import VectorSource
 
@@ -70,6 +72,15 @@ def search_params(index: faiss.Index, setting: SearchSetting, selector: faiss.ID
         outer.keep = params  # FAISS holds raw pointers: keep the inner object alive with the outer
         return outer
     return params
+
+
+def search_index(index: faiss.Index, queries: np.ndarray, k: int, setting: SearchSetting,
+                 selector: faiss.IDSelector | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """`index.search` under `setting`; an on-disk IVF reads exactly its probed lists (see mapped_lists)."""
+    lists = MappedLists.find(index)
+    if lists is None:
+        return index.search(queries, k, params=search_params(index, setting, selector))
+    return lists.search(queries, k, search_params(lists.ivf, setting, selector))
 
 
 def rerank(queries: np.ndarray, candidates: np.ndarray, fetch: Callable[[np.ndarray], np.ndarray],
@@ -172,7 +183,7 @@ def run_search(index: faiss.Index, queries: np.ndarray, k: int, setting: SearchS
     """Ids of the top-k under `setting`, re-ranked exactly from `fetch` when refine > 1."""
     want = k * setting.refine if fetch is not None else k
     want = max(1, min(want, int(index.ntotal)))
-    _, ids = index.search(queries, want, params=search_params(index, setting, selector))
+    _, ids = search_index(index, queries, want, setting, selector)
     if fetch is None or setting.refine <= 1:
         return ids
     return rerank(queries, ids, fetch, k)[1]

@@ -44,7 +44,7 @@ from retrieval.store.index_state import (  # noqa: F401 - re-exported: the cache
 from retrieval.store.reads import Reads, in_list, reading
 from retrieval.store.rows import blobs_to_matrix
 from retrieval.store.sql import in_chunks
-from retrieval.store.tuning import search_params
+from retrieval.store.tuning import search_index
 
 if TYPE_CHECKING:
     from sqlalchemy.engine import Engine
@@ -305,7 +305,7 @@ class VectorIndex:
     def _search_frozen(self, queries: np.ndarray, k: int, allowed_ids: np.ndarray | None):
         selector = self.delta.selector(allowed_ids)
         want = max(1, min(k, int(self.index.ntotal)))
-        found = self.index.search(queries, want, params=search_params(self.index, self.state.setting, selector))
+        found = search_index(self.index, queries, want, self.state.setting, selector)
         if not len(self.delta):
             return found
         return merge_top_k(found, self.delta.search(queries, k, allowed_ids), k)
