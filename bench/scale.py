@@ -255,7 +255,7 @@ def phase_search(args) -> dict:
     for q in queries[:args.exact_queries]:
         started = time.perf_counter()
         best = np.full(args.k, -np.inf, np.float32)
-        for _, x in source.chunks(200_000):
+        for _, x in source.chunks(50_000):  # 100 MB at a time: a --search-cap must hold this too
             best = np.sort(np.concatenate([best, x @ q]))[-args.k:]
         exact_ms.append((time.perf_counter() - started) * 1000)
     return {"recall": recall_at_k(np.array(found), truth, args.k), "p50_ms": statistics.median(times),
