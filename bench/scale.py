@@ -93,8 +93,9 @@ class FileSource:
     14 GB, private memory 0.7 GB, in the first 10M run), a cost of this file, not of the index.
     """
 
-    def __init__(self, path: Path, n: int, dim: int) -> None:
+    def __init__(self, path: Path, n: int, dim: int, ask_first: bool = True) -> None:
         self.path, self.n, self.dim = path, n, dim
+        self.ask_first = ask_first and hasattr(os, "posix_fadvise")
 
     def count(self) -> int:
         return self.n
@@ -113,14 +114,19 @@ class FileSource:
     def fetch(self, ids: np.ndarray) -> np.ndarray:
         """Rows by positioned reads straight into the result, in file order, as a store hands
         rows back. (A mapping per call was slower: 25 ms for 1,280 cached rows against 15 ms
-        for a loop of `os.pread` + copy, and this one's ~6 ms.)"""
+        for a loop of `os.pread` + copy, and this one's ~6 ms.) Every row is asked for first
+        (POSIX_FADV_WILLNEED), so a cold fetch waits for its reads together, not one by one:
+        160 cold rows took 13.6 ms one by one (p50, inside a 1 GB cap)."""
         ids = np.asarray(ids, dtype=np.int64)
         out = np.empty((len(ids), self.dim), dtype=np.float32)
         row_bytes = self.dim * 4
         views = memoryview(out).cast("B")
         fd = os.open(self.path, os.O_RDONLY)
         try:
-            for i in np.argsort(ids, kind="stable").tolist():
+            order = np.argsort(ids, kind="stable").tolist()
+            for i in order if self.ask_first else ():
+                os.posix_fadvise(fd, int(ids[i]) * row_bytes, row_bytes, os.POSIX_FADV_WILLNEED)
+            for i in order:
                 os.preadv(fd, [views[i * row_bytes:(i + 1) * row_bytes]], int(ids[i]) * row_bytes)
         finally:
             os.close(fd)
