@@ -72,13 +72,17 @@ def test_until_irrelevant_and_feedback_flags(setup):
     strict = clipfind("search", "blue square", "--min-relevance", "0.99", "-k", "50", "-L", lib, "--no-server",
                       "--json")
     assert all(json.loads(line)["relevance"] >= 0.99 for line in strict.stdout.splitlines())
-    feedback = clipfind("search", "--more-like", photos / "green_square" / "0000.jpg", "--more-like",
-                        photos / "green_square" / "0001.jpg", "--less-like", photos / "green_circle" / "0000.jpg",
-                        "-L", lib, "--no-server", "--paths", "-k", "8")
-    assert feedback.exit_code == 0, feedback.output
-    found = [labels[p] for p in feedback.stdout.splitlines()]
-    # The tiny model's image vectors are mostly colour (test_concepts checks feedback on a text query).
-    assert found[:2] == ["green square"] * 2 and all(f.startswith("green") for f in found[:5]), found
+    liked = [photos / "green_square" / "0000.jpg", photos / "green_square" / "0001.jpg"]
+    disliked = photos / "green_circle" / "0000.jpg"
+    more_like = ["--more-like", liked[0], "--more-like", liked[1], "-L", lib, "--no-server", "--paths", "-k", "16"]
+    plain, feedback = clipfind("search", *more_like), clipfind("search", *more_like, "--less-like", disliked)
+    assert plain.exit_code == 0 and feedback.exit_code == 0, plain.output + feedback.output
+    ranked, before = feedback.stdout.splitlines(), plain.stdout.splitlines()
+    # The tiny model's image vectors are mostly colour, its shapes weak (test_concepts checks feedback
+    # on a text query): the liked photos lead, all green, and the disliked one falls.
+    assert {str(p) for p in liked} <= set(ranked[:3]), ranked
+    assert all(labels[p].startswith("green") for p in ranked[:5]), [labels[p] for p in ranked]
+    assert ranked.index(str(disliked)) > before.index(str(disliked)), (before, ranked)
 
 
 def test_mistakes_are_one_line_with_their_exit_codes(setup, tmp_path):

@@ -220,8 +220,8 @@ def test_a_large_query_photo_is_decoded_as_the_indexer_decodes_it(library, tiny_
     photos.mkdir()
     from PIL import Image
 
-    drawn = np.asarray(synthetic.draw("green triangle", 640, random.Random(3)), dtype=np.float32)
-    grain = np.random.default_rng(3).normal(0, 40, drawn.shape)  # fine detail: decodes differ
+    drawn = np.asarray(synthetic.draw("green triangle", 960, random.Random(3)), dtype=np.float32)
+    grain = np.random.default_rng(3).normal(0, 60, drawn.shape)  # fine detail: decodes differ
     Image.fromarray(np.clip(drawn + grain, 0, 255).astype(np.uint8)).save(photos / "big.jpg", quality=90)
     with Library.open(tmp_path / "other") as other:
         other.index(photos, ModelSpec(model_dir=str(tiny_model_dir)), workers=0)
@@ -233,7 +233,9 @@ def test_a_large_query_photo_is_decoded_as_the_indexer_decodes_it(library, tiny_
         full = searcher.runtimes.onnx_encoder.encode_images([open_image(photos / "big.jpg")])[0]
     assert own_id is None and searcher.runtimes.used == {"onnx"}
     assert float(query @ stored) >= 0.99999, float(query @ stored)
-    assert float(full @ stored) < 0.9999, float(full @ stored)  # the test tells the two decodes apart
+    # the test tells the two decodes apart: a full decode misses by 5x the tolerance above, or more
+    # (0.99984 here; 640 px with less grain gave 0.99994, too close to call on some CPUs)
+    assert float(full @ stored) < 0.99995, float(full @ stored)
 
 
 @pytest.mark.parametrize("damage", ["truncate", "stale", "remove"])
