@@ -104,6 +104,6 @@ def _libc():
             libc = ctypes.CDLL(None, use_errno=True)
             libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
             _LIBC.append(libc)
-        except (OSError, AttributeError):
+        except (OSError, AttributeError, TypeError):  # no C library to name (Windows), or no madvise
             _LIBC.append(None)
     return _LIBC[0]
