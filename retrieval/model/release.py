@@ -61,7 +61,8 @@ def release_tensors(model: torch.nn.Module, keep: Iterable[torch.Tensor] = ()) -
 
 
 @functools.cache
-def _libc() -> Any | None:
+def glibc() -> Any | None:
+    """This process's C library through ctypes, loaded once; None unless Linux with glibc."""
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         return None
     try:
@@ -73,7 +74,7 @@ def _libc() -> Any | None:
 def trim_heap() -> bool:
     """Collect garbage, then hand glibc's free heap pages back to the kernel (malloc_trim)."""
     gc.collect()
-    libc = _libc()
+    libc = glibc()
     return bool(libc and libc.malloc_trim(0))
 
 
@@ -82,7 +83,7 @@ def fix_mmap_threshold(threshold: int = MMAP_THRESHOLD) -> bool:
 
     Process-wide and lasting (mallopt has no undo); False where the C library is not glibc.
     """
-    libc = _libc()
+    libc = glibc()
     return bool(libc and libc.mallopt(M_MMAP_THRESHOLD, int(threshold)) == 1)
 
 
@@ -115,7 +116,7 @@ def drop_file_pages(tensor: torch.Tensor, ranges: list[tuple[int, int]]) -> int:
     (sampled, or copied), its pages are not needed again. Only pages wholly inside one
     of `ranges` (file_ranges of that file) are dropped: on anonymous memory the same
     call would zero live data. Returns the bytes advised (0 where nothing applies)."""
-    libc = _libc()
+    libc = glibc()
     if libc is None or tensor.is_meta or not tensor.numel():
         return 0
     import mmap

@@ -20,6 +20,8 @@ import mmap
 import faiss
 import numpy as np
 
+from retrieval.model.release import glibc
+
 MADV_RANDOM = 1  # Linux madvise advice: no read-around on faults in this range
 MADV_WILLNEED = 3  # Linux madvise advice: start reading these pages now
 ID_BYTES = 8  # FAISS list ids are int64
@@ -86,24 +88,10 @@ class MappedLists:
 
 def _madvise(start: int, length: int, advice: int) -> bool:
     """madvise over the whole pages covering [start, start + length); False where unavailable."""
-    libc = _libc()
+    libc = glibc()
     if libc is None or length <= 0:
         return False
     page = mmap.PAGESIZE
     first = start // page * page
     last = -(-(start + length) // page) * page
     return libc.madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), ctypes.c_int(advice)) == 0
-
-
-_LIBC: list = []
-
-
-def _libc():
-    if not _LIBC:
-        try:
-            libc = ctypes.CDLL(None, use_errno=True)
-            libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
-            _LIBC.append(libc)
-        except (OSError, AttributeError, TypeError):  # no C library to name (Windows), or no madvise
-            _LIBC.append(None)
-    return _LIBC[0]
